@@ -1,0 +1,19 @@
+//! The mathematics of metaseg, independent of any GPU: the [`Backend`] trait of primitive operations,
+//! the [`Cpu64`] reference backend, [`Var`] with reverse-mode differentiation at any order, and the
+//! tools to check kernels and gradients ([`Tolerance`], [`check::assert_gradients`]).
+
+pub mod backend;
+pub mod check;
+pub mod cpu64;
+mod error;
+mod ops;
+pub mod random;
+mod shape;
+mod var;
+
+pub use backend::{Backend, BinaryOp, Distribution, MatmulDims, MatmulSpec, TensorShape, UnaryOp};
+pub use check::Tolerance;
+pub use cpu64::{Cpu64, CpuTensor};
+pub use error::{Error, Result};
+pub use shape::{normalize_axes, Shape};
+pub use var::{grad, no_grad, with_recording, GradFn, Rule, TensorGradFn, Var};
