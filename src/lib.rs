@@ -1,1 +1,8 @@
+//! metaseg: WGSL compute kernels through wgpu, the backend that runs them, and (later) the networks,
+//! methods and tools of semi-supervised medical image segmentation built on them.
 
+pub mod gpu;
+
+pub mod error;
+pub mod npy;
+pub mod runner;

@@ -1,0 +1,165 @@
+// Elementwise kernels: unary functions, binary functions with numpy broadcasting, broadcast copies,
+// fill and copy.
+//
+// Layout: a tensor is its elements in row-major order, stored as array<vec4<f32>>; the host pads
+// every buffer to a whole number of vec4s, so an invocation loads and stores 16 bytes at a time.
+// Lanes past `n` in the last vec4 are padding: computed on, never read back.
+// Workgroup: WG invocations along x (override, default 256). The grid is 2D because one dimension
+// holds at most 65535 workgroups; an invocation's linear id is (group.y * groups.x + group.x) * WG + lane.
+//
+// Broadcasting: the host collapses the output shape to at most 4 dimensions and passes, for each
+// operand, its strides in elements (0 along broadcast dimensions). An operand that covers the output
+// exactly is read as whole vec4s; a broadcast one is gathered lane by lane.
+
+override WG: u32 = 256u;
+// Which function `unary` and `binary` compute (values of UnaryOp / BinaryOp in src/gpu/ops.rs).
+override OP: u32 = 0u;
+// False when both operands of `binary` have the output's shape: then no index arithmetic at all.
+override BROADCAST: bool = false;
+
+struct Params {
+    n: u32,        // elements in the output
+    p0: f32,       // first scalar parameter of the op (slope, min, factor, fill value)
+    p1: f32,       // second scalar parameter (max)
+    _pad: u32,
+    shape: vec4<u32>,     // collapsed output shape, outermost first, padded with 1s at the front
+    stride_a: vec4<u32>,  // strides of x over that shape
+    stride_b: vec4<u32>,  // strides of y over that shape
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> y: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+
+fn vec4_index(group: vec3<u32>, groups: vec3<u32>, lane: u32) -> u32 {
+    return (group.y * groups.x + group.x) * WG + lane;
+}
+
+fn vec4_count() -> u32 {
+    return (params.n + 3u) / 4u;
+}
+
+// The offset into an operand with `strides` of output element `i`.
+fn strided_offset(i: u32, strides: vec4<u32>) -> u32 {
+    var rest = i;
+    var offset = 0u;
+    for (var d = 3; d >= 0; d--) {
+        let extent = params.shape[d];
+        offset += (rest % extent) * strides[d];
+        rest /= extent;
+    }
+    return offset;
+}
+
+fn x_at(offset: u32) -> f32 {
+    return x[offset >> 2u][offset & 3u];
+}
+
+fn y_at(offset: u32) -> f32 {
+    return y[offset >> 2u][offset & 3u];
+}
+
+fn unary_op(v: vec4<f32>) -> vec4<f32> {
+    let a = params.p0;
+    let b = params.p1;
+    let zero = vec4<f32>(0.0);
+    let one = vec4<f32>(1.0);
+    switch OP {
+        case 0u: { return -v; }                                      // neg
+        case 1u: { return exp(v); }                                  // exp
+        case 2u: { return log(v); }                                  // log
+        case 3u: { return sqrt(v); }                                 // sqrt
+        case 4u: { return v * v; }                                   // square
+        case 5u: { return max(v, zero); }                            // relu
+        case 6u: { return select(a * v, v, v > zero); }              // leaky_relu(slope = a)
+        // sigmoid, written so that neither branch overflows: e = exp(-|v|) <= 1.
+        case 7u: {
+            let e = exp(-abs(v));
+            return select(e / (one + e), one / (one + e), v >= zero);
+        }
+        // tanh = sign(v) (1 - e) / (1 + e) with e = exp(-2|v|): no overflow for large |v|.
+        case 8u: {
+            let e = exp(-2.0 * abs(v));
+            return sign(v) * (one - e) / (one + e);
+        }
+        case 9u: { return clamp(v, vec4<f32>(a), vec4<f32>(b)); }    // clamp(min = a, max = b)
+        case 10u: { return v * a; }                                  // scale
+        case 11u: { return v + a; }                                  // add_scalar
+        case 12u: { return select(zero, one, v > zero); }            // relu_mask
+        case 13u: { return select(vec4<f32>(a), one, v > zero); }    // leaky_relu_slope
+        case 14u: { return select(zero, one, v >= vec4<f32>(a) & v <= vec4<f32>(b)); } // clamp_mask
+        default: { return v; }
+    }
+}
+
+fn binary_op(u: vec4<f32>, v: vec4<f32>) -> vec4<f32> {
+    switch OP {
+        case 0u: { return u + v; }
+        case 1u: { return u - v; }
+        case 2u: { return u * v; }
+        case 3u: { return u / v; }
+        default: { return u; }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn unary(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+         @builtin(local_invocation_index) lane: u32) {
+    let i = vec4_index(group, groups, lane);
+    if i >= vec4_count() { return; }
+    out[i] = unary_op(x[i]);
+}
+
+@compute @workgroup_size(WG)
+fn binary(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+          @builtin(local_invocation_index) lane: u32) {
+    let i = vec4_index(group, groups, lane);
+    if i >= vec4_count() { return; }
+    if !BROADCAST {
+        out[i] = binary_op(x[i], y[i]);
+        return;
+    }
+    var u = vec4<f32>(0.0);
+    var v = vec4<f32>(0.0);
+    for (var lane4 = 0u; lane4 < 4u; lane4++) {
+        let e = 4u * i + lane4;
+        if e < params.n {
+            u[lane4] = x_at(strided_offset(e, params.stride_a));
+            v[lane4] = y_at(strided_offset(e, params.stride_b));
+        }
+    }
+    out[i] = binary_op(u, v);
+}
+
+// out = x broadcast to the output shape (the adjoint of a sum over the broadcast axes).
+@compute @workgroup_size(WG)
+fn broadcast(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+             @builtin(local_invocation_index) lane: u32) {
+    let i = vec4_index(group, groups, lane);
+    if i >= vec4_count() { return; }
+    var u = vec4<f32>(0.0);
+    for (var lane4 = 0u; lane4 < 4u; lane4++) {
+        let e = 4u * i + lane4;
+        if e < params.n {
+            u[lane4] = x_at(strided_offset(e, params.stride_a));
+        }
+    }
+    out[i] = u;
+}
+
+@compute @workgroup_size(WG)
+fn fill(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+        @builtin(local_invocation_index) lane: u32) {
+    let i = vec4_index(group, groups, lane);
+    if i >= vec4_count() { return; }
+    out[i] = vec4<f32>(params.p0);
+}
+
+@compute @workgroup_size(WG)
+fn copy(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+        @builtin(local_invocation_index) lane: u32) {
+    let i = vec4_index(group, groups, lane);
+    if i >= vec4_count() { return; }
+    out[i] = x[i];
+}

@@ -1,0 +1,470 @@
+//! The GPU backend: every primitive of `metaseg_autograd::Backend` as a launch of a WGSL kernel.
+
+use super::context::{Binding, Context, DeviceError};
+use super::kernels::{Access, Kernel, KernelFile};
+use metaseg_autograd::{
+    Backend, BinaryOp, Distribution, Error, MatmulDims, MatmulSpec, Result, Shape, TensorShape,
+    UnaryOp,
+};
+use std::sync::Arc;
+
+/// A handle to one device; cheap to clone.
+#[derive(Clone)]
+pub struct Gpu {
+    ctx: Arc<Context>,
+}
+
+/// A buffer that returns to the pool when the last tensor using it is dropped.
+struct Storage {
+    buffer: Option<wgpu::Buffer>,
+    ctx: Arc<Context>,
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Some(b) = self.buffer.take() {
+            self.ctx.storage.release(b);
+        }
+    }
+}
+
+/// Contiguous f32 data on the device, padded to whole vec4s.
+#[derive(Clone)]
+pub struct GpuTensor {
+    storage: Arc<Storage>,
+    shape: Shape,
+}
+
+impl TensorShape for GpuTensor {
+    fn shape(&self) -> &Shape {
+        &self.shape
+    }
+}
+
+impl GpuTensor {
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        self.storage.buffer.as_ref().expect("live storage has a buffer")
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ElementwiseParams {
+    n: u32,
+    p0: f32,
+    p1: f32,
+    _pad: u32,
+    shape: [u32; 4],
+    stride_a: [u32; 4],
+    stride_b: [u32; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ReduceParams {
+    outer: u32,
+    reduce: u32,
+    inner: u32,
+    chunk: u32,
+    chunks: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct MatmulParams {
+    m: u32,
+    k: u32,
+    n: u32,
+    batch_a: u32,
+    batch_b: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RandomParams {
+    n: u32,
+    seed_lo: u32,
+    seed_hi: u32,
+    counter_lo: u32,
+    counter_hi: u32,
+}
+
+/// Invocations per workgroup of the 1D kernels (their `WG` override default).
+const WG: u32 = 256;
+/// A row reduction longer than this is split into chunks summed by a second pass.
+const ROW_CHUNK: usize = 16_384;
+/// Column reductions are split when fewer than this many outputs would keep the device busy.
+const MIN_COLUMN_THREADS: usize = 16_384;
+
+/// The `OP` override of elementwise.wgsl for each unary op.
+fn unary_code(op: UnaryOp) -> u32 {
+    match op {
+        UnaryOp::Neg => 0,
+        UnaryOp::Exp => 1,
+        UnaryOp::Log => 2,
+        UnaryOp::Sqrt => 3,
+        UnaryOp::Square => 4,
+        UnaryOp::Relu => 5,
+        UnaryOp::LeakyRelu { .. } => 6,
+        UnaryOp::Sigmoid => 7,
+        UnaryOp::Tanh => 8,
+        UnaryOp::Clamp { .. } => 9,
+        UnaryOp::Scale { .. } => 10,
+        UnaryOp::AddScalar { .. } => 11,
+        UnaryOp::ReluMask => 12,
+        UnaryOp::LeakyReluSlope { .. } => 13,
+        UnaryOp::ClampMask { .. } => 14,
+    }
+}
+
+fn binary_code(op: BinaryOp) -> u32 {
+    match op {
+        BinaryOp::Add => 0,
+        BinaryOp::Sub => 1,
+        BinaryOp::Mul => 2,
+        BinaryOp::Div => 3,
+    }
+}
+
+/// Collapses a broadcast to at most 4 dimensions: size-1 dimensions go, and neighbours that both
+/// operands traverse contiguously merge. Returns (shape, stride_a, stride_b), padded at the front.
+fn collapse(out: &Shape, sa: &[usize], sb: &[usize]) -> Option<[[u32; 4]; 3]> {
+    let mut dims: Vec<(usize, usize, usize)> = Vec::new();
+    for i in 0..out.rank() {
+        let (n, a, b) = (out.dims()[i], sa[i], sb[i]);
+        if n == 1 {
+            continue;
+        }
+        match dims.last_mut() {
+            Some(last) if last.1 == a * n && last.2 == b * n => *last = (last.0 * n, a, b),
+            _ => dims.push((n, a, b)),
+        }
+    }
+    if dims.len() > 4 {
+        return None;
+    }
+    let mut r = [[1u32; 4], [0; 4], [0; 4]];
+    let pad = 4 - dims.len();
+    for (i, (n, a, b)) in dims.into_iter().enumerate() {
+        r[0][pad + i] = n as u32;
+        r[1][pad + i] = a as u32;
+        r[2][pad + i] = b as u32;
+    }
+    Some(r)
+}
+
+fn backend_error(message: String) -> Error {
+    Error::Backend {
+        backend: "gpu",
+        message,
+    }
+}
+
+impl Gpu {
+    /// Opens the default device (see [`Context::new`]).
+    pub fn new() -> std::result::Result<Gpu, DeviceError> {
+        Ok(Gpu {
+            ctx: Arc::new(Context::new()?),
+        })
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// An uninitialised tensor of `shape` from the pool.
+    pub fn empty(&self, shape: &Shape) -> Result<GpuTensor> {
+        let n = shape.numel();
+        let bytes = (n.max(1).next_multiple_of(4) * 4) as u64;
+        if n >= u32::MAX as usize / 4 || bytes > self.ctx.max_binding_bytes() {
+            return Err(backend_error(format!(
+                "a tensor of shape {shape} needs {bytes} bytes; the adapter binds at most {} bytes \
+                 (max_storage_buffer_binding_size)",
+                self.ctx.max_binding_bytes()
+            )));
+        }
+        Ok(GpuTensor {
+            storage: Arc::new(Storage {
+                buffer: Some(self.ctx.storage.acquire(&self.ctx.device, bytes)),
+                ctx: self.ctx.clone(),
+            }),
+            shape: shape.clone(),
+        })
+    }
+
+    fn launch(
+        &self,
+        kernel: &Kernel,
+        params: &[u8],
+        inputs: &[(u32, &GpuTensor)],
+        output: &GpuTensor,
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        let mut bindings: Vec<Binding> = inputs
+            .iter()
+            .map(|&(binding, t)| Binding {
+                binding,
+                access: Access::Read,
+                buffer: t.buffer(),
+            })
+            .collect();
+        bindings.push(Binding {
+            binding: 3,
+            access: Access::ReadWrite,
+            buffer: output.buffer(),
+        });
+        self.ctx
+            .dispatch(kernel, Some(params), &bindings, workgroups)
+            .map_err(backend_error)
+    }
+
+    /// A 1D elementwise launch over `n` elements, one vec4 per invocation.
+    fn elementwise(
+        &self,
+        kernel: Kernel,
+        params: ElementwiseParams,
+        inputs: &[(u32, &GpuTensor)],
+        out_shape: &Shape,
+    ) -> Result<GpuTensor> {
+        let out = self.empty(out_shape)?;
+        let vec4s = out_shape.numel().div_ceil(4) as u32;
+        let grid = self.ctx.grid(vec4s.div_ceil(WG));
+        self.launch(&kernel, bytemuck::bytes_of(&params), inputs, &out, grid)?;
+        Ok(out)
+    }
+
+    fn elementwise_params(n: usize) -> ElementwiseParams {
+        ElementwiseParams {
+            n: n as u32,
+            p0: 0.0,
+            p1: 0.0,
+            _pad: 0,
+            shape: [1; 4],
+            stride_a: [0; 4],
+            stride_b: [0; 4],
+        }
+    }
+
+    /// One pass of a sum over the middle axis of x viewed as [outer, reduce, inner].
+    fn sum_middle(&self, x: &GpuTensor, outer: usize, reduce: usize, inner: usize) -> Result<GpuTensor> {
+        if reduce == 1 {
+            return Ok(x.clone());
+        }
+        let rows = inner == 1;
+        let chunk = if rows {
+            ROW_CHUNK
+        } else if outer * inner >= MIN_COLUMN_THREADS {
+            reduce
+        } else {
+            // Enough chunks to fill MIN_COLUMN_THREADS invocations, each summing at least 64 values.
+            let chunks = MIN_COLUMN_THREADS.div_ceil(outer * inner);
+            reduce.div_ceil(chunks).max(64)
+        };
+        let chunks = reduce.div_ceil(chunk);
+        let params = ReduceParams {
+            outer: outer as u32,
+            reduce: reduce as u32,
+            inner: inner as u32,
+            chunk: chunk as u32,
+            chunks: chunks as u32,
+        };
+        let out = self.empty(&Shape::from([outer, chunks, inner]))?;
+        let (entry, groups) = if rows {
+            ("sum_rows", outer * chunks)
+        } else {
+            ("sum_columns", (outer * chunks * inner).div_ceil(WG as usize))
+        };
+        let kernel = Kernel::new(KernelFile::Reduce, entry);
+        let grid = self.ctx.grid(groups as u32);
+        self.launch(&kernel, bytemuck::bytes_of(&params), &[(1, x)], &out, grid)?;
+        if chunks == 1 {
+            Ok(out)
+        } else {
+            self.sum_middle(&out, outer, chunks, inner)
+        }
+    }
+}
+
+impl Backend for Gpu {
+    type Tensor = GpuTensor;
+
+    fn name(&self) -> &'static str {
+        "gpu"
+    }
+
+    fn from_f64(&self, values: &[f64], shape: &Shape) -> Result<GpuTensor> {
+        if values.len() != shape.numel() {
+            return Err(Error::InvalidArgument {
+                op: "from_f64",
+                message: format!("{} values for shape {shape}", values.len()),
+            });
+        }
+        let t = self.empty(shape)?;
+        let mut data: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+        data.resize(values.len().max(1).next_multiple_of(4), 0.0);
+        self.ctx.queue.write_buffer(t.buffer(), 0, bytemuck::cast_slice(&data));
+        Ok(t)
+    }
+
+    fn to_f64(&self, x: &GpuTensor) -> Result<Vec<f64>> {
+        let bytes = self
+            .ctx
+            .read(x.buffer(), 4 * x.shape.numel() as u64)
+            .map_err(backend_error)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+            .collect())
+    }
+
+    fn fill(&self, shape: &Shape, value: f64) -> Result<GpuTensor> {
+        let mut p = Self::elementwise_params(shape.numel());
+        p.p0 = value as f32;
+        self.elementwise(Kernel::new(KernelFile::Elementwise, "fill"), p, &[], shape)
+    }
+
+    fn copy(&self, x: &GpuTensor) -> Result<GpuTensor> {
+        let p = Self::elementwise_params(x.shape.numel());
+        self.elementwise(Kernel::new(KernelFile::Elementwise, "copy"), p, &[(1, x)], &x.shape)
+    }
+
+    fn reshape(&self, x: &GpuTensor, shape: &Shape) -> Result<GpuTensor> {
+        if shape.numel() != x.shape.numel() {
+            return Err(Error::Shape {
+                op: "reshape",
+                lhs: x.shape.clone(),
+                rhs: shape.clone(),
+                reason: "the element counts differ".into(),
+            });
+        }
+        Ok(GpuTensor {
+            storage: x.storage.clone(),
+            shape: shape.clone(),
+        })
+    }
+
+    fn broadcast_to(&self, x: &GpuTensor, shape: &Shape) -> Result<GpuTensor> {
+        let sa = x.shape.broadcast_strides(shape);
+        let [dims, stride_a, _] = collapse(shape, &sa, &sa).ok_or_else(|| {
+            backend_error(format!("broadcast of {} to {shape} spans more than 4 dimensions", x.shape))
+        })?;
+        let mut p = Self::elementwise_params(shape.numel());
+        p.shape = dims;
+        p.stride_a = stride_a;
+        self.elementwise(Kernel::new(KernelFile::Elementwise, "broadcast"), p, &[(1, x)], shape)
+    }
+
+    fn unary(&self, op: UnaryOp, x: &GpuTensor) -> Result<GpuTensor> {
+        let mut p = Self::elementwise_params(x.shape.numel());
+        let [p0, p1] = op.params();
+        (p.p0, p.p1) = (p0 as f32, p1 as f32);
+        let kernel = Kernel::new(KernelFile::Elementwise, "unary").with("OP", unary_code(op) as f64);
+        self.elementwise(kernel, p, &[(1, x)], &x.shape)
+    }
+
+    fn binary(&self, op: BinaryOp, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+        let out = Shape::broadcast(op.name(), &a.shape, &b.shape)?;
+        let broadcast = a.shape != out || b.shape != out;
+        let mut p = Self::elementwise_params(out.numel());
+        if broadcast {
+            let (sa, sb) = (a.shape.broadcast_strides(&out), b.shape.broadcast_strides(&out));
+            [p.shape, p.stride_a, p.stride_b] = collapse(&out, &sa, &sb).ok_or_else(|| Error::Shape {
+                op: op.name(),
+                lhs: a.shape.clone(),
+                rhs: b.shape.clone(),
+                reason: "this broadcast spans more than 4 dimensions after merging".into(),
+            })?;
+        }
+        let kernel = Kernel::new(KernelFile::Elementwise, "binary")
+            .with("OP", binary_code(op) as f64)
+            .with("BROADCAST", if broadcast { 1.0 } else { 0.0 });
+        self.elementwise(kernel, p, &[(1, a), (2, b)], &out)
+    }
+
+    fn sum_axes(&self, x: &GpuTensor, axes: &[usize]) -> Result<GpuTensor> {
+        let dims = x.shape.dims().to_vec();
+        let mut current = x.clone();
+        // Reduce each run of consecutive axes, innermost run first, as [outer, reduce, inner].
+        let mut remaining: Vec<usize> = axes.to_vec();
+        let mut shape = dims.clone();
+        while let Some(&last) = remaining.last() {
+            let mut first = last;
+            while remaining.len() > 1 && remaining[remaining.len() - 2] == first - 1 {
+                remaining.pop();
+                first -= 1;
+            }
+            remaining.pop();
+            let outer: usize = shape[..first].iter().product();
+            let reduce: usize = shape[first..=last].iter().product();
+            let inner: usize = shape[last + 1..].iter().product();
+            current = self.sum_middle(&current, outer, reduce, inner)?;
+            for d in &mut shape[first..=last] {
+                *d = 1;
+            }
+        }
+        self.reshape(&current, &x.shape.reduced(axes))
+    }
+
+    fn matmul(&self, a: &GpuTensor, b: &GpuTensor, spec: MatmulSpec) -> Result<GpuTensor> {
+        let (d, out_shape) = MatmulDims::new(&a.shape, &b.shape, spec)?;
+        let out = self.empty(&out_shape)?;
+        let params = MatmulParams {
+            m: d.m as u32,
+            k: d.k as u32,
+            n: d.n as u32,
+            batch_a: d.batch_a as u32,
+            batch_b: d.batch_b as u32,
+        };
+        let flag = |t: bool| if t { 1.0 } else { 0.0 };
+        let kernel = Kernel::new(KernelFile::Matmul, "matmul")
+            .with("TRANS_A", flag(spec.trans_a))
+            .with("TRANS_B", flag(spec.trans_b));
+        // Tile of 64 x 64 outputs per workgroup (16 x 16 invocations, 4 x 4 each).
+        let grid = [d.n.div_ceil(64) as u32, d.m.div_ceil(64) as u32, d.batch as u32];
+        if d.m * d.n * d.batch == 0 {
+            return self.fill(&out_shape, 0.0);
+        }
+        self.launch(&kernel, bytemuck::bytes_of(&params), &[(1, a), (2, b)], &out, grid)?;
+        Ok(out)
+    }
+
+    fn random(&self, shape: &Shape, dist: Distribution, seed: u64, counter: u64) -> Result<GpuTensor> {
+        let n = shape.numel();
+        let out = self.empty(shape)?;
+        let params = RandomParams {
+            n: n as u32,
+            seed_lo: seed as u32,
+            seed_hi: (seed >> 32) as u32,
+            counter_lo: counter as u32,
+            counter_hi: (counter >> 32) as u32,
+        };
+        let entry = match dist {
+            Distribution::Uniform => "random_uniform",
+            Distribution::Normal => "random_normal",
+        };
+        let grid = self.ctx.grid((n as u32).div_ceil(WG));
+        self.launch(&Kernel::new(KernelFile::Random, entry), bytemuck::bytes_of(&params), &[], &out, grid)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::collapse;
+    use metaseg_autograd::Shape;
+
+    #[test]
+    fn per_channel_broadcast_collapses_to_three_dimensions() {
+        let out = Shape::from([2, 3, 4, 5, 6]);
+        let c = Shape::from([1, 3, 1, 1, 1]);
+        let r = collapse(&out, &out.broadcast_strides(&out), &c.broadcast_strides(&out)).unwrap();
+        assert_eq!(r, [[1, 2, 3, 120], [0, 360, 120, 1], [0, 0, 1, 0]]);
+    }
+
+    #[test]
+    fn same_shape_collapses_to_one_dimension() {
+        let out = Shape::from([2, 3, 4]);
+        let s = out.broadcast_strides(&out);
+        assert_eq!(collapse(&out, &s, &s).unwrap(), [[1, 1, 1, 24], [0, 0, 0, 1], [0, 0, 0, 1]]);
+    }
+}

@@ -1,0 +1,293 @@
+//! The device: adapter selection, limits, and the one path every kernel launch takes
+//! (pipeline from the registry, bind group, compute pass, submit without waiting).
+
+use super::kernels::{Access, Kernel, Registry};
+use super::pool::{BufferPool, PoolStats};
+use super::profiler::{Clock, KernelTime, Profiler, CAPACITY};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Why no device could be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "no GPU adapter found ({backends}): {reason}. Install a GPU driver, or a software adapter: \
+         Mesa's lavapipe (Debian/Ubuntu: apt-get install mesa-vulkan-drivers) for Vulkan, or Mesa's \
+         llvmpipe through OpenGL/EGL (libegl1 + libgl1-mesa-dri, then WGPU_BACKEND=gl)"
+    )]
+    NoAdapter { backends: String, reason: String },
+    #[error("the adapter {adapter} refused a device: {reason}")]
+    RequestDevice { adapter: String, reason: String },
+}
+
+/// Everything `metaseg info` shows about the adapter.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+}
+
+pub struct Context {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter: AdapterSummary,
+    pub registry: Registry,
+    pub storage: BufferPool,
+    pub uniforms: BufferPool,
+    profiler: Mutex<Option<Profiler>>,
+}
+
+/// A buffer and how the kernel reads it.
+pub struct Binding<'a> {
+    pub binding: u32,
+    pub access: Access,
+    pub buffer: &'a wgpu::Buffer,
+}
+
+impl Context {
+    /// Opens the adapter that `WGPU_BACKEND` (vulkan, metal, dx12, gl) selects, or the best one
+    /// available, asking for the adapter's own limits rather than wgpu's conservative defaults.
+    pub fn new() -> Result<Context, DeviceError> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+        let backends = format!("{:?}", desc.backends);
+        let instance = wgpu::Instance::new(desc);
+        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            apply_limit_buckets: false,
+        }))
+        .map_err(|e| DeviceError::NoAdapter {
+            backends,
+            reason: e.to_string(),
+        })?;
+        let summary = AdapterSummary {
+            info: adapter.get_info(),
+            limits: adapter.limits(),
+            features: adapter.features(),
+        };
+        let wanted = wgpu::Features::TIMESTAMP_QUERY;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("metaseg"),
+            required_features: summary.features & wanted,
+            required_limits: summary.limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| DeviceError::RequestDevice {
+            adapter: summary.info.name.clone(),
+            reason: e.to_string(),
+        })?;
+        let storage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+        Ok(Context {
+            device,
+            queue,
+            adapter: summary,
+            registry: Registry::default(),
+            storage: BufferPool::new(storage),
+            uniforms: BufferPool::new(wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST),
+            profiler: Mutex::new(None),
+        })
+    }
+
+    pub fn has_timestamps(&self) -> bool {
+        self.device.features().contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// Largest buffer a kernel can bind.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.adapter
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.adapter.limits.max_buffer_size)
+    }
+
+    /// The 2D grid of workgroups for `groups` workgroups in all (a dimension holds at most
+    /// max_compute_workgroups_per_dimension); kernels linearise it as y * groups.x + x.
+    pub fn grid(&self, groups: u32) -> [u32; 3] {
+        let max = self.adapter.limits.max_compute_workgroups_per_dimension.max(1);
+        if groups <= max {
+            [groups.max(1), 1, 1]
+        } else {
+            [max, groups.div_ceil(max), 1]
+        }
+    }
+
+    /// Records one dispatch of `kernel` and submits it without waiting. `params`, if any, become the
+    /// uniform at binding 0. Validation errors are reported with the kernel's name.
+    pub fn dispatch(
+        &self,
+        kernel: &Kernel,
+        params: Option<&[u8]>,
+        buffers: &[Binding],
+        workgroups: [u32; 3],
+    ) -> Result<(), String> {
+        let uniform = params.map(|p| {
+            let buffer = self.uniforms.acquire(&self.device, p.len() as u64);
+            self.queue.write_buffer(&buffer, 0, p);
+            buffer
+        });
+        let mut layout: Vec<(u32, Access)> = Vec::new();
+        let mut entries: Vec<wgpu::BindGroupEntry> = Vec::new();
+        if let Some(u) = &uniform {
+            layout.push((0, Access::Uniform));
+            entries.push(wgpu::BindGroupEntry {
+                binding: 0,
+                resource: u.as_entire_binding(),
+            });
+        }
+        for b in buffers {
+            layout.push((b.binding, b.access));
+            entries.push(wgpu::BindGroupEntry {
+                binding: b.binding,
+                resource: b.buffer.as_entire_binding(),
+            });
+        }
+        let pipeline = self.registry.pipeline(&self.device, kernel, &layout)?;
+
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.layout,
+            entries: &entries,
+        });
+        let mut profiler = self.profiler.lock().unwrap();
+        if profiler.as_ref().is_some_and(Profiler::is_full) {
+            self.resolve_timestamps(profiler.as_mut().unwrap())?;
+        }
+        let slot = match profiler.as_mut() {
+            Some(p) if p.clock == Clock::Timestamps => {
+                p.pending.push(kernel.label());
+                Some(2 * (p.pending.len() as u32 - 1))
+            }
+            _ => None,
+        };
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        {
+            let timestamp_writes = slot.map(|s| wgpu::ComputePassTimestampWrites {
+                query_set: profiler.as_ref().unwrap().query_set.as_ref().unwrap(),
+                beginning_of_pass_write_index: Some(s),
+                end_of_pass_write_index: Some(s + 1),
+            });
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes,
+            });
+            pass.set_pipeline(&pipeline.pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        }
+        let start = Instant::now();
+        let submission = self.queue.submit([encoder.finish()]);
+        if let Some(p) = profiler.as_mut().filter(|p| p.clock == Clock::WallClock) {
+            self.wait_for(submission)?;
+            p.done.push(KernelTime {
+                kernel: kernel.label(),
+                time: start.elapsed(),
+            });
+        }
+        drop(profiler);
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(format!("dispatching {}: {err}", kernel.label()));
+        }
+        if let Some(u) = uniform {
+            self.uniforms.release(u);
+        }
+        Ok(())
+    }
+
+    /// Blocks until `submission` has finished on the device. Waits without a timeout: a single
+    /// kernel can run for seconds on a software adapter.
+    pub fn wait_for(&self, submission: wgpu::SubmissionIndex) -> Result<(), String> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(submission),
+                timeout: None,
+            })
+            .map(|_| ())
+            .map_err(|e| format!("waiting for the device: {e}"))
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn synchronize(&self) -> Result<(), String> {
+        let submission = self.queue.submit([]);
+        self.wait_for(submission)
+    }
+
+    /// Copies `bytes` bytes of `buffer` to the host (waits for the device).
+    pub fn read(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, String> {
+        let size = bytes.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT).max(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("metaseg readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+        let submission = self.queue.submit([encoder.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait_for(submission)?;
+        rx.recv()
+            .map_err(|e| format!("readback callback lost: {e}"))?
+            .map_err(|e| format!("mapping the readback buffer: {e}"))?;
+        let data = staging
+            .get_mapped_range(..)
+            .map_err(|e| format!("reading the mapped buffer: {e}"))?[..bytes as usize]
+            .to_vec();
+        staging.unmap();
+        Ok(data)
+    }
+
+    /// Starts recording the time of every dispatch (until `take_kernel_times`).
+    pub fn start_profiling(&self) {
+        *self.profiler.lock().unwrap() = Some(Profiler::new(&self.device, self.has_timestamps()));
+    }
+
+    /// The time of each dispatch since `start_profiling`, and how it was measured; stops profiling.
+    pub fn take_kernel_times(&self) -> Result<(Vec<KernelTime>, Clock), String> {
+        let Some(mut p) = self.profiler.lock().unwrap().take() else {
+            return Err("profiling was not started".into());
+        };
+        self.resolve_timestamps(&mut p)?;
+        Ok((p.done, p.clock))
+    }
+
+    fn resolve_timestamps(&self, p: &mut Profiler) -> Result<(), String> {
+        let (Some(query_set), false) = (&p.query_set, p.pending.is_empty()) else {
+            return Ok(());
+        };
+        let count = 2 * p.pending.len() as u32;
+        debug_assert!(count <= CAPACITY);
+        let resolved = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("metaseg timestamps"),
+            size: 8 * count as u64,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.resolve_query_set(query_set, 0..count, &resolved, 0);
+        self.queue.submit([encoder.finish()]);
+        let bytes = self.read(&resolved, 8 * count as u64)?;
+        let ticks: &[u64] = bytemuck::cast_slice(&bytes);
+        let period = self.queue.get_timestamp_period() as f64;
+        for (i, kernel) in p.pending.drain(..).enumerate() {
+            let ns = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
+            p.done.push(KernelTime {
+                kernel,
+                time: Duration::from_nanos(ns as u64),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.storage.stats()
+    }
+}
