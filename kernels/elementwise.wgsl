@@ -7,8 +7,9 @@
 // Workgroup: WG invocations along x (override, default 256). The grid is 2D because one dimension
 // holds at most 65535 workgroups; an invocation's linear id is (group.y * groups.x + group.x) * WG + lane.
 //
-// Broadcasting: the host collapses the output shape to at most 4 dimensions and passes, for each
-// operand, its strides in elements (0 along broadcast dimensions). An operand that covers the output
+// Broadcasting: the host collapses the output shape to at most 8 dimensions (dropping size-1 ones and
+// merging neighbours both operands traverse contiguously) and passes, for each operand, its strides
+// in elements (0 along broadcast dimensions). An operand that covers the output
 // exactly is read as whole vec4s; a broadcast one is gathered lane by lane.
 
 override WG: u32 = 256u;
@@ -21,10 +22,10 @@ struct Params {
     n: u32,        // elements in the output
     p0: f32,       // first scalar parameter of the op (slope, min, factor, fill value)
     p1: f32,       // second scalar parameter (max)
-    _pad: u32,
-    shape: vec4<u32>,     // collapsed output shape, outermost first, padded with 1s at the front
-    stride_a: vec4<u32>,  // strides of x over that shape
-    stride_b: vec4<u32>,  // strides of y over that shape
+    rank: u32,     // dimensions of the collapsed shape
+    shape: array<vec4<u32>, 2>,     // collapsed output shape, outermost first
+    stride_a: array<vec4<u32>, 2>,  // strides of x over that shape
+    stride_b: array<vec4<u32>, 2>,  // strides of y over that shape
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -41,12 +42,12 @@ fn vec4_count() -> u32 {
 }
 
 // The offset into an operand with `strides` of output element `i`.
-fn strided_offset(i: u32, strides: vec4<u32>) -> u32 {
+fn strided_offset(i: u32, strides: array<vec4<u32>, 2>) -> u32 {
     var rest = i;
     var offset = 0u;
-    for (var d = 3; d >= 0; d--) {
-        let extent = params.shape[d];
-        offset += (rest % extent) * strides[d];
+    for (var d = params.rank; d > 0u; d--) {
+        let extent = params.shape[(d - 1u) / 4u][(d - 1u) % 4u];
+        offset += (rest % extent) * strides[(d - 1u) / 4u][(d - 1u) % 4u];
         rest /= extent;
     }
     return offset;

@@ -37,9 +37,9 @@ fn random_bits(counter: vec2<u32>) -> u32 {
     return mix32(h ^ counter.x);
 }
 
-// Uniform on (0, 1): the top 24 bits, centred in their bucket (exact in f32).
+// Uniform on (0, 1): the top 23 bits, centred in their bucket; 24 significant bits, exact in f32.
 fn uniform_at(counter: vec2<u32>) -> f32 {
-    return (f32(random_bits(counter) >> 8u) + 0.5) / 16777216.0;
+    return (f32(random_bits(counter) >> 9u) + 0.5) / 8388608.0;
 }
 
 // counter + i with the carry into the high word.

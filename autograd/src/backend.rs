@@ -12,20 +12,34 @@ pub enum UnaryOp {
     Sqrt,
     Square,
     Relu,
-    LeakyRelu { slope: f64 },
+    LeakyRelu {
+        slope: f64,
+    },
     Sigmoid,
     Tanh,
-    Clamp { min: f64, max: f64 },
+    Clamp {
+        min: f64,
+        max: f64,
+    },
     /// x * factor
-    Scale { factor: f64 },
+    Scale {
+        factor: f64,
+    },
     /// x + value
-    AddScalar { value: f64 },
+    AddScalar {
+        value: f64,
+    },
     /// 1 where x > 0, else 0 (the derivative of relu)
     ReluMask,
     /// 1 where x > 0, else slope (the derivative of leaky relu)
-    LeakyReluSlope { slope: f64 },
+    LeakyReluSlope {
+        slope: f64,
+    },
     /// 1 where min <= x <= max, else 0 (the derivative of clamp, as PyTorch defines it)
-    ClampMask { min: f64, max: f64 },
+    ClampMask {
+        min: f64,
+        max: f64,
+    },
 }
 
 impl UnaryOp {
@@ -205,8 +219,8 @@ pub trait Backend: Clone + 'static {
 
     fn name(&self) -> &'static str;
 
-    /// Uploads values (rounded to the backend's precision).
-    fn from_f64(&self, values: &[f64], shape: &Shape) -> Result<Self::Tensor>;
+    /// A tensor holding `values` (rounded to the backend's precision; an upload on a device).
+    fn tensor(&self, values: &[f64], shape: &Shape) -> Result<Self::Tensor>;
     /// Reads values back (this waits for pending work on an asynchronous device).
     fn to_f64(&self, x: &Self::Tensor) -> Result<Vec<f64>>;
 

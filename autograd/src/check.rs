@@ -37,9 +37,16 @@ impl Tolerance {
         let mut worst = (0, -1.0_f64);
         for (i, (&x, &r)) in actual.iter().zip(reference).enumerate() {
             let allowed = self.atol + self.rtol * r.abs();
-            let ratio = (x - r).abs() / allowed;
-            let ratio = if ratio.is_nan() { f64::INFINITY } else { ratio };
-            if ratio > 1.0 {
+            let err = (x - r).abs();
+            // Written so that NaN fails: every comparison with NaN is false.
+            let ok = err <= allowed;
+            let ratio = match (ok, allowed > 0.0) {
+                (true, true) => err / allowed,
+                (true, false) => 0.0,
+                (false, _) if err.is_nan() => f64::INFINITY,
+                (false, _) => (err / allowed).max(1.0),
+            };
+            if !ok {
                 failures += 1;
             }
             if ratio > worst.1 {
@@ -83,7 +90,11 @@ pub struct Mismatch {
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.len.0 != self.len.1 {
-            return write!(f, "lengths differ: {} vs reference {}", self.len.0, self.len.1);
+            return write!(
+                f,
+                "lengths differ: {} vs reference {}",
+                self.len.0, self.len.1
+            );
         }
         write!(
             f,
@@ -197,12 +208,18 @@ pub fn assert_gradients(
         tol.assert(&format!("{what}: d/d input {k}"), a, n);
     }
 
-    let hvp = hessian_vector_product(f, inputs, weights, direction).expect("Hessian-vector product");
+    let hvp =
+        hessian_vector_product(f, inputs, weights, direction).expect("Hessian-vector product");
     let shifted = |sign: f64| {
         let moved: Vec<(Vec<f64>, Shape)> = inputs
             .iter()
             .zip(direction)
-            .map(|((x, s), v)| (x.iter().zip(v).map(|(x, v)| x + sign * eps * v).collect(), s.clone()))
+            .map(|((x, s), v)| {
+                (
+                    x.iter().zip(v).map(|(x, v)| x + sign * eps * v).collect(),
+                    s.clone(),
+                )
+            })
             .collect();
         analytic_gradient(f, &moved, weights).expect("gradient at a shifted point")
     };

@@ -1,6 +1,8 @@
 //! The reference backend: plain f64 loops over contiguous row-major data, written to be obviously right.
 
-use crate::backend::{Backend, BinaryOp, Distribution, MatmulDims, MatmulSpec, TensorShape, UnaryOp};
+use crate::backend::{
+    Backend, BinaryOp, Distribution, MatmulDims, MatmulSpec, TensorShape, UnaryOp,
+};
 use crate::{random, Error, Result, Shape};
 use std::sync::Arc;
 
@@ -44,7 +46,7 @@ impl Backend for Cpu64 {
         "cpu64"
     }
 
-    fn from_f64(&self, values: &[f64], shape: &Shape) -> Result<CpuTensor> {
+    fn tensor(&self, values: &[f64], shape: &Shape) -> Result<CpuTensor> {
         if values.len() != shape.numel() {
             return Err(Error::InvalidArgument {
                 op: "from_f64",
@@ -117,24 +119,41 @@ impl Backend for Cpu64 {
         let (d, out) = MatmulDims::new(&a.shape, &b.shape, spec)?;
         let a_at = |bt: usize, i: usize, p: usize| {
             let base = if d.batch_a == 1 { 0 } else { bt * d.m * d.k };
-            a.data[base + if spec.trans_a { p * d.m + i } else { i * d.k + p }]
+            a.data[base
+                + if spec.trans_a {
+                    p * d.m + i
+                } else {
+                    i * d.k + p
+                }]
         };
         let b_at = |bt: usize, p: usize, j: usize| {
             let base = if d.batch_b == 1 { 0 } else { bt * d.k * d.n };
-            b.data[base + if spec.trans_b { j * d.k + p } else { p * d.n + j }]
+            b.data[base
+                + if spec.trans_b {
+                    j * d.k + p
+                } else {
+                    p * d.n + j
+                }]
         };
         let mut data = vec![0.0; d.batch * d.m * d.n];
         for bt in 0..d.batch {
             for i in 0..d.m {
                 for j in 0..d.n {
-                    data[(bt * d.m + i) * d.n + j] = (0..d.k).map(|p| a_at(bt, i, p) * b_at(bt, p, j)).sum();
+                    data[(bt * d.m + i) * d.n + j] =
+                        (0..d.k).map(|p| a_at(bt, i, p) * b_at(bt, p, j)).sum();
                 }
             }
         }
         Ok(tensor(data, out))
     }
 
-    fn random(&self, shape: &Shape, dist: Distribution, seed: u64, counter: u64) -> Result<CpuTensor> {
+    fn random(
+        &self,
+        shape: &Shape,
+        dist: Distribution,
+        seed: u64,
+        counter: u64,
+    ) -> Result<CpuTensor> {
         let draw = |i: usize| {
             let c = counter.wrapping_add(i as u64);
             match dist {
@@ -142,6 +161,9 @@ impl Backend for Cpu64 {
                 Distribution::Normal => random::normal(seed, c),
             }
         };
-        Ok(tensor((0..shape.numel()).map(draw).collect(), shape.clone()))
+        Ok(tensor(
+            (0..shape.numel()).map(draw).collect(),
+            shape.clone(),
+        ))
     }
 }

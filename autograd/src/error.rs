@@ -14,7 +14,9 @@ pub enum Error {
     InvalidArgument { op: &'static str, message: String },
     #[error("{op} has no backward rule, so no gradient can flow through it")]
     NoGradient { op: &'static str },
-    #[error("{op} has only a first-order backward rule; it cannot be differentiated with create_graph")]
+    #[error(
+        "{op} has only a first-order backward rule; it cannot be differentiated with create_graph"
+    )]
     NoSecondOrder { op: &'static str },
     #[error("{backend} backend: {message}")]
     Backend {

@@ -287,7 +287,8 @@ fn d_matmul<B: Backend>(
     b: &Var<B>,
     g: &Var<B>,
 ) -> Result<Vec<Option<Var<B>>>> {
-    let mm = |x: &Var<B>, y: &Var<B>, trans_a, trans_b| x.matmul(y, MatmulSpec { trans_a, trans_b });
+    let mm =
+        |x: &Var<B>, y: &Var<B>, trans_a, trans_b| x.matmul(y, MatmulSpec { trans_a, trans_b });
     // C = op(A) op(B); each case is dC/dA and dC/dB written so the result has A's and B's layout.
     let (da, db) = match (spec.trans_a, spec.trans_b) {
         (false, false) => (mm(g, b, false, true)?, mm(a, g, true, false)?),

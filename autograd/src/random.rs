@@ -19,9 +19,9 @@ pub fn random_bits(seed: u64, counter: u64) -> u32 {
     mix32(h ^ counter as u32)
 }
 
-/// Uniform on (0, 1): the top 24 bits, centred in their bucket, so the value is exact in f32.
+/// Uniform on (0, 1): the top 23 bits, centred in their bucket; 24 significant bits, exact in f32.
 pub fn uniform(seed: u64, counter: u64) -> f64 {
-    ((random_bits(seed, counter) >> 8) as f64 + 0.5) / 16_777_216.0
+    ((random_bits(seed, counter) >> 9) as f64 + 0.5) / 8_388_608.0
 }
 
 /// Standard normal for element `counter` by Box-Muller on the uniforms at 2*counter and 2*counter+1.

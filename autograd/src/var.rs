@@ -98,8 +98,17 @@ impl<B: Backend> Var<B> {
         Self::leaf(backend, value, true)
     }
 
-    pub fn from_f64(backend: &B, values: &[f64], shape: &Shape, requires_grad: bool) -> Result<Self> {
-        Ok(Self::leaf(backend, backend.from_f64(values, shape)?, requires_grad))
+    pub fn from_f64(
+        backend: &B,
+        values: &[f64],
+        shape: &Shape,
+        requires_grad: bool,
+    ) -> Result<Self> {
+        Ok(Self::leaf(
+            backend,
+            backend.tensor(values, shape)?,
+            requires_grad,
+        ))
     }
 
     /// The result of an op. Recorded (with its inputs and rule) only when recording is on and some

@@ -2,9 +2,7 @@
 //! and every op's gradients against central finite differences.
 
 use metaseg_autograd::check::{assert_gradients, CpuFn};
-use metaseg_autograd::{
-    grad, Cpu64, Error, MatmulSpec, Result, Rule, Shape, Tolerance, Var,
-};
+use metaseg_autograd::{grad, Cpu64, Error, MatmulSpec, Result, Rule, Shape, Tolerance, Var};
 
 fn seeded(n: usize, seed: u64, lo: f64, hi: f64) -> Vec<f64> {
     (0..n as u64)
@@ -31,13 +29,18 @@ fn second_derivatives_match_closed_forms() {
     let x0 = 0.6_f64;
     let s = 1.0 / (1.0 + (-x0).exp());
     let t = x0.tanh();
-    let cases: Vec<(&str, fn(&Var<Cpu64>) -> Result<Var<Cpu64>>, f64)> = vec![
+    type ScalarFn = fn(&Var<Cpu64>) -> Result<Var<Cpu64>>;
+    let cases: Vec<(&str, ScalarFn, f64)> = vec![
         ("sigmoid", |x| x.sigmoid(), s * (1.0 - s) * (1.0 - 2.0 * s)),
         ("tanh", |x| x.tanh(), -2.0 * t * (1.0 - t * t)),
         ("exp", |x| x.exp(), x0.exp()),
         ("log", |x| x.log(), -1.0 / (x0 * x0)),
         ("sqrt", |x| x.sqrt(), -0.25 * x0.powf(-1.5)),
-        ("div", |x| Var::ones(&Cpu64, x.shape())?.div(x), 2.0 / x0.powi(3)),
+        (
+            "div",
+            |x| Var::ones(&Cpu64, x.shape())?.div(x),
+            2.0 / x0.powi(3),
+        ),
     ];
     for (name, f, expected) in cases {
         let x = scalar(x0);
@@ -61,9 +64,13 @@ fn third_derivative_through_two_levels_of_create_graph() {
 #[test]
 fn gradient_without_create_graph_is_a_constant() {
     let x = scalar(2.0);
-    let d1 = grad(&x.square().unwrap(), &[&x], None, false).unwrap().remove(0);
+    let d1 = grad(&x.square().unwrap(), &[&x], None, false)
+        .unwrap()
+        .remove(0);
     assert!(!d1.requires_grad());
-    let with_graph = grad(&x.square().unwrap(), &[&x], None, true).unwrap().remove(0);
+    let with_graph = grad(&x.square().unwrap(), &[&x], None, true)
+        .unwrap()
+        .remove(0);
     assert!(with_graph.requires_grad());
 }
 
@@ -91,15 +98,19 @@ fn an_op_without_rule_or_with_first_order_rule_is_a_typed_error() {
         "fused_square",
         x.square().unwrap().value().clone(),
         &[&x],
-        Rule::FirstOrder(Box::new(|_, inputs: &[&metaseg_autograd::CpuTensor], _, g: &metaseg_autograd::CpuTensor| {
-            let x = inputs[0].data[0];
-            Ok(vec![Some(metaseg_autograd::CpuTensor {
-                data: std::sync::Arc::new(vec![2.0 * x * g.data[0]]),
-                shape: Shape::scalar(),
-            })])
-        })),
+        Rule::FirstOrder(Box::new(
+            |_, inputs: &[&metaseg_autograd::CpuTensor], _, g: &metaseg_autograd::CpuTensor| {
+                let x = inputs[0].data[0];
+                Ok(vec![Some(metaseg_autograd::CpuTensor {
+                    data: std::sync::Arc::new(vec![2.0 * x * g.data[0]]),
+                    shape: Shape::scalar(),
+                })])
+            },
+        )),
     );
-    let d = grad(&first_order_only, &[&x], None, false).unwrap().remove(0);
+    let d = grad(&first_order_only, &[&x], None, false)
+        .unwrap()
+        .remove(0);
     assert_eq!(d.to_f64().unwrap(), vec![2.0]);
     assert!(matches!(
         grad(&first_order_only, &[&x], None, true),
@@ -112,8 +123,15 @@ fn shape_errors_name_the_op_and_both_shapes() {
     let a = Var::zeros(&Cpu64, &Shape::from([2, 3])).unwrap();
     let b = Var::zeros(&Cpu64, &Shape::from([4])).unwrap();
     let msg = a.add(&b).err().unwrap().to_string();
-    assert!(msg.contains("add") && msg.contains("[2, 3]") && msg.contains("[4]"), "{msg}");
-    let msg = a.matmul(&a, MatmulSpec::default()).err().unwrap().to_string();
+    assert!(
+        msg.contains("add") && msg.contains("[2, 3]") && msg.contains("[4]"),
+        "{msg}"
+    );
+    let msg = a
+        .matmul(&a, MatmulSpec::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("matmul") && msg.contains("inner"), "{msg}");
 }
 
@@ -141,24 +159,117 @@ fn every_op_passes_first_and_second_order_finite_differences() {
     };
     let signed = seeded(n, 1, -1.5, 1.5);
     let cases: Vec<Case> = vec![
-        ("neg", one(|x| x.neg()), vec![(signed.clone(), x_shape.clone())]),
-        ("exp", one(|x| x.exp()), vec![(signed.clone(), x_shape.clone())]),
-        ("log", one(|x| x.log()), vec![(positive(2), x_shape.clone())]),
-        ("sqrt", one(|x| x.sqrt()), vec![(positive(4), x_shape.clone())]),
-        ("square", one(|x| x.square()), vec![(signed.clone(), x_shape.clone())]),
-        ("relu", one(|x| x.relu()?.square()), vec![(away_from_kinks.clone(), x_shape.clone())]),
-        ("leaky_relu", one(|x| x.leaky_relu(0.1)?.square()), vec![(away_from_kinks.clone(), x_shape.clone())]),
-        ("sigmoid", one(|x| x.sigmoid()), vec![(signed.clone(), x_shape.clone())]),
-        ("tanh", one(|x| x.tanh()), vec![(signed.clone(), x_shape.clone())]),
-        ("clamp", one(|x| x.clamp(-0.5, 0.5)?.exp()), vec![(away_from_kinks.iter().map(|v| v * 1.2).collect(), x_shape.clone())]),
-        ("sum_axes", one(|x| x.sum_axes(&[0, 2, 4], false)?.square()), vec![(signed.clone(), x_shape.clone())]),
-        ("mean", one(|x| x.square()?.mean()), vec![(signed.clone(), x_shape.clone())]),
-        ("add per-channel", two(|a, b| a.add(b)?.square()), vec![(signed.clone(), x_shape.clone()), (seeded(3, 5, -1.0, 1.0), c_shape.clone())]),
-        ("sub scalar", two(|a, b| b.sub(a)?.square()), vec![(signed.clone(), x_shape.clone()), (vec![0.3], Shape::scalar())]),
-        ("mul", two(|a, b| a.mul(b)), vec![(signed.clone(), x_shape.clone()), (seeded(n, 6, -1.0, 1.0), x_shape.clone())]),
-        ("mul per-channel", two(|a, b| a.mul(b)), vec![(signed.clone(), x_shape.clone()), (seeded(3, 7, -1.0, 1.0), c_shape.clone())]),
-        ("div", two(|a, b| a.div(b)), vec![(signed.clone(), x_shape.clone()), (positive(8), x_shape.clone())]),
-        ("div per-channel", two(|a, b| a.div(b)), vec![(signed.clone(), x_shape.clone()), (seeded(3, 9, 0.5, 2.0), c_shape.clone())]),
+        (
+            "neg",
+            one(|x| x.neg()),
+            vec![(signed.clone(), x_shape.clone())],
+        ),
+        (
+            "exp",
+            one(|x| x.exp()),
+            vec![(signed.clone(), x_shape.clone())],
+        ),
+        (
+            "log",
+            one(|x| x.log()),
+            vec![(positive(2), x_shape.clone())],
+        ),
+        (
+            "sqrt",
+            one(|x| x.sqrt()),
+            vec![(positive(4), x_shape.clone())],
+        ),
+        (
+            "square",
+            one(|x| x.square()),
+            vec![(signed.clone(), x_shape.clone())],
+        ),
+        (
+            "relu",
+            one(|x| x.relu()?.square()),
+            vec![(away_from_kinks.clone(), x_shape.clone())],
+        ),
+        (
+            "leaky_relu",
+            one(|x| x.leaky_relu(0.1)?.square()),
+            vec![(away_from_kinks.clone(), x_shape.clone())],
+        ),
+        (
+            "sigmoid",
+            one(|x| x.sigmoid()),
+            vec![(signed.clone(), x_shape.clone())],
+        ),
+        (
+            "tanh",
+            one(|x| x.tanh()),
+            vec![(signed.clone(), x_shape.clone())],
+        ),
+        (
+            "clamp",
+            one(|x| x.clamp(-0.5, 0.5)?.exp()),
+            vec![(
+                away_from_kinks.iter().map(|v| v * 1.2).collect(),
+                x_shape.clone(),
+            )],
+        ),
+        (
+            "sum_axes",
+            one(|x| x.sum_axes(&[0, 2, 4], false)?.square()),
+            vec![(signed.clone(), x_shape.clone())],
+        ),
+        (
+            "mean",
+            one(|x| x.square()?.mean()),
+            vec![(signed.clone(), x_shape.clone())],
+        ),
+        (
+            "add per-channel",
+            two(|a, b| a.add(b)?.square()),
+            vec![
+                (signed.clone(), x_shape.clone()),
+                (seeded(3, 5, -1.0, 1.0), c_shape.clone()),
+            ],
+        ),
+        (
+            "sub scalar",
+            two(|a, b| b.sub(a)?.square()),
+            vec![
+                (signed.clone(), x_shape.clone()),
+                (vec![0.3], Shape::scalar()),
+            ],
+        ),
+        (
+            "mul",
+            two(|a, b| a.mul(b)),
+            vec![
+                (signed.clone(), x_shape.clone()),
+                (seeded(n, 6, -1.0, 1.0), x_shape.clone()),
+            ],
+        ),
+        (
+            "mul per-channel",
+            two(|a, b| a.mul(b)),
+            vec![
+                (signed.clone(), x_shape.clone()),
+                (seeded(3, 7, -1.0, 1.0), c_shape.clone()),
+            ],
+        ),
+        (
+            "div",
+            two(|a, b| a.div(b)),
+            vec![
+                (signed.clone(), x_shape.clone()),
+                (positive(8), x_shape.clone()),
+            ],
+        ),
+        (
+            "div per-channel",
+            two(|a, b| a.div(b)),
+            vec![
+                (signed.clone(), x_shape.clone()),
+                (seeded(3, 9, 0.5, 2.0), c_shape.clone()),
+            ],
+        ),
     ];
     for (name, f, inputs) in &cases {
         let out_len = f(&inputs
@@ -174,7 +285,14 @@ fn every_op_passes_first_and_second_order_finite_differences() {
             .enumerate()
             .map(|(k, (v, _))| seeded(v.len(), 200 + k as u64, -1.0, 1.0))
             .collect();
-        assert_gradients(name, f.as_ref(), inputs, &weights, &direction, Tolerance::FINITE_DIFFERENCE);
+        assert_gradients(
+            name,
+            f.as_ref(),
+            inputs,
+            &weights,
+            &direction,
+            Tolerance::FINITE_DIFFERENCE,
+        );
     }
 }
 
@@ -196,7 +314,14 @@ fn matmul_gradients_for_every_transpose_and_batch_broadcast() {
             let weights = seeded(2 * m * n, 3, -1.0, 1.0);
             let direction = vec![seeded(2 * m * k, 4, -1.0, 1.0), seeded(k * n, 5, -1.0, 1.0)];
             let name = format!("matmul {spec:?}");
-            assert_gradients(&name, &f, &inputs, &weights, &direction, Tolerance::FINITE_DIFFERENCE);
+            assert_gradients(
+                &name,
+                &f,
+                &inputs,
+                &weights,
+                &direction,
+                Tolerance::FINITE_DIFFERENCE,
+            );
         }
     }
 }
@@ -204,13 +329,29 @@ fn matmul_gradients_for_every_transpose_and_batch_broadcast() {
 #[test]
 fn matmul_gradient_has_closed_form() {
     // L = sum(A @ B): dL/dA = 1 @ B^T (row sums of B), dL/dB = A^T @ 1 (column sums of A).
-    let a = Var::from_f64(&Cpu64, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &Shape::from([2, 3]), true).unwrap();
-    let b = Var::from_f64(&Cpu64, &[1.0, -1.0, 2.0, 0.5, -3.0, 1.0], &Shape::from([3, 2]), true).unwrap();
+    let a = Var::from_f64(
+        &Cpu64,
+        &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        &Shape::from([2, 3]),
+        true,
+    )
+    .unwrap();
+    let b = Var::from_f64(
+        &Cpu64,
+        &[1.0, -1.0, 2.0, 0.5, -3.0, 1.0],
+        &Shape::from([3, 2]),
+        true,
+    )
+    .unwrap();
     let l = a.matmul(&b, MatmulSpec::default()).unwrap().sum().unwrap();
     let g = grad(&l, &[&a, &b], None, false).unwrap();
     let row_sums_b = [0.0, 2.5, -2.0];
     let col_sums_a = [5.0, 5.0, 7.0, 7.0, 9.0, 9.0];
-    Tolerance::F64.assert("dA", &g[0].to_f64().unwrap(), &[row_sums_b, row_sums_b].concat());
+    Tolerance::F64.assert(
+        "dA",
+        &g[0].to_f64().unwrap(),
+        &[row_sums_b, row_sums_b].concat(),
+    );
     Tolerance::F64.assert("dB", &g[1].to_f64().unwrap(), &col_sums_a);
 }
 
@@ -218,7 +359,13 @@ fn matmul_gradient_has_closed_form() {
 fn tolerance_reports_the_worst_element_and_rejects_nan() {
     let t = Tolerance::new(0.0, 0.1);
     let m = t.check(&[1.0, 2.5, 3.0], &[1.0, 2.0, 3.0]).unwrap_err();
-    assert_eq!((m.index, m.actual, m.reference, m.failures), (1, 2.5, 2.0, 1));
+    assert_eq!(
+        (m.index, m.actual, m.reference, m.failures),
+        (1, 2.5, 2.0, 1)
+    );
     assert!(t.check(&[f64::NAN], &[1.0]).is_err());
     assert!(t.check(&[1.05], &[1.0]).is_ok());
+    let exact = Tolerance::new(0.0, 0.0);
+    assert!(exact.check(&[0.0, 2.0], &[0.0, 2.0]).is_ok());
+    assert!(exact.check(&[1e-300], &[0.0]).is_err());
 }

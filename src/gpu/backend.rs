@@ -23,7 +23,7 @@ struct Storage {
 impl Drop for Storage {
     fn drop(&mut self) {
         if let Some(b) = self.buffer.take() {
-            self.ctx.storage.release(b);
+            self.ctx.release(b);
         }
     }
 }
@@ -43,7 +43,10 @@ impl TensorShape for GpuTensor {
 
 impl GpuTensor {
     pub fn buffer(&self) -> &wgpu::Buffer {
-        self.storage.buffer.as_ref().expect("live storage has a buffer")
+        self.storage
+            .buffer
+            .as_ref()
+            .expect("live storage has a buffer")
     }
 }
 
@@ -53,11 +56,15 @@ struct ElementwiseParams {
     n: u32,
     p0: f32,
     p1: f32,
-    _pad: u32,
-    shape: [u32; 4],
-    stride_a: [u32; 4],
-    stride_b: [u32; 4],
+    rank: u32,
+    shape: [u32; MAX_RANK],
+    stride_a: [u32; MAX_RANK],
+    stride_b: [u32; MAX_RANK],
 }
+
+/// Dimensions a broadcast may keep after collapsing (the size of the arrays in elementwise.wgsl).
+const MAX_RANK: usize = 8;
+type Collapsed = (u32, [[u32; MAX_RANK]; 3]);
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -126,9 +133,9 @@ fn binary_code(op: BinaryOp) -> u32 {
     }
 }
 
-/// Collapses a broadcast to at most 4 dimensions: size-1 dimensions go, and neighbours that both
-/// operands traverse contiguously merge. Returns (shape, stride_a, stride_b), padded at the front.
-fn collapse(out: &Shape, sa: &[usize], sb: &[usize]) -> Option<[[u32; 4]; 3]> {
+/// Collapses a broadcast to at most MAX_RANK dimensions: size-1 dimensions go, and neighbours that
+/// both operands traverse contiguously merge. Returns the rank and [shape, stride_a, stride_b].
+fn collapse(out: &Shape, sa: &[usize], sb: &[usize]) -> Option<Collapsed> {
     let mut dims: Vec<(usize, usize, usize)> = Vec::new();
     for i in 0..out.rank() {
         let (n, a, b) = (out.dims()[i], sa[i], sb[i]);
@@ -140,17 +147,16 @@ fn collapse(out: &Shape, sa: &[usize], sb: &[usize]) -> Option<[[u32; 4]; 3]> {
             _ => dims.push((n, a, b)),
         }
     }
-    if dims.len() > 4 {
+    if dims.len() > MAX_RANK {
         return None;
     }
-    let mut r = [[1u32; 4], [0; 4], [0; 4]];
-    let pad = 4 - dims.len();
-    for (i, (n, a, b)) in dims.into_iter().enumerate() {
-        r[0][pad + i] = n as u32;
-        r[1][pad + i] = a as u32;
-        r[2][pad + i] = b as u32;
+    let mut r = [[1u32; MAX_RANK], [0; MAX_RANK], [0; MAX_RANK]];
+    for (i, &(n, a, b)) in dims.iter().enumerate() {
+        r[0][i] = n as u32;
+        r[1][i] = a as u32;
+        r[2][i] = b as u32;
     }
-    Some(r)
+    Some((dims.len() as u32, r))
 }
 
 fn backend_error(message: String) -> Error {
@@ -185,7 +191,7 @@ impl Gpu {
         }
         Ok(GpuTensor {
             storage: Arc::new(Storage {
-                buffer: Some(self.ctx.storage.acquire(&self.ctx.device, bytes)),
+                buffer: Some(self.ctx.acquire(bytes)),
                 ctx: self.ctx.clone(),
             }),
             shape: shape.clone(),
@@ -238,15 +244,21 @@ impl Gpu {
             n: n as u32,
             p0: 0.0,
             p1: 0.0,
-            _pad: 0,
-            shape: [1; 4],
-            stride_a: [0; 4],
-            stride_b: [0; 4],
+            rank: 0,
+            shape: [1; MAX_RANK],
+            stride_a: [0; MAX_RANK],
+            stride_b: [0; MAX_RANK],
         }
     }
 
     /// One pass of a sum over the middle axis of x viewed as [outer, reduce, inner].
-    fn sum_middle(&self, x: &GpuTensor, outer: usize, reduce: usize, inner: usize) -> Result<GpuTensor> {
+    fn sum_middle(
+        &self,
+        x: &GpuTensor,
+        outer: usize,
+        reduce: usize,
+        inner: usize,
+    ) -> Result<GpuTensor> {
         if reduce == 1 {
             return Ok(x.clone());
         }
@@ -272,7 +284,10 @@ impl Gpu {
         let (entry, groups) = if rows {
             ("sum_rows", outer * chunks)
         } else {
-            ("sum_columns", (outer * chunks * inner).div_ceil(WG as usize))
+            (
+                "sum_columns",
+                (outer * chunks * inner).div_ceil(WG as usize),
+            )
         };
         let kernel = Kernel::new(KernelFile::Reduce, entry);
         let grid = self.ctx.grid(groups as u32);
@@ -292,7 +307,7 @@ impl Backend for Gpu {
         "gpu"
     }
 
-    fn from_f64(&self, values: &[f64], shape: &Shape) -> Result<GpuTensor> {
+    fn tensor(&self, values: &[f64], shape: &Shape) -> Result<GpuTensor> {
         if values.len() != shape.numel() {
             return Err(Error::InvalidArgument {
                 op: "from_f64",
@@ -302,7 +317,7 @@ impl Backend for Gpu {
         let t = self.empty(shape)?;
         let mut data: Vec<f32> = values.iter().map(|&v| v as f32).collect();
         data.resize(values.len().max(1).next_multiple_of(4), 0.0);
-        self.ctx.queue.write_buffer(t.buffer(), 0, bytemuck::cast_slice(&data));
+        self.ctx.write(t.buffer(), bytemuck::cast_slice(&data));
         Ok(t)
     }
 
@@ -325,7 +340,12 @@ impl Backend for Gpu {
 
     fn copy(&self, x: &GpuTensor) -> Result<GpuTensor> {
         let p = Self::elementwise_params(x.shape.numel());
-        self.elementwise(Kernel::new(KernelFile::Elementwise, "copy"), p, &[(1, x)], &x.shape)
+        self.elementwise(
+            Kernel::new(KernelFile::Elementwise, "copy"),
+            p,
+            &[(1, x)],
+            &x.shape,
+        )
     }
 
     fn reshape(&self, x: &GpuTensor, shape: &Shape) -> Result<GpuTensor> {
@@ -345,20 +365,28 @@ impl Backend for Gpu {
 
     fn broadcast_to(&self, x: &GpuTensor, shape: &Shape) -> Result<GpuTensor> {
         let sa = x.shape.broadcast_strides(shape);
-        let [dims, stride_a, _] = collapse(shape, &sa, &sa).ok_or_else(|| {
-            backend_error(format!("broadcast of {} to {shape} spans more than 4 dimensions", x.shape))
+        let (rank, [dims, stride_a, _]) = collapse(shape, &sa, &sa).ok_or_else(|| {
+            backend_error(format!(
+                "broadcast of {} to {shape} spans more than {MAX_RANK} dimensions",
+                x.shape
+            ))
         })?;
         let mut p = Self::elementwise_params(shape.numel());
-        p.shape = dims;
-        p.stride_a = stride_a;
-        self.elementwise(Kernel::new(KernelFile::Elementwise, "broadcast"), p, &[(1, x)], shape)
+        (p.rank, p.shape, p.stride_a) = (rank, dims, stride_a);
+        self.elementwise(
+            Kernel::new(KernelFile::Elementwise, "broadcast"),
+            p,
+            &[(1, x)],
+            shape,
+        )
     }
 
     fn unary(&self, op: UnaryOp, x: &GpuTensor) -> Result<GpuTensor> {
         let mut p = Self::elementwise_params(x.shape.numel());
         let [p0, p1] = op.params();
         (p.p0, p.p1) = (p0 as f32, p1 as f32);
-        let kernel = Kernel::new(KernelFile::Elementwise, "unary").with("OP", unary_code(op) as f64);
+        let kernel =
+            Kernel::new(KernelFile::Elementwise, "unary").with("OP", unary_code(op) as f64);
         self.elementwise(kernel, p, &[(1, x)], &x.shape)
     }
 
@@ -367,13 +395,19 @@ impl Backend for Gpu {
         let broadcast = a.shape != out || b.shape != out;
         let mut p = Self::elementwise_params(out.numel());
         if broadcast {
-            let (sa, sb) = (a.shape.broadcast_strides(&out), b.shape.broadcast_strides(&out));
-            [p.shape, p.stride_a, p.stride_b] = collapse(&out, &sa, &sb).ok_or_else(|| Error::Shape {
-                op: op.name(),
-                lhs: a.shape.clone(),
-                rhs: b.shape.clone(),
-                reason: "this broadcast spans more than 4 dimensions after merging".into(),
-            })?;
+            let (sa, sb) = (
+                a.shape.broadcast_strides(&out),
+                b.shape.broadcast_strides(&out),
+            );
+            (p.rank, [p.shape, p.stride_a, p.stride_b]) =
+                collapse(&out, &sa, &sb).ok_or_else(|| Error::Shape {
+                    op: op.name(),
+                    lhs: a.shape.clone(),
+                    rhs: b.shape.clone(),
+                    reason: format!(
+                        "this broadcast spans more than {MAX_RANK} dimensions after merging"
+                    ),
+                })?;
         }
         let kernel = Kernel::new(KernelFile::Elementwise, "binary")
             .with("OP", binary_code(op) as f64)
@@ -420,15 +454,31 @@ impl Backend for Gpu {
             .with("TRANS_A", flag(spec.trans_a))
             .with("TRANS_B", flag(spec.trans_b));
         // Tile of 64 x 64 outputs per workgroup (16 x 16 invocations, 4 x 4 each).
-        let grid = [d.n.div_ceil(64) as u32, d.m.div_ceil(64) as u32, d.batch as u32];
+        let grid = [
+            d.n.div_ceil(64) as u32,
+            d.m.div_ceil(64) as u32,
+            d.batch as u32,
+        ];
         if d.m * d.n * d.batch == 0 {
             return self.fill(&out_shape, 0.0);
         }
-        self.launch(&kernel, bytemuck::bytes_of(&params), &[(1, a), (2, b)], &out, grid)?;
+        self.launch(
+            &kernel,
+            bytemuck::bytes_of(&params),
+            &[(1, a), (2, b)],
+            &out,
+            grid,
+        )?;
         Ok(out)
     }
 
-    fn random(&self, shape: &Shape, dist: Distribution, seed: u64, counter: u64) -> Result<GpuTensor> {
+    fn random(
+        &self,
+        shape: &Shape,
+        dist: Distribution,
+        seed: u64,
+        counter: u64,
+    ) -> Result<GpuTensor> {
         let n = shape.numel();
         let out = self.empty(shape)?;
         let params = RandomParams {
@@ -443,7 +493,13 @@ impl Backend for Gpu {
             Distribution::Normal => "random_normal",
         };
         let grid = self.ctx.grid((n as u32).div_ceil(WG));
-        self.launch(&Kernel::new(KernelFile::Random, entry), bytemuck::bytes_of(&params), &[], &out, grid)?;
+        self.launch(
+            &Kernel::new(KernelFile::Random, entry),
+            bytemuck::bytes_of(&params),
+            &[],
+            &out,
+            grid,
+        )?;
         Ok(out)
     }
 }
@@ -457,14 +513,24 @@ mod tests {
     fn per_channel_broadcast_collapses_to_three_dimensions() {
         let out = Shape::from([2, 3, 4, 5, 6]);
         let c = Shape::from([1, 3, 1, 1, 1]);
-        let r = collapse(&out, &out.broadcast_strides(&out), &c.broadcast_strides(&out)).unwrap();
-        assert_eq!(r, [[1, 2, 3, 120], [0, 360, 120, 1], [0, 0, 1, 0]]);
+        let r = collapse(
+            &out,
+            &out.broadcast_strides(&out),
+            &c.broadcast_strides(&out),
+        )
+        .unwrap();
+        assert_eq!(r.0, 3);
+        assert_eq!(
+            (&r.1[0][..3], &r.1[1][..3], &r.1[2][..3]),
+            (&[2, 3, 120][..], &[360, 120, 1][..], &[0, 1, 0][..])
+        );
     }
 
     #[test]
     fn same_shape_collapses_to_one_dimension() {
         let out = Shape::from([2, 3, 4]);
         let s = out.broadcast_strides(&out);
-        assert_eq!(collapse(&out, &s, &s).unwrap(), [[1, 1, 1, 24], [0, 0, 0, 1], [0, 0, 0, 1]]);
+        let r = collapse(&out, &s, &s).unwrap();
+        assert_eq!((r.0, r.1[0][0], r.1[1][0], r.1[2][0]), (1, 24, 1, 1));
     }
 }

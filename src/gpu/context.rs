@@ -4,6 +4,7 @@
 use super::kernels::{Access, Kernel, Registry};
 use super::pool::{BufferPool, PoolStats};
 use super::profiler::{Clock, KernelTime, Profiler, CAPACITY};
+use parking_lot::{ReentrantMutex, ReentrantMutexGuard};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,10 @@ pub struct Context {
     pub storage: BufferPool,
     pub uniforms: BufferPool,
     profiler: Mutex<Option<Profiler>>,
+    /// OpenGL has one context per device, which wgpu locks with a 6 s timeout and panics after it;
+    /// a long wait for the device on one thread would then bring down another. On GL every device
+    /// call of ours therefore takes this lock first (re-entrant, so nested calls are fine).
+    gl_lock: Option<ReentrantMutex<()>>,
 }
 
 /// A buffer and how the kernel reads it.
@@ -79,6 +84,7 @@ impl Context {
             adapter: summary.info.name.clone(),
             reason: e.to_string(),
         })?;
+        let is_gl = summary.info.backend == wgpu::Backend::Gl;
         let storage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC
             | wgpu::BufferUsages::COPY_DST;
@@ -90,11 +96,19 @@ impl Context {
             storage: BufferPool::new(storage),
             uniforms: BufferPool::new(wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST),
             profiler: Mutex::new(None),
+            gl_lock: is_gl.then(|| ReentrantMutex::new(())),
         })
     }
 
+    /// Held while calling into the device; serialises threads on OpenGL only (see `gl_lock`).
+    pub fn exclusive(&self) -> Option<ReentrantMutexGuard<'_, ()>> {
+        self.gl_lock.as_ref().map(|l| l.lock())
+    }
+
     pub fn has_timestamps(&self) -> bool {
-        self.device.features().contains(wgpu::Features::TIMESTAMP_QUERY)
+        self.device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
     }
 
     /// Largest buffer a kernel can bind.
@@ -108,7 +122,11 @@ impl Context {
     /// The 2D grid of workgroups for `groups` workgroups in all (a dimension holds at most
     /// max_compute_workgroups_per_dimension); kernels linearise it as y * groups.x + x.
     pub fn grid(&self, groups: u32) -> [u32; 3] {
-        let max = self.adapter.limits.max_compute_workgroups_per_dimension.max(1);
+        let max = self
+            .adapter
+            .limits
+            .max_compute_workgroups_per_dimension
+            .max(1);
         if groups <= max {
             [groups.max(1), 1, 1]
         } else {
@@ -125,6 +143,7 @@ impl Context {
         buffers: &[Binding],
         workgroups: [u32; 3],
     ) -> Result<(), String> {
+        let _device = self.exclusive();
         let uniform = params.map(|p| {
             let buffer = self.uniforms.acquire(&self.device, p.len() as u64);
             self.queue.write_buffer(&buffer, 0, p);
@@ -202,6 +221,7 @@ impl Context {
     /// Blocks until `submission` has finished on the device. Waits without a timeout: a single
     /// kernel can run for seconds on a software adapter.
     pub fn wait_for(&self, submission: wgpu::SubmissionIndex) -> Result<(), String> {
+        let _device = self.exclusive();
         self.device
             .poll(wgpu::PollType::Wait {
                 submission_index: Some(submission),
@@ -213,12 +233,14 @@ impl Context {
 
     /// Blocks until all submitted work has finished.
     pub fn synchronize(&self) -> Result<(), String> {
+        let _device = self.exclusive();
         let submission = self.queue.submit([]);
         self.wait_for(submission)
     }
 
     /// Copies `bytes` bytes of `buffer` to the host (waits for the device).
     pub fn read(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, String> {
+        let _device = self.exclusive();
         let size = bytes.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT).max(4);
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("metaseg readback"),
@@ -247,11 +269,13 @@ impl Context {
 
     /// Starts recording the time of every dispatch (until `take_kernel_times`).
     pub fn start_profiling(&self) {
+        let _device = self.exclusive();
         *self.profiler.lock().unwrap() = Some(Profiler::new(&self.device, self.has_timestamps()));
     }
 
     /// The time of each dispatch since `start_profiling`, and how it was measured; stops profiling.
     pub fn take_kernel_times(&self) -> Result<(Vec<KernelTime>, Clock), String> {
+        let _device = self.exclusive();
         let Some(mut p) = self.profiler.lock().unwrap().take() else {
             return Err("profiling was not started".into());
         };
@@ -285,6 +309,24 @@ impl Context {
             });
         }
         Ok(())
+    }
+
+    /// A storage buffer of at least `bytes` bytes from the pool.
+    pub fn acquire(&self, bytes: u64) -> wgpu::Buffer {
+        let _device = self.exclusive();
+        self.storage.acquire(&self.device, bytes)
+    }
+
+    /// Returns a storage buffer to the pool.
+    pub fn release(&self, buffer: wgpu::Buffer) {
+        let _device = self.exclusive();
+        self.storage.release(buffer);
+    }
+
+    /// Copies host data into the start of `buffer` (ordered before work submitted later).
+    pub fn write(&self, buffer: &wgpu::Buffer, data: &[u8]) {
+        let _device = self.exclusive();
+        self.queue.write_buffer(buffer, 0, data);
     }
 
     pub fn pool_stats(&self) -> PoolStats {

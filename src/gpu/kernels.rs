@@ -78,15 +78,22 @@ impl Kernel {
     pub fn label(&self) -> String {
         let mut s = format!("{}:{}", self.file.name(), self.entry);
         if !self.constants.is_empty() {
-            let c: Vec<String> = self.constants.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let c: Vec<String> = self
+                .constants
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             s.push_str(&format!("[{}]", c.join(",")));
         }
         s
     }
 
     fn key(&self, bindings: &[(u32, Access)]) -> PipelineKey {
-        let mut constants: Vec<(&'static str, u64)> =
-            self.constants.iter().map(|&(k, v)| (k, v.to_bits())).collect();
+        let mut constants: Vec<(&'static str, u64)> = self
+            .constants
+            .iter()
+            .map(|&(k, v)| (k, v.to_bits()))
+            .collect();
         constants.sort_unstable();
         PipelineKey {
             file: self.file,

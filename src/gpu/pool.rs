@@ -101,7 +101,10 @@ mod tests {
         assert_eq!(size_class(257), 512);
         for bytes in [1000u64, 4097, 65_537, 10_000_000, 123_456_789] {
             let c = size_class(bytes);
-            assert!(c >= bytes && (c as f64) <= bytes as f64 * 1.25 + 256.0, "{bytes} -> {c}");
+            assert!(
+                c >= bytes && (c as f64) <= bytes as f64 * 1.25 + 256.0,
+                "{bytes} -> {c}"
+            );
         }
     }
 }

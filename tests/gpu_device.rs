@@ -1,0 +1,83 @@
+//! The device layer: the buffer pool, per-kernel timing, limits and the errors a user can cause.
+
+mod common;
+
+use common::{gpu, seeded};
+use metaseg::gpu::Clock;
+use metaseg_autograd::{Backend, Shape, UnaryOp};
+
+#[test]
+fn the_pool_reuses_buffers_across_iterations() {
+    let g = gpu();
+    let shape = Shape::from([3, 1000]);
+    let step = || {
+        let x = g.tensor(&seeded(3000, 1, -1.0, 1.0), &shape).unwrap();
+        let y = g.unary(UnaryOp::Exp, &x).unwrap();
+        g.to_f64(&g.sum_axes(&y, &[1]).unwrap()).unwrap()
+    };
+    let first = step();
+    let created = g.context().pool_stats().created;
+    for _ in 0..5 {
+        assert_eq!(step(), first);
+    }
+    // Other tests share the device and may allocate concurrently, so compare reuse, not totals.
+    let stats = g.context().pool_stats();
+    assert!(stats.reused >= 15, "buffers were not reused: {stats:?}");
+    assert!(
+        stats.created - created < 15,
+        "every iteration allocated: {stats:?}"
+    );
+}
+
+#[test]
+fn profiling_names_every_kernel() {
+    let g = gpu();
+    g.context().start_profiling();
+    let x = g.tensor(&[1.0, 2.0, 3.0], &Shape::from([3])).unwrap();
+    let y = g.unary(UnaryOp::Exp, &x).unwrap();
+    let _ = g.sum_axes(&y, &[0]).unwrap();
+    let (times, clock) = g.context().take_kernel_times().unwrap();
+    let names: Vec<&str> = times.iter().map(|t| t.kernel.as_str()).collect();
+    assert!(names.contains(&"elementwise.wgsl:unary[OP=1]"), "{names:?}");
+    assert!(names.contains(&"reduce.wgsl:sum_rows"), "{names:?}");
+    assert_eq!(clock == Clock::Timestamps, g.context().has_timestamps());
+}
+
+#[test]
+fn a_tensor_larger_than_the_adapter_allows_is_an_error_that_says_so() {
+    let g = gpu();
+    let max = g.context().max_binding_bytes() as usize;
+    let too_big = Shape::from([max / 4 + 1024]);
+    let err = g
+        .fill(&too_big, 0.0)
+        .err()
+        .expect("must not allocate")
+        .to_string();
+    assert!(err.contains("max_storage_buffer_binding_size"), "{err}");
+}
+
+#[test]
+fn shape_mismatch_names_the_op_and_both_shapes() {
+    let g = gpu();
+    let a = g.fill(&Shape::from([2, 3]), 1.0).unwrap();
+    let b = g.fill(&Shape::from([4]), 1.0).unwrap();
+    let err = g
+        .binary(metaseg_autograd::BinaryOp::Mul, &a, &b)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("mul") && err.contains("[2, 3]") && err.contains("[4]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_adapter_limits_are_the_adapters_own() {
+    let g = gpu();
+    let ctx = g.context();
+    assert_eq!(
+        ctx.device.limits().max_storage_buffer_binding_size,
+        ctx.adapter.limits.max_storage_buffer_binding_size
+    );
+}

@@ -1,0 +1,304 @@
+//! Every op of the runner's table on the GPU against the Cpu64 reference: forward values, gradients
+//! and Hessian-vector products (second order through create_graph), on seeded inputs whose sizes are
+//! not multiples of the workgroup size. The reference's own gradients are checked against finite
+//! differences in autograd/tests/autograd.rs, so agreement here carries that check to the kernels.
+
+mod common;
+
+use common::{gpu, seeded};
+use metaseg::runner::{apply_op, op_names, Settings};
+use metaseg_autograd::{
+    grad, Backend, Cpu64, Distribution, Shape, TensorShape, Tolerance, UnaryOp, Var,
+};
+
+/// An op's value, its gradient for a seeded output weighting, and a Hessian-vector product.
+struct Derivatives {
+    out: Vec<f64>,
+    grads: Vec<Vec<f64>>,
+    hvps: Vec<Vec<f64>>,
+}
+
+fn derivatives<B: Backend>(
+    backend: &B,
+    op: &str,
+    settings: &Settings,
+    inputs: &[(Vec<f64>, Shape)],
+) -> Derivatives {
+    let xs: Vec<Var<B>> = inputs
+        .iter()
+        .map(|(v, s)| Var::from_f64(backend, v, s, true).unwrap())
+        .collect();
+    let y = apply_op(op, &xs, settings).unwrap();
+    let w = Var::from_f64(
+        backend,
+        &seeded(y.shape().numel(), 77, -1.0, 1.0),
+        y.shape(),
+        false,
+    )
+    .unwrap();
+    let refs: Vec<&Var<B>> = xs.iter().collect();
+    let grads = grad(&y, &refs, Some(&w), true).unwrap();
+    // <grad, v> differentiated again: H v for the direction v.
+    let mut dot = Var::zeros(backend, &Shape::scalar()).unwrap();
+    for (k, g) in grads.iter().enumerate() {
+        let v = Var::from_f64(
+            backend,
+            &seeded(g.shape().numel(), 300 + k as u64, -1.0, 1.0),
+            g.shape(),
+            false,
+        )
+        .unwrap();
+        dot = dot.add(&g.mul(&v).unwrap().sum().unwrap()).unwrap();
+    }
+    let hvps = grad(&dot, &refs, None, false).unwrap();
+    Derivatives {
+        out: y.to_f64().unwrap(),
+        grads: grads.iter().map(|g| g.to_f64().unwrap()).collect(),
+        hvps: hvps.iter().map(|g| g.to_f64().unwrap()).collect(),
+    }
+}
+
+fn assert_gpu_matches_cpu64(
+    op: &str,
+    settings: &[&str],
+    inputs: &[(Vec<f64>, Shape)],
+    tol: Tolerance,
+) {
+    let settings = Settings::parse(settings).unwrap();
+    let cpu = derivatives(&Cpu64, op, &settings, inputs);
+    let gpu = derivatives(&gpu(), op, &settings, inputs);
+    tol.assert(&format!("{op} forward"), &gpu.out, &cpu.out);
+    for k in 0..inputs.len() {
+        tol.assert(
+            &format!("{op} gradient of input {k}"),
+            &gpu.grads[k],
+            &cpu.grads[k],
+        );
+        tol.assert(
+            &format!("{op} Hessian-vector product, input {k}"),
+            &gpu.hvps[k],
+            &cpu.hvps[k],
+        );
+    }
+}
+
+/// [2, 3, 5, 7, 9]: 1890 elements, a multiple of neither 4 nor the workgroup size.
+fn odd_shape() -> Shape {
+    Shape::from([2, 3, 5, 7, 9])
+}
+
+fn input(seed: u64, shape: &Shape, lo: f64, hi: f64) -> (Vec<f64>, Shape) {
+    (seeded(shape.numel(), seed, lo, hi), shape.clone())
+}
+
+#[test]
+fn unary_ops_match_the_reference() {
+    let s = odd_shape();
+    for op in ["neg", "exp", "square", "relu", "sigmoid", "tanh"] {
+        assert_gpu_matches_cpu64(op, &[], &[input(1, &s, -2.0, 2.0)], Tolerance::F32);
+    }
+    for op in ["log", "sqrt"] {
+        assert_gpu_matches_cpu64(
+            op,
+            &[],
+            &[input(2, &s, 0.5, 2.0)],
+            Tolerance::F32_ACCUMULATED,
+        );
+    }
+    assert_gpu_matches_cpu64(
+        "leaky_relu",
+        &["slope=0.2"],
+        &[input(3, &s, -2.0, 2.0)],
+        Tolerance::F32,
+    );
+    assert_gpu_matches_cpu64(
+        "clamp",
+        &["min=-0.5", "max=0.7"],
+        &[input(4, &s, -2.0, 2.0)],
+        Tolerance::F32,
+    );
+}
+
+#[test]
+fn binary_ops_match_the_reference_with_every_broadcast() {
+    let s = odd_shape();
+    let per_channel = Shape::from([1, 3, 1, 1, 1]);
+    let per_voxel = Shape::from([2, 1, 5, 7, 9]);
+    let seconds = [
+        s.clone(),
+        per_channel,
+        per_voxel,
+        Shape::scalar(),
+        Shape::from([9]),
+    ];
+    for op in ["add", "sub", "mul", "div"] {
+        for b in &seconds {
+            let a = input(5, &s, -2.0, 2.0);
+            let b = input(6, b, 0.5, 2.0);
+            // Broadcast the other way round as well: the first operand is the small one.
+            assert_gpu_matches_cpu64(op, &[], &[a.clone(), b.clone()], Tolerance::F32_ACCUMULATED);
+            assert_gpu_matches_cpu64(op, &[], &[b, a.clone()], Tolerance::F32_ACCUMULATED);
+        }
+    }
+}
+
+#[test]
+fn reductions_match_the_reference_over_any_axes() {
+    let s = odd_shape();
+    for op in ["sum", "mean"] {
+        for axes in [
+            "axes=0,1,2,3,4",
+            "axes=1",
+            "axes=0,2,3,4",
+            "axes=4",
+            "axes=0,2",
+            "axes=1,3",
+        ] {
+            for keepdim in ["keepdim=true", "keepdim=false"] {
+                let x = input(7, &s, -1.0, 1.0);
+                assert_gpu_matches_cpu64(op, &[axes, keepdim], &[x], Tolerance::F32_ACCUMULATED);
+            }
+        }
+    }
+}
+
+#[test]
+fn long_reductions_split_into_chunks_match_the_reference() {
+    // 100_003 elements: the row kernel splits into chunks; a short column gets chunked too.
+    for (shape, axes) in [
+        (Shape::from([100_003]), "axes=0"),
+        (Shape::from([3, 33_335]), "axes=1"),
+        (Shape::from([33_335, 3]), "axes=0"),
+    ] {
+        let x = input(8, &shape, -1.0, 1.0);
+        assert_gpu_matches_cpu64("sum", &[axes], &[x], Tolerance::new(1e-3, 1e-4));
+    }
+}
+
+#[test]
+fn matmul_matches_the_reference_for_every_transpose_and_batch() {
+    let (m, k, n) = (67, 45, 130);
+    for trans_a in [false, true] {
+        for trans_b in [false, true] {
+            for (batch_a, batch_b) in [(3, 3), (3, 1), (1, 3), (0, 0)] {
+                let a_dims = if trans_a { [k, m] } else { [m, k] };
+                let b_dims = if trans_b { [n, k] } else { [k, n] };
+                let with_batch = |batch: usize, d: [usize; 2]| match batch {
+                    0 => Shape::from(d),
+                    b => Shape::from([b, d[0], d[1]]),
+                };
+                let a = input(9, &with_batch(batch_a, a_dims), -1.0, 1.0);
+                let b = input(10, &with_batch(batch_b, b_dims), -1.0, 1.0);
+                let settings = [format!("trans_a={trans_a}"), format!("trans_b={trans_b}")];
+                let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+                assert_gpu_matches_cpu64("matmul", &settings, &[a, b], Tolerance::F32_ACCUMULATED);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_op_of_the_runner_table_is_covered_here() {
+    let covered = [
+        "neg",
+        "exp",
+        "square",
+        "relu",
+        "sigmoid",
+        "tanh",
+        "log",
+        "sqrt",
+        "leaky_relu",
+        "clamp",
+        "add",
+        "sub",
+        "mul",
+        "div",
+        "sum",
+        "mean",
+        "matmul",
+    ];
+    for op in op_names() {
+        assert!(covered.contains(op), "op {op} has no GPU-vs-Cpu64 test");
+    }
+}
+
+#[test]
+fn random_numbers_match_the_reference_bit_for_bit() {
+    let g = gpu();
+    let shape = Shape::from([1001]);
+    // A counter just below 2^32 checks the carry into the high word.
+    for (seed, counter) in [
+        (0u64, 0u64),
+        (42, 1 << 20),
+        (7, (1 << 32) - 500),
+        (u64::MAX, 3),
+    ] {
+        let u_gpu = g
+            .to_f64(
+                &g.random(&shape, Distribution::Uniform, seed, counter)
+                    .unwrap(),
+            )
+            .unwrap();
+        let u_cpu = Cpu64
+            .random(&shape, Distribution::Uniform, seed, counter)
+            .unwrap();
+        let what = format!("uniform, seed {seed}, counter {counter}");
+        Tolerance::new(0.0, 0.0).assert(&what, &u_gpu, &u_cpu.data);
+        let n_gpu = g
+            .to_f64(
+                &g.random(&shape, Distribution::Normal, seed, counter)
+                    .unwrap(),
+            )
+            .unwrap();
+        let n_cpu = Cpu64
+            .random(&shape, Distribution::Normal, seed, counter)
+            .unwrap();
+        Tolerance::new(1e-4, 1e-4).assert("normal", &n_gpu, &n_cpu.data);
+    }
+}
+
+#[test]
+fn closed_forms_and_extreme_inputs() {
+    let g = gpu();
+    // sum of 0..n = n (n - 1) / 2, exact in f32 while every partial sum stays below 2^24.
+    let n = 5000;
+    let iota: Vec<f64> = (0..n).map(f64::from).collect();
+    let x = Var::from_f64(&g, &iota, &Shape::from([n as usize]), false).unwrap();
+    assert_eq!(x.sum().unwrap().item().unwrap(), f64::from(n * (n - 1) / 2));
+
+    // sigmoid and tanh saturate without overflow; relu and clamp are exact.
+    let extremes = [-100.0, -30.0, 0.0, 30.0, 100.0];
+    let x = g.tensor(&extremes, &Shape::from([5])).unwrap();
+    let sig = g.to_f64(&g.unary(UnaryOp::Sigmoid, &x).unwrap()).unwrap();
+    let tanh = g.to_f64(&g.unary(UnaryOp::Tanh, &x).unwrap()).unwrap();
+    Tolerance::new(1e-7, 0.0).assert("sigmoid", &sig, &[0.0, 0.0, 0.5, 1.0, 1.0]);
+    Tolerance::new(1e-7, 0.0).assert("tanh", &tanh, &[-1.0, -1.0, 0.0, 1.0, 1.0]);
+    let clamp = g
+        .to_f64(
+            &g.unary(
+                UnaryOp::Clamp {
+                    min: -1.0,
+                    max: 2.0,
+                },
+                &x,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(clamp, vec![-1.0, -1.0, 0.0, 2.0, 2.0]);
+}
+
+#[test]
+fn fill_copy_and_reshape() {
+    let g = gpu();
+    let s = Shape::from([3, 7]);
+    let f = g.fill(&s, 2.5).unwrap();
+    assert_eq!(g.to_f64(&f).unwrap(), vec![2.5; 21]);
+    let x = g.tensor(&seeded(21, 1, -1.0, 1.0), &s).unwrap();
+    let c = g.copy(&x).unwrap();
+    assert_eq!(g.to_f64(&c).unwrap(), g.to_f64(&x).unwrap());
+    let r = g.reshape(&x, &Shape::from([7, 3])).unwrap();
+    assert_eq!(r.shape(), &Shape::from([7, 3]));
+    assert!(g.reshape(&x, &Shape::from([5, 5])).is_err());
+}
