@@ -4,19 +4,24 @@
 // Layout: a tensor is its elements in row-major order, stored as array<vec4<f32>>; the host pads
 // every buffer to a whole number of vec4s, so an invocation loads and stores 16 bytes at a time.
 // Lanes past `n` in the last vec4 are padding: computed on, never read back.
-// Workgroup: WG invocations along x (override, default 256). The grid is 2D because one dimension
-// holds at most 65535 workgroups; an invocation's linear id is (group.y * groups.x + group.x) * WG + lane.
+// Workgroup: WG invocations (override, default 256), each handling VECS vec4s (override, default 4)
+// spaced WG apart, so at every step neighbouring invocations touch neighbouring addresses (coalesced
+// on a GPU) while the per-invocation overhead is paid once for VECS vec4s (what limits lavapipe).
+// The grid is 2D because one dimension holds at most 65535 workgroups.
 //
 // Broadcasting: the host collapses the output shape to at most 8 dimensions (dropping size-1 ones and
 // merging neighbours both operands traverse contiguously) and passes, for each operand, its strides
-// in elements (0 along broadcast dimensions). An operand that covers the output
-// exactly is read as whole vec4s; a broadcast one is gathered lane by lane.
+// in elements (0 along broadcast dimensions). An operand with the output's shape (X_FULL, Y_FULL) is
+// read as whole vec4s; a broadcast one is gathered lane by lane, its offset stepped along the
+// innermost dimension and recomputed from the full index only when a lane crosses into a new row.
 
 override WG: u32 = 256u;
+override VECS: u32 = 4u;
 // Which function `unary` and `binary` compute (values of UnaryOp / BinaryOp in src/gpu/ops.rs).
 override OP: u32 = 0u;
-// False when both operands of `binary` have the output's shape: then no index arithmetic at all.
-override BROADCAST: bool = false;
+// Whether x / y of `binary` have the output's shape (then they are read as whole vec4s).
+override X_FULL: bool = true;
+override Y_FULL: bool = true;
 
 struct Params {
     n: u32,        // elements in the output
@@ -33,8 +38,9 @@ struct Params {
 @group(0) @binding(2) var<storage, read> y: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
 
-fn vec4_index(group: vec3<u32>, groups: vec3<u32>, lane: u32) -> u32 {
-    return (group.y * groups.x + group.x) * WG + lane;
+// The first vec4 of this invocation; the others follow at +WG, +2 WG, ...
+fn first_vec4(group: vec3<u32>, groups: vec3<u32>, lane: u32) -> u32 {
+    return (group.y * groups.x + group.x) * WG * VECS + lane;
 }
 
 fn vec4_count() -> u32 {
@@ -53,12 +59,41 @@ fn strided_offset(i: u32, strides: array<vec4<u32>, 2>) -> u32 {
     return offset;
 }
 
-fn x_at(offset: u32) -> f32 {
-    return x[offset >> 2u][offset & 3u];
+// Offsets through `strides` of the 4 elements of output vec4 `i` (0 for padding lanes past n).
+fn lane_offsets(i: u32, strides: array<vec4<u32>, 2>) -> vec4<u32> {
+    let last = params.rank - 1u;
+    let extent = params.shape[last / 4u][last % 4u];
+    let step = strides[last / 4u][last % 4u];
+    var e = 4u * i;
+    var offset = strided_offset(e, strides);
+    var along = e % extent;
+    var offsets = vec4<u32>(0u);
+    for (var lane = 0u; lane < 4u; lane++) {
+        if e >= params.n { break; }
+        offsets[lane] = offset;
+        e += 1u;
+        along += 1u;
+        if along == extent {
+            along = 0u;
+            offset = strided_offset(e, strides);
+        } else {
+            offset += step;
+        }
+    }
+    return offsets;
 }
 
-fn y_at(offset: u32) -> f32 {
-    return y[offset >> 2u][offset & 3u];
+// A lane-by-lane gather; one load when all lanes read the same element (a per-channel operand).
+fn gather_x(o: vec4<u32>) -> vec4<f32> {
+    if all(o == o.xxxx) { return vec4<f32>(x[o.x >> 2u][o.x & 3u]); }
+    return vec4<f32>(x[o.x >> 2u][o.x & 3u], x[o.y >> 2u][o.y & 3u],
+                     x[o.z >> 2u][o.z & 3u], x[o.w >> 2u][o.w & 3u]);
+}
+
+fn gather_y(o: vec4<u32>) -> vec4<f32> {
+    if all(o == o.xxxx) { return vec4<f32>(y[o.x >> 2u][o.x & 3u]); }
+    return vec4<f32>(y[o.x >> 2u][o.x & 3u], y[o.y >> 2u][o.y & 3u],
+                     y[o.z >> 2u][o.z & 3u], y[o.w >> 2u][o.w & 3u]);
 }
 
 fn unary_op(v: vec4<f32>) -> vec4<f32> {
@@ -107,60 +142,59 @@ fn binary_op(u: vec4<f32>, v: vec4<f32>) -> vec4<f32> {
 @compute @workgroup_size(WG)
 fn unary(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
          @builtin(local_invocation_index) lane: u32) {
-    let i = vec4_index(group, groups, lane);
-    if i >= vec4_count() { return; }
-    out[i] = unary_op(x[i]);
+    let first = first_vec4(group, groups, lane);
+    for (var r = 0u; r < VECS; r++) {
+        let i = first + r * WG;
+        if i >= vec4_count() { return; }
+        out[i] = unary_op(x[i]);
+    }
 }
 
 @compute @workgroup_size(WG)
 fn binary(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
           @builtin(local_invocation_index) lane: u32) {
-    let i = vec4_index(group, groups, lane);
-    if i >= vec4_count() { return; }
-    if !BROADCAST {
-        out[i] = binary_op(x[i], y[i]);
-        return;
+    let first = first_vec4(group, groups, lane);
+    for (var r = 0u; r < VECS; r++) {
+        let i = first + r * WG;
+        if i >= vec4_count() { return; }
+        var u: vec4<f32>;
+        var v: vec4<f32>;
+        if X_FULL { u = x[i]; } else { u = gather_x(lane_offsets(i, params.stride_a)); }
+        if Y_FULL { v = y[i]; } else { v = gather_y(lane_offsets(i, params.stride_b)); }
+        out[i] = binary_op(u, v);
     }
-    var u = vec4<f32>(0.0);
-    var v = vec4<f32>(0.0);
-    for (var lane4 = 0u; lane4 < 4u; lane4++) {
-        let e = 4u * i + lane4;
-        if e < params.n {
-            u[lane4] = x_at(strided_offset(e, params.stride_a));
-            v[lane4] = y_at(strided_offset(e, params.stride_b));
-        }
-    }
-    out[i] = binary_op(u, v);
 }
 
 // out = x broadcast to the output shape (the adjoint of a sum over the broadcast axes).
 @compute @workgroup_size(WG)
 fn broadcast(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
              @builtin(local_invocation_index) lane: u32) {
-    let i = vec4_index(group, groups, lane);
-    if i >= vec4_count() { return; }
-    var u = vec4<f32>(0.0);
-    for (var lane4 = 0u; lane4 < 4u; lane4++) {
-        let e = 4u * i + lane4;
-        if e < params.n {
-            u[lane4] = x_at(strided_offset(e, params.stride_a));
-        }
+    let first = first_vec4(group, groups, lane);
+    for (var r = 0u; r < VECS; r++) {
+        let i = first + r * WG;
+        if i >= vec4_count() { return; }
+        out[i] = gather_x(lane_offsets(i, params.stride_a));
     }
-    out[i] = u;
 }
 
 @compute @workgroup_size(WG)
 fn fill(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {
-    let i = vec4_index(group, groups, lane);
-    if i >= vec4_count() { return; }
-    out[i] = vec4<f32>(params.p0);
+    let first = first_vec4(group, groups, lane);
+    for (var r = 0u; r < VECS; r++) {
+        let i = first + r * WG;
+        if i >= vec4_count() { return; }
+        out[i] = vec4<f32>(params.p0);
+    }
 }
 
 @compute @workgroup_size(WG)
 fn copy(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {
-    let i = vec4_index(group, groups, lane);
-    if i >= vec4_count() { return; }
-    out[i] = x[i];
+    let first = first_vec4(group, groups, lane);
+    for (var r = 0u; r < VECS; r++) {
+        let i = first + r * WG;
+        if i >= vec4_count() { return; }
+        out[i] = x[i];
+    }
 }

@@ -98,6 +98,8 @@ struct RandomParams {
 
 /// Invocations per workgroup of the 1D kernels (their `WG` override default).
 const WG: u32 = 256;
+/// vec4s per invocation of the elementwise kernels (their `VECS` override default).
+const VECS: u32 = 4;
 /// A row reduction longer than this is split into chunks summed by a second pass.
 const ROW_CHUNK: usize = 16_384;
 /// Column reductions are split when fewer than this many outputs would keep the device busy.
@@ -234,7 +236,7 @@ impl Gpu {
     ) -> Result<GpuTensor> {
         let out = self.empty(out_shape)?;
         let vec4s = out_shape.numel().div_ceil(4) as u32;
-        let grid = self.ctx.grid(vec4s.div_ceil(WG));
+        let grid = self.ctx.grid(vec4s.div_ceil(WG * VECS));
         self.launch(&kernel, bytemuck::bytes_of(&params), inputs, &out, grid)?;
         Ok(out)
     }
@@ -392,9 +394,9 @@ impl Backend for Gpu {
 
     fn binary(&self, op: BinaryOp, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
         let out = Shape::broadcast(op.name(), &a.shape, &b.shape)?;
-        let broadcast = a.shape != out || b.shape != out;
+        let (x_full, y_full) = (a.shape == out, b.shape == out);
         let mut p = Self::elementwise_params(out.numel());
-        if broadcast {
+        if !(x_full && y_full) {
             let (sa, sb) = (
                 a.shape.broadcast_strides(&out),
                 b.shape.broadcast_strides(&out),
@@ -409,9 +411,11 @@ impl Backend for Gpu {
                     ),
                 })?;
         }
+        let flag = |full: bool| if full { 1.0 } else { 0.0 };
         let kernel = Kernel::new(KernelFile::Elementwise, "binary")
             .with("OP", binary_code(op) as f64)
-            .with("BROADCAST", if broadcast { 1.0 } else { 0.0 });
+            .with("X_FULL", flag(x_full))
+            .with("Y_FULL", flag(y_full));
         self.elementwise(kernel, p, &[(1, a), (2, b)], &out)
     }
 

@@ -54,20 +54,13 @@ impl Context {
     /// Opens the adapter that `WGPU_BACKEND` (vulkan, metal, dx12, gl) selects, or the best one
     /// available, asking for the adapter's own limits rather than wgpu's conservative defaults.
     pub fn new() -> Result<Context, DeviceError> {
-        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-        desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
-        let backends = format!("{:?}", desc.backends);
-        let instance = wgpu::Instance::new(desc);
-        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-            power_preference: wgpu::PowerPreference::HighPerformance,
-            force_fallback_adapter: false,
-            compatible_surface: None,
-            apply_limit_buckets: false,
-        }))
-        .map_err(|e| DeviceError::NoAdapter {
-            backends,
-            reason: e.to_string(),
-        })?;
+        // Without WGPU_BACKEND, the native APIs first; OpenGL only if none has an adapter (probing
+        // GL needlessly opens EGL, which prints warnings on headless machines).
+        let adapter = match wgpu::Backends::from_env() {
+            Some(backends) => request_adapter(backends),
+            None => request_adapter(wgpu::Backends::PRIMARY)
+                .or_else(|_| request_adapter(wgpu::Backends::SECONDARY)),
+        }?;
         let summary = AdapterSummary {
             info: adapter.get_info(),
             limits: adapter.limits(),
@@ -332,4 +325,20 @@ impl Context {
     pub fn pool_stats(&self) -> PoolStats {
         self.storage.stats()
     }
+}
+
+fn request_adapter(backends: wgpu::Backends) -> Result<wgpu::Adapter, DeviceError> {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backends;
+    let instance = wgpu::Instance::new(desc);
+    pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        force_fallback_adapter: false,
+        compatible_surface: None,
+        apply_limit_buckets: false,
+    }))
+    .map_err(|e| DeviceError::NoAdapter {
+        backends: format!("{backends:?}"),
+        reason: e.to_string(),
+    })
 }
