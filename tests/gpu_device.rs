@@ -81,3 +81,45 @@ fn the_adapter_limits_are_the_adapters_own() {
         ctx.adapter.limits.max_storage_buffer_binding_size
     );
 }
+
+#[test]
+fn a_kernel_that_fails_validation_is_reported_by_name() {
+    let g = gpu();
+    let x = g.tensor(&[1.0; 8], &Shape::from([8])).unwrap();
+    let out = g.empty(&Shape::from([8])).unwrap();
+    let missing = metaseg::gpu::Kernel::new(metaseg::gpu::KernelFile::Elementwise, "no_such_entry");
+    let bindings = [
+        metaseg::gpu::Binding {
+            binding: 1,
+            access: metaseg::gpu::Access::Read,
+            buffer: x.buffer(),
+        },
+        metaseg::gpu::Binding {
+            binding: 3,
+            access: metaseg::gpu::Access::ReadWrite,
+            buffer: out.buffer(),
+        },
+    ];
+    let err = g
+        .context()
+        .dispatch(&missing, None, &bindings, [1, 1, 1])
+        .unwrap_err();
+    assert!(err.contains("elementwise.wgsl:no_such_entry"), "{err}");
+}
+
+/// Without an adapter for the requested API, the error says how to get one.
+#[cfg(target_os = "linux")]
+#[test]
+fn no_adapter_is_an_error_that_says_how_to_get_one() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_metaseg"))
+        .arg("info")
+        .env("WGPU_BACKEND", "metal")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no GPU adapter found") && stderr.contains("mesa-vulkan-drivers"),
+        "{stderr}"
+    );
+}
