@@ -60,24 +60,20 @@ fn strided_offset(i: u32, strides: array<vec4<u32>, 2>) -> u32 {
 }
 
 // Offsets through `strides` of the 4 elements of output vec4 `i` (0 for padding lanes past n).
+// When the 4 elements lie in one row of the innermost dimension (the common case), one index
+// decomposition serves all of them; otherwise each lane is decomposed on its own.
 fn lane_offsets(i: u32, strides: array<vec4<u32>, 2>) -> vec4<u32> {
     let last = params.rank - 1u;
     let extent = params.shape[last / 4u][last % 4u];
     let step = strides[last / 4u][last % 4u];
-    var e = 4u * i;
-    var offset = strided_offset(e, strides);
-    var along = e % extent;
+    let e = 4u * i;
+    if e % extent + 3u < extent && e + 3u < params.n {
+        return vec4<u32>(strided_offset(e, strides)) + step * vec4<u32>(0u, 1u, 2u, 3u);
+    }
     var offsets = vec4<u32>(0u);
     for (var lane = 0u; lane < 4u; lane++) {
-        if e >= params.n { break; }
-        offsets[lane] = offset;
-        e += 1u;
-        along += 1u;
-        if along == extent {
-            along = 0u;
-            offset = strided_offset(e, strides);
-        } else {
-            offset += step;
+        if e + lane < params.n {
+            offsets[lane] = strided_offset(e + lane, strides);
         }
     }
     return offsets;
