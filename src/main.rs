@@ -5,6 +5,8 @@ use metaseg::gpu::{Context, Gpu};
 use metaseg::npy::{self, Dtype};
 use metaseg::runner::{self, Call, Settings};
 use metaseg_autograd::{Backend, Cpu64, Var};
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -36,8 +38,8 @@ struct KernelArgs {
     /// An input array, by the name the op gives it.
     #[arg(long = "in", value_name = "NAME=FILE.npy", value_parser = parse_input)]
     inputs: Vec<(String, PathBuf)>,
-    /// A setting of the op.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
+    /// Settings of the op (`--set stride=2,2,2 padding=0,0,0`, or one --set per setting).
+    #[arg(long = "set", value_name = "KEY=VALUE", num_args = 1..)]
     settings: Vec<String>,
     /// The gradient of the output: writes grad_NAME.npy for every input.
     #[arg(long, value_name = "FILE.npy")]
@@ -72,7 +74,7 @@ fn parse_input(text: &str) -> Result<(String, PathBuf), String> {
 fn ops_help() -> String {
     let mut help = String::from("Ops (inputs; settings):\n");
     for spec in runner::op_names().iter().filter_map(|n| runner::op_spec(n)) {
-        help += &format!("  {:<12}{}", spec.name, spec.inputs.join(", "));
+        help += &format!("  {:<22}{}", spec.name, spec.inputs.join(", "));
         if !spec.settings.is_empty() {
             help += &format!("; {}", spec.settings.join(", "));
         }
@@ -108,7 +110,12 @@ fn kernel(args: &KernelArgs) -> AnyResult<()> {
 /// What `kernel` needs from a backend beyond `Backend`: the dtype its results are written in
 /// (its own precision, so a file never claims digits that were not computed) and how a forward
 /// pass is timed.
-trait KernelBackend: Backend {
+trait KernelBackend:
+    Backend
+    + metaseg_autograd::LossBackend
+    + metaseg_autograd::LayerBackend
+    + metaseg_autograd::ConvBackend
+{
     const DTYPE: Dtype;
     /// Runs `forward` to completion and measures it: the total, and what measured it (shown next
     /// to each time, so nobody compares wall-clock and device times unknowingly).
@@ -218,45 +225,57 @@ fn timed_forward<B: KernelBackend>(backend: &B, call: &Call<B>, run: u32) -> Any
 /// the features metaseg uses.
 fn info() -> AnyResult<()> {
     let gpu = Gpu::new()?;
+    let mut out = String::new();
     let ctx: &Context = gpu.context();
     let a = &ctx.adapter;
     let mib = |b: u64| format!("{} MiB", b >> 20);
-    println!("adapter        {}", a.info.name);
-    println!("backend        {:?}", a.info.backend);
-    println!("device type    {:?}", a.info.device_type);
-    println!("driver         {} {}", a.info.driver, a.info.driver_info);
-    println!("limits");
-    println!(
+    writeln!(out, "adapter        {}", a.info.name)?;
+    writeln!(out, "backend        {:?}", a.info.backend)?;
+    writeln!(out, "device type    {:?}", a.info.device_type)?;
+    writeln!(
+        out,
+        "driver         {} {}",
+        a.info.driver, a.info.driver_info
+    )?;
+    writeln!(out, "limits")?;
+    writeln!(
+        out,
         "  max_storage_buffer_binding_size    {}",
         mib(a.limits.max_storage_buffer_binding_size)
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  max_buffer_size                    {}",
         mib(a.limits.max_buffer_size)
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  max_storage_buffers_per_shader_stage {}",
         a.limits.max_storage_buffers_per_shader_stage
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  max_compute_workgroup_storage_size {} bytes",
         a.limits.max_compute_workgroup_storage_size
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  max_compute_invocations_per_workgroup {}",
         a.limits.max_compute_invocations_per_workgroup
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  max_compute_workgroup_size         {} x {} x {}",
         a.limits.max_compute_workgroup_size_x,
         a.limits.max_compute_workgroup_size_y,
         a.limits.max_compute_workgroup_size_z
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  max_compute_workgroups_per_dimension {}",
         a.limits.max_compute_workgroups_per_dimension
-    );
-    println!("features");
+    )?;
+    writeln!(out, "features")?;
     let used = [
         (
             wgpu::Features::TIMESTAMP_QUERY,
@@ -271,15 +290,18 @@ fn info() -> AnyResult<()> {
         } else {
             "no "
         };
-        println!("  {mark} {name}");
+        writeln!(out, "  {mark} {name}")?;
     }
-    println!(
+    writeln!(
+        out,
         "kernel timing  {}",
         if ctx.has_timestamps() {
             "GPU timestamps"
         } else {
             "wall clock"
         }
-    );
+    )?;
+    // A closed pipe (`metaseg info | head`) is not an error.
+    let _ = std::io::stdout().write_all(out.as_bytes());
     Ok(())
 }

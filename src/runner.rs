@@ -3,12 +3,15 @@
 //! The command line, the GPU-vs-Cpu64 tests and the benches all go through this one table.
 
 use crate::error::{Error, Result};
-use metaseg_autograd::{grad, Backend, BinaryOp, MatmulSpec, Shape, UnaryOp, Var};
+use metaseg_autograd::{
+    grad, Backend, BinaryOp, ConvBackend, ConvSpec, DiceOptions, LayerBackend, LossBackend,
+    MatmulSpec, Reduction, Shape, UnaryOp, Upsample, Var, Window3d,
+};
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 /// An op as callers see it: what it is called, the inputs it takes (in order) and the settings
-/// it accepts.
+/// it accepts. An input whose name ends in `?` is optional; optional inputs come last.
 #[derive(Clone, Copy, Debug)]
 pub struct OpSpec {
     pub name: &'static str,
@@ -27,12 +30,37 @@ enum Forward {
     Sum,
     Mean,
     Matmul,
+    Softmax { log: bool },
+    CrossEntropy { binary: bool },
+    SoftmaxMse,
+    Dice { softmax: bool },
+    Sharpen,
+    Entropy,
+    Ema,
+    MaxPool,
+    AvgPool,
+    Nearest,
+    Trilinear,
+    BatchNorm,
+    InstanceNorm,
+    Dropout,
+    Concat,
+    Slice,
+    Conv3d,
+    ConvTranspose3d,
 }
 
 const X: &[&str] = &["x"];
 const AB: &[&str] = &["a", "b"];
 const NONE: &[&str] = &[];
 const REDUCE: &[&str] = &["axes", "keepdim"];
+const POOL: &[&str] = &["kernel", "stride"];
+const SCALE: &[&str] = &["scale"];
+const NORM: &[&str] = &["x", "gamma", "beta"];
+const LOGITS_TARGET: &[&str] = &["logits", "target"];
+const WEIGHTED: &[&str] = &["logits", "target", "weight?"];
+const DICE: &[&str] = &["squared", "smooth", "include_background"];
+const CONV: &[&str] = &["x", "w", "b?"];
 
 const fn op(
     name: &'static str,
@@ -67,10 +95,71 @@ const OPS: &[OpSpec] = &[
     op("sum", X, REDUCE, Forward::Sum),
     op("mean", X, REDUCE, Forward::Mean),
     op("matmul", AB, &["trans_a", "trans_b"], Forward::Matmul),
+    op("softmax", X, NONE, Forward::Softmax { log: false }),
+    op("log_softmax", X, NONE, Forward::Softmax { log: true }),
+    op(
+        "cross_entropy",
+        WEIGHTED,
+        &["reduction"],
+        Forward::CrossEntropy { binary: false },
+    ),
+    op(
+        "binary_cross_entropy",
+        WEIGHTED,
+        &["reduction"],
+        Forward::CrossEntropy { binary: true },
+    ),
+    op("softmax_mse", AB, NONE, Forward::SoftmaxMse),
+    op(
+        "softmax_dice",
+        LOGITS_TARGET,
+        DICE,
+        Forward::Dice { softmax: true },
+    ),
+    op(
+        "sigmoid_dice",
+        LOGITS_TARGET,
+        &["squared", "smooth"],
+        Forward::Dice { softmax: false },
+    ),
+    op("sharpen", &["p"], &["temperature"], Forward::Sharpen),
+    op("entropy", &["p"], &["eps"], Forward::Entropy),
+    op("ema", &["teacher", "student"], &["decay"], Forward::Ema),
+    op("max_pool3d", X, POOL, Forward::MaxPool),
+    op("avg_pool3d", X, POOL, Forward::AvgPool),
+    op("upsample_nearest", X, SCALE, Forward::Nearest),
+    op("upsample_trilinear", X, SCALE, Forward::Trilinear),
+    op("batch_norm3d", NORM, &["eps"], Forward::BatchNorm),
+    op("instance_norm3d", NORM, &["eps"], Forward::InstanceNorm),
+    op("dropout3d", X, &["p", "seed", "step"], Forward::Dropout),
+    op("concat", AB, NONE, Forward::Concat),
+    op("slice", X, &["start", "len"], Forward::Slice),
+    op(
+        "conv3d",
+        CONV,
+        &["stride", "padding", "dilation"],
+        Forward::Conv3d,
+    ),
+    op(
+        "conv_transpose3d",
+        CONV,
+        &["stride", "padding", "dilation", "output_padding"],
+        Forward::ConvTranspose3d,
+    ),
 ];
 
 /// PyTorch's default, so results compare with it unchanged.
 const LEAKY_RELU_SLOPE: f64 = 0.01;
+/// PyTorch's default eps of BatchNorm3d and InstanceNorm3d.
+const NORM_EPS: f64 = 1e-5;
+/// PyTorch's default p of Dropout3d.
+const DROPOUT_P: f64 = 0.5;
+/// MixMatch's sharpening temperature.
+const SHARPEN_TEMPERATURE: f64 = 0.5;
+/// UA-MT's guard against log(0) in the entropy.
+const ENTROPY_EPS: f64 = 1e-6;
+/// The mean-teacher decay of METHODS.md.
+const EMA_DECAY: f64 = 0.99;
 
 static NAMES: LazyLock<Vec<&'static str>> = LazyLock::new(|| OPS.iter().map(|o| o.name).collect());
 
@@ -110,6 +199,16 @@ impl OpSpec {
     fn missing_setting(&self, key: &str) -> Error {
         self.error(format!("setting '{key}' is required"))
     }
+
+    /// Inputs that must be given (those before the optional ones).
+    fn required_inputs(&self) -> usize {
+        self.inputs.iter().filter(|n| !n.ends_with('?')).count()
+    }
+}
+
+/// An input's name without the `?` that marks it optional.
+pub fn input_name(spec_name: &str) -> &str {
+    spec_name.trim_end_matches('?')
 }
 
 /// `KEY=VALUE` settings of an op, parsed to a type when the op reads them.
@@ -139,6 +238,14 @@ impl Settings {
             }
         }
         Ok(Settings { values })
+    }
+
+    /// A string value, checked against the accepted ones.
+    pub fn choice(&self, key: &str, accepted: &[&str]) -> Result<Option<String>> {
+        let expected = format!("one of {}", accepted.join(", "));
+        self.get(key, &expected, |v| {
+            accepted.contains(&v).then(|| v.to_string())
+        })
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &str> {
@@ -180,10 +287,14 @@ impl Settings {
 }
 
 /// Applies op `name` to `inputs`, given in the order its spec names them.
-pub fn apply_op<B: Backend>(name: &str, inputs: &[Var<B>], settings: &Settings) -> Result<Var<B>> {
+pub fn apply_op<B: Backend + LossBackend + LayerBackend + ConvBackend>(
+    name: &str,
+    inputs: &[Var<B>],
+    settings: &Settings,
+) -> Result<Var<B>> {
     let spec = lookup(name)?;
     spec.check_settings(settings)?;
-    if inputs.len() != spec.inputs.len() {
+    if inputs.len() < spec.required_inputs() || inputs.len() > spec.inputs.len() {
         return Err(spec.error(format!(
             "takes {} inputs ({}), got {}",
             spec.inputs.len(),
@@ -214,6 +325,74 @@ pub fn apply_op<B: Backend>(name: &str, inputs: &[Var<B>], settings: &Settings) 
             };
             x.matmul(&inputs[1], transposes)?
         }
+        Forward::Softmax { log: false } => x.softmax_channels()?,
+        Forward::Softmax { log: true } => x.log_softmax_channels()?,
+        Forward::CrossEntropy { binary } => {
+            let reduction = settings.choice("reduction", &["none", "sum", "mean"])?;
+            let reduction = Reduction::parse(reduction.as_deref().unwrap_or("mean"))
+                .expect("choice() accepted only known reductions");
+            let weight = inputs.get(2);
+            if binary {
+                x.binary_cross_entropy(&inputs[1], weight, reduction)?
+            } else {
+                x.cross_entropy(&inputs[1], weight, reduction)?
+            }
+        }
+        Forward::SoftmaxMse => x.softmax_mse(&inputs[1])?,
+        Forward::Dice { softmax } => {
+            let d = DiceOptions::default();
+            let options = DiceOptions {
+                squared: settings.bool("squared")?.unwrap_or(d.squared),
+                smooth: settings.f64("smooth")?.unwrap_or(d.smooth),
+                include_background: settings
+                    .bool("include_background")?
+                    .unwrap_or(d.include_background),
+            };
+            if softmax {
+                x.softmax_dice(&inputs[1], options)?
+            } else {
+                x.sigmoid_dice(&inputs[1], options)?
+            }
+        }
+        Forward::Sharpen => {
+            x.sharpen(settings.f64("temperature")?.unwrap_or(SHARPEN_TEMPERATURE))?
+        }
+        Forward::Entropy => x.entropy(settings.f64("eps")?.unwrap_or(ENTROPY_EPS))?,
+        Forward::Ema => x.ema(&inputs[1], settings.f64("decay")?.unwrap_or(EMA_DECAY))?,
+        Forward::MaxPool => x.max_pool3d(pool_window(&spec, settings)?)?,
+        Forward::AvgPool => x.avg_pool3d(pool_window(&spec, settings)?)?,
+        Forward::Nearest => x.upsample3d(Upsample::Nearest, upsample_scale(&spec, settings)?)?,
+        Forward::Trilinear => {
+            x.upsample3d(Upsample::Trilinear, upsample_scale(&spec, settings)?)?
+        }
+        Forward::BatchNorm => {
+            let eps = settings.f64("eps")?.unwrap_or(NORM_EPS);
+            x.batch_norm3d_train(&inputs[1], &inputs[2], eps)?.0
+        }
+        Forward::InstanceNorm => {
+            let eps = settings.f64("eps")?.unwrap_or(NORM_EPS);
+            x.instance_norm3d(&inputs[1], &inputs[2], eps)?
+        }
+        Forward::Dropout => {
+            let p = settings.f64("p")?.unwrap_or(DROPOUT_P);
+            let seed = whole(&spec, settings, "seed")?.unwrap_or(0);
+            let step = whole(&spec, settings, "step")?.unwrap_or(0);
+            let step = u32::try_from(step)
+                .map_err(|_| spec.error("setting 'step' must be below 2^32".into()))?;
+            x.dropout3d(p, seed, step)?
+        }
+        Forward::Concat => Var::concat_channels(&[x, &inputs[1]])?,
+        Forward::Slice => {
+            let start = whole(&spec, settings, "start")?.unwrap_or(0) as usize;
+            let len = whole(&spec, settings, "len")?.ok_or_else(|| spec.missing_setting("len"))?;
+            x.slice_channels(start, len as usize)?
+        }
+        Forward::Conv3d => x.conv3d(&inputs[1], inputs.get(2), conv_spec(&spec, settings)?)?,
+        Forward::ConvTranspose3d => {
+            let output_padding = triple(&spec, settings, "output_padding")?.unwrap_or([0; 3]);
+            let s = conv_spec(&spec, settings)?;
+            x.conv_transpose3d(&inputs[1], inputs.get(2), s, output_padding)?
+        }
     };
     Ok(y)
 }
@@ -228,6 +407,47 @@ fn reduce<B: Backend>(
     let axes = axes.unwrap_or_else(|| (0..x.shape().rank()).collect());
     let keepdim = settings.bool("keepdim")?.unwrap_or(false);
     Ok(f(x, &axes, keepdim)?)
+}
+
+/// A per-axis (D, H, W) setting like `kernel=2,2,2`, if given.
+fn triple(spec: &OpSpec, settings: &Settings, key: &str) -> Result<Option<[usize; 3]>> {
+    match settings.usize_list(key)? {
+        None => Ok(None),
+        Some(v) => <[usize; 3]>::try_from(v.as_slice())
+            .map(Some)
+            .map_err(|_| spec.error(format!("setting '{key}' takes three values (D, H, W)"))),
+    }
+}
+
+/// `kernel` (default 2,2,2) and `stride` (default: the kernel).
+fn pool_window(spec: &OpSpec, settings: &Settings) -> Result<Window3d> {
+    let kernel = triple(spec, settings, "kernel")?.unwrap_or([2; 3]);
+    let stride = triple(spec, settings, "stride")?.unwrap_or(kernel);
+    Ok(Window3d { kernel, stride })
+}
+
+/// `scale` per axis, default 2,2,2.
+fn upsample_scale(spec: &OpSpec, settings: &Settings) -> Result<[usize; 3]> {
+    Ok(triple(spec, settings, "scale")?.unwrap_or([2; 3]))
+}
+
+/// `stride` (default 1,1,1), `padding` (0,0,0) and `dilation` (1,1,1) of a convolution.
+fn conv_spec(spec: &OpSpec, settings: &Settings) -> Result<ConvSpec> {
+    let d = ConvSpec::default();
+    Ok(ConvSpec {
+        stride: triple(spec, settings, "stride")?.unwrap_or(d.stride),
+        padding: triple(spec, settings, "padding")?.unwrap_or(d.padding),
+        dilation: triple(spec, settings, "dilation")?.unwrap_or(d.dilation),
+    })
+}
+
+/// A setting that is one non-negative integer, if given.
+fn whole(spec: &OpSpec, settings: &Settings, key: &str) -> Result<Option<u64>> {
+    match settings.usize_list(key)?.as_deref() {
+        None => Ok(None),
+        Some(&[v]) => Ok(Some(v as u64)),
+        Some(_) => Err(spec.error(format!("setting '{key}' takes one integer"))),
+    }
 }
 
 /// What a run produced: the output and, when a gradient of the output was given, the gradient of
@@ -246,7 +466,7 @@ pub struct Call<B: Backend> {
     settings: Settings,
 }
 
-impl<B: Backend> Call<B> {
+impl<B: Backend + LossBackend + LayerBackend + ConvBackend> Call<B> {
     /// Checks the inputs by name (each one named by the spec, once) and uploads them in the
     /// spec's order.
     pub fn new(
@@ -259,7 +479,7 @@ impl<B: Backend> Call<B> {
         spec.check_settings(settings)?;
         let mut by_name = BTreeMap::new();
         for (name, values, shape) in inputs {
-            if !spec.inputs.contains(&name.as_str()) {
+            if !spec.inputs.iter().any(|&n| input_name(n) == name) {
                 return Err(spec.error(format!(
                     "unknown input '{name}'; its inputs are {}",
                     spec.inputs.join(", ")
@@ -269,20 +489,25 @@ impl<B: Backend> Call<B> {
                 return Err(spec.error(format!("input '{name}' is given twice")));
             }
         }
-        let inputs = spec
-            .inputs
-            .iter()
-            .map(|&name| {
-                let (values, shape) = by_name.remove(name).ok_or_else(|| {
-                    spec.error(format!(
-                        "missing input '{name}'; its inputs are {}",
-                        spec.inputs.join(", ")
-                    ))
-                })?;
-                // Every input is a parameter, so any run can be differentiated.
-                Ok(Var::from_f64(backend, &values, &shape, true)?)
-            })
-            .collect::<Result<_>>()?;
+        let mut inputs = Vec::new();
+        for (k, &name) in spec.inputs.iter().enumerate() {
+            let Some((values, shape)) = by_name.remove(input_name(name)) else {
+                if k >= spec.required_inputs() {
+                    break;
+                }
+                return Err(spec.error(format!(
+                    "missing input '{name}'; its inputs are {}",
+                    spec.inputs.join(", ")
+                )));
+            };
+            // Every input is a parameter, so any run can be differentiated.
+            inputs.push(Var::from_f64(backend, &values, &shape, true)?);
+        }
+        if let Some(name) = by_name.keys().next() {
+            return Err(spec.error(format!(
+                "input '{name}' is given without the optional inputs before it"
+            )));
+        }
         Ok(Call {
             spec,
             inputs,
@@ -330,13 +555,13 @@ impl<B: Backend> Call<B> {
             .inputs
             .iter()
             .zip(grads)
-            .map(|(name, g)| Ok((name.to_string(), g.to_f64()?, g.shape().clone())))
+            .map(|(name, g)| Ok((input_name(name).to_string(), g.to_f64()?, g.shape().clone())))
             .collect()
     }
 }
 
 /// Runs op `op` once on `backend`: the output and, given `grad_output`, every input's gradient.
-pub fn run<B: Backend>(
+pub fn run<B: Backend + LossBackend + LayerBackend + ConvBackend>(
     backend: &B,
     op: &str,
     inputs: Vec<(String, Vec<f64>, Shape)>,
@@ -355,25 +580,75 @@ mod tests {
 
     #[test]
     fn every_op_in_the_table_runs_with_its_default_settings() {
-        let x = (vec![0.5, 1.0, 2.0, 4.0], Shape::from([2, 2]));
+        // Values in (0, 1), where the ops on probabilities (sharpen, entropy) are defined.
+        let x = (vec![0.1, 0.3, 0.6, 0.9], Shape::from([2, 2]));
         for &name in op_names() {
             let spec = op_spec(name).unwrap();
-            let inputs = spec
-                .inputs
-                .iter()
-                .map(|n| (n.to_string(), x.0.clone(), x.1.clone()));
-            let required = if name == "clamp" {
-                &["min=0", "max=1"][..]
-            } else {
-                &[]
+            let inputs = spec.inputs.iter().filter(|n| !n.ends_with('?')).map(|n| {
+                layer_input(name, n).unwrap_or_else(|| (n.to_string(), x.0.clone(), x.1.clone()))
+            });
+            let required = match name {
+                "clamp" => &["min=0", "max=1"][..],
+                "slice" => &["len=1"][..],
+                _ => &[],
             };
             let settings = Settings::parse(required).unwrap();
-            let g = (vec![1.0; 4], Shape::from([2, 2]));
-            let grad_output = (spec.name != "sum" && spec.name != "mean").then_some(g);
-            let out = run(&Cpu64, name, inputs.collect(), &settings, grad_output);
+            let inputs: Vec<_> = inputs.collect();
+            let probe = run(&Cpu64, name, inputs.clone(), &settings, None);
+            let shape = probe.unwrap_or_else(|e| panic!("{name}: {e}")).output.1;
+            let grad_output = Some((vec![1.0; shape.numel()], shape));
+            let out = run(&Cpu64, name, inputs, &settings, grad_output);
             let out = out.unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(out.output.0.iter().all(|v| v.is_finite()), "{name}");
         }
+    }
+
+    /// The layer ops take [N, C, D, H, W] tensors and per-channel [C] parameters.
+    fn layer_input(op: &str, input: &str) -> Option<(String, Vec<f64>, Shape)> {
+        let layers = [
+            "max_pool3d",
+            "avg_pool3d",
+            "upsample_nearest",
+            "upsample_trilinear",
+            "batch_norm3d",
+            "instance_norm3d",
+            "dropout3d",
+            "concat",
+            "slice",
+            "conv3d",
+            "conv_transpose3d",
+        ];
+        if !layers.contains(&op) {
+            return None;
+        }
+        let shape = match input {
+            "gamma" | "beta" => Shape::from([2]),
+            // A convolution's weight: 2 -> 2 channels, kernel 2x2x2.
+            "w" => Shape::from([2, 2, 2, 2, 2]),
+            _ => Shape::from([1, 2, 2, 2, 2]),
+        };
+        let values = (0..shape.numel()).map(|i| 0.1 + 0.05 * i as f64).collect();
+        Some((input.to_string(), values, shape))
+    }
+
+    #[test]
+    fn optional_inputs_may_be_left_out_but_not_required_ones() {
+        let shape = Shape::from([1, 2, 2]);
+        let z = ("logits".to_string(), vec![0.0; 4], shape.clone());
+        let y = ("target".to_string(), vec![1.0, 0.0, 0.0, 1.0], shape);
+        let w = ("weight".to_string(), vec![2.0, 0.0], Shape::from([1, 1, 2]));
+        let sum = Settings::parse(["reduction=sum"]).unwrap();
+        let ce = |inputs| run(&Cpu64, "cross_entropy", inputs, &sum, None);
+        // Equal logits over 2 classes cost log 2 per voxel: 2 log 2 for two voxels, and with
+        // weights (2, 0) again 2 log 2.
+        let plain = ce(vec![z.clone(), y.clone()]).unwrap().output.0[0];
+        let weighted = ce(vec![z.clone(), y, w.clone()]).unwrap().output.0[0];
+        assert!((plain - 2.0 * 2f64.ln()).abs() < 1e-12, "{plain}");
+        assert!((weighted - 2.0 * 2f64.ln()).abs() < 1e-12, "{weighted}");
+        let Err(err) = ce(vec![z, w]) else {
+            panic!("cross_entropy without its target ran");
+        };
+        assert!(err.to_string().contains("missing input 'target'"), "{err}");
     }
 
     #[test]

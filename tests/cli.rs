@@ -411,3 +411,59 @@ fn info_names_the_adapter_and_its_limits() {
         assert!(stdout.contains(field), "{field} missing from:\n{stdout}");
     }
 }
+
+/// conv3d with its optional bias and the settings written as the issue writes them (one --set,
+/// several KEY=VALUE): a delta kernel at the centre with padding 1 gives back x + b, on cpu64 and
+/// on the GPU; without b there is no grad_b.
+#[test]
+fn conv3d_with_and_without_its_optional_bias() {
+    let dir = Dir::new();
+    let dims = [1, 1, 2, 3, 4];
+    let xv = ramp(24, 0.1);
+    let x = dir.array("x.npy", &xv, &dims);
+    let mut delta = vec![0.0; 27];
+    delta[13] = 1.0;
+    let w = dir.array("w.npy", &delta, &[1, 1, 3, 3, 3]);
+    let b = dir.array("b.npy", &[0.5], &[1]);
+    let g = dir.array("g.npy", &[1.0; 24], &dims);
+    for backend in ["cpu64", "gpu"] {
+        let out = dir.path(backend);
+        let out = out.to_str().unwrap();
+        let (x, w, b, g) = (format!("x={x}"), format!("w={w}"), format!("b={b}"), &g);
+        let args = [
+            "conv3d",
+            "--in",
+            &x,
+            "--in",
+            &w,
+            "--in",
+            &b,
+            "--grad-output",
+            g,
+        ];
+        let settings = ["--set", "stride=1,1,1", "padding=1,1,1"];
+        kernel_on(backend, out, &[&args[..], &settings[..]].concat());
+        let (y, shape) = dir.read(&format!("{backend}/out.npy"));
+        assert_eq!(shape, Shape::new(&dims));
+        let expected: Vec<f64> = xv.iter().map(|v| v + 0.5).collect();
+        metaseg_autograd::Tolerance::F32.assert(backend, &y, &expected);
+        let (db, _) = dir.read(&format!("{backend}/grad_b.npy"));
+        assert_eq!(db, vec![24.0], "{backend}");
+    }
+    let no_bias = dir.path("no-bias");
+    let x = format!("x={x}");
+    let w = format!("w={w}");
+    let args = [
+        "conv3d",
+        "--in",
+        &x,
+        "--in",
+        &w,
+        "--set",
+        "padding=1,1,1",
+        "--grad-output",
+        &g,
+    ];
+    kernel_on("cpu64", no_bias.to_str().unwrap(), &args);
+    assert!(no_bias.join("grad_w.npy").exists() && !no_bias.join("grad_b.npy").exists());
+}

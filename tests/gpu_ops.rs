@@ -5,82 +5,9 @@
 
 mod common;
 
-use common::{gpu, seeded};
-use metaseg::runner::{apply_op, op_names, Settings};
-use metaseg_autograd::{
-    grad, Backend, Cpu64, Distribution, Shape, TensorShape, Tolerance, UnaryOp, Var,
-};
-
-/// An op's value, its gradient for a seeded output weighting, and a Hessian-vector product.
-struct Derivatives {
-    out: Vec<f64>,
-    grads: Vec<Vec<f64>>,
-    hvps: Vec<Vec<f64>>,
-}
-
-fn derivatives<B: Backend>(
-    backend: &B,
-    op: &str,
-    settings: &Settings,
-    inputs: &[(Vec<f64>, Shape)],
-) -> Derivatives {
-    let xs: Vec<Var<B>> = inputs
-        .iter()
-        .map(|(v, s)| Var::from_f64(backend, v, s, true).unwrap())
-        .collect();
-    let y = apply_op(op, &xs, settings).unwrap();
-    let w = Var::from_f64(
-        backend,
-        &seeded(y.shape().numel(), 77, -1.0, 1.0),
-        y.shape(),
-        false,
-    )
-    .unwrap();
-    let refs: Vec<&Var<B>> = xs.iter().collect();
-    let grads = grad(&y, &refs, Some(&w), true).unwrap();
-    // <grad, v> differentiated again: H v for the direction v.
-    let mut dot = Var::zeros(backend, &Shape::scalar()).unwrap();
-    for (k, g) in grads.iter().enumerate() {
-        let v = Var::from_f64(
-            backend,
-            &seeded(g.shape().numel(), 300 + k as u64, -1.0, 1.0),
-            g.shape(),
-            false,
-        )
-        .unwrap();
-        dot = dot.add(&g.mul(&v).unwrap().sum().unwrap()).unwrap();
-    }
-    let hvps = grad(&dot, &refs, None, false).unwrap();
-    Derivatives {
-        out: y.to_f64().unwrap(),
-        grads: grads.iter().map(|g| g.to_f64().unwrap()).collect(),
-        hvps: hvps.iter().map(|g| g.to_f64().unwrap()).collect(),
-    }
-}
-
-fn assert_gpu_matches_cpu64(
-    op: &str,
-    settings: &[&str],
-    inputs: &[(Vec<f64>, Shape)],
-    tol: Tolerance,
-) {
-    let settings = Settings::parse(settings).unwrap();
-    let cpu = derivatives(&Cpu64, op, &settings, inputs);
-    let gpu = derivatives(&gpu(), op, &settings, inputs);
-    tol.assert(&format!("{op} forward"), &gpu.out, &cpu.out);
-    for k in 0..inputs.len() {
-        tol.assert(
-            &format!("{op} gradient of input {k}"),
-            &gpu.grads[k],
-            &cpu.grads[k],
-        );
-        tol.assert(
-            &format!("{op} Hessian-vector product, input {k}"),
-            &gpu.hvps[k],
-            &cpu.hvps[k],
-        );
-    }
-}
+use common::{assert_gpu_matches_cpu64, gpu, seeded};
+use metaseg::runner::op_names;
+use metaseg_autograd::{Backend, Cpu64, Distribution, Shape, TensorShape, Tolerance, UnaryOp, Var};
 
 /// [2, 3, 5, 7, 9]: 1890 elements, a multiple of neither 4 nor the workgroup size.
 fn odd_shape() -> Shape {
@@ -217,6 +144,30 @@ fn every_op_of_the_runner_table_is_covered_here() {
         "sum",
         "mean",
         "matmul",
+        // tests/gpu_conv.rs
+        "conv3d",
+        "conv_transpose3d",
+        // tests/gpu_layers.rs
+        "max_pool3d",
+        "avg_pool3d",
+        "upsample_nearest",
+        "upsample_trilinear",
+        "batch_norm3d",
+        "instance_norm3d",
+        "dropout3d",
+        "concat",
+        "slice",
+        // tests/gpu_losses.rs
+        "softmax",
+        "log_softmax",
+        "cross_entropy",
+        "binary_cross_entropy",
+        "softmax_mse",
+        "softmax_dice",
+        "sigmoid_dice",
+        "sharpen",
+        "entropy",
+        "ema",
     ];
     for op in op_names() {
         assert!(covered.contains(op), "op {op} has no GPU-vs-Cpu64 test");

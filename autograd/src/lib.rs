@@ -4,8 +4,12 @@
 
 pub mod backend;
 pub mod check;
+pub mod conv;
 pub mod cpu64;
 mod error;
+pub mod layers;
+pub mod losses;
+pub mod norm;
 mod ops;
 pub mod random;
 mod shape;
@@ -13,7 +17,11 @@ mod var;
 
 pub use backend::{Backend, BinaryOp, Distribution, MatmulDims, MatmulSpec, TensorShape, UnaryOp};
 pub use check::Tolerance;
+pub use conv::{Conv3dGeometry, ConvBackend, ConvSpec};
 pub use cpu64::{Cpu64, CpuTensor};
 pub use error::{Error, Result};
+pub use layers::{LayerBackend, Upsample, Window3d};
+pub use losses::{DiceOptions, LossBackend, Reduction};
+pub use norm::{BatchStats, RunningStats};
 pub use shape::{normalize_axes, Shape};
 pub use var::{grad, no_grad, with_recording, GradFn, Rule, TensorGradFn, Var};

@@ -161,7 +161,8 @@ fn collapse(out: &Shape, sa: &[usize], sb: &[usize]) -> Option<Collapsed> {
     Some((dims.len() as u32, r))
 }
 
-fn backend_error(message: String) -> Error {
+/// An error of this backend (a failed dispatch, a buffer over the adapter's limit).
+pub(crate) fn backend_error(message: String) -> Error {
     Error::Backend {
         backend: "gpu",
         message,
@@ -200,7 +201,9 @@ impl Gpu {
         })
     }
 
-    fn launch(
+    /// Runs `kernel` with `params` as the uniform at binding 0, `inputs` read-only at their bindings
+    /// and `output` read-write at binding 3 (the convention of every kernel file).
+    pub(crate) fn launch(
         &self,
         kernel: &Kernel,
         params: &[u8],
@@ -226,6 +229,11 @@ impl Gpu {
             .map_err(backend_error)
     }
 
+    /// The 2D grid for `groups` workgroups (see `Context::grid`).
+    pub(crate) fn grid(&self, groups: usize) -> [u32; 3] {
+        self.ctx.grid(groups as u32)
+    }
+
     /// A 1D elementwise launch over `n` elements, one vec4 per invocation.
     fn elementwise(
         &self,
@@ -236,7 +244,7 @@ impl Gpu {
     ) -> Result<GpuTensor> {
         let out = self.empty(out_shape)?;
         let vec4s = out_shape.numel().div_ceil(4) as u32;
-        let grid = self.ctx.grid(vec4s.div_ceil(WG * VECS));
+        let grid = self.grid(vec4s.div_ceil(WG * VECS) as usize);
         self.launch(&kernel, bytemuck::bytes_of(&params), inputs, &out, grid)?;
         Ok(out)
     }
@@ -292,7 +300,7 @@ impl Gpu {
             )
         };
         let kernel = Kernel::new(KernelFile::Reduce, entry);
-        let grid = self.ctx.grid(groups as u32);
+        let grid = self.grid(groups);
         self.launch(&kernel, bytemuck::bytes_of(&params), &[(1, x)], &out, grid)?;
         if chunks == 1 {
             Ok(out)
@@ -496,7 +504,7 @@ impl Backend for Gpu {
             Distribution::Uniform => "random_uniform",
             Distribution::Normal => "random_normal",
         };
-        let grid = self.ctx.grid((n as u32).div_ceil(WG));
+        let grid = self.grid(n.div_ceil(WG as usize));
         self.launch(
             &Kernel::new(KernelFile::Random, entry),
             bytemuck::bytes_of(&params),

@@ -12,15 +12,25 @@ pub enum KernelFile {
     Matmul,
     Random,
     Ceilings,
+    Conv,
+    Losses,
+    Pool,
+    Channels,
+    ChannelAffine,
 }
 
 impl KernelFile {
-    pub const ALL: [KernelFile; 5] = [
+    pub const ALL: [KernelFile; 10] = [
         KernelFile::Elementwise,
         KernelFile::Reduce,
         KernelFile::Matmul,
         KernelFile::Random,
         KernelFile::Ceilings,
+        KernelFile::Conv,
+        KernelFile::Losses,
+        KernelFile::Pool,
+        KernelFile::Channels,
+        KernelFile::ChannelAffine,
     ];
 
     pub fn name(self) -> &'static str {
@@ -30,6 +40,11 @@ impl KernelFile {
             KernelFile::Matmul => "matmul.wgsl",
             KernelFile::Random => "random.wgsl",
             KernelFile::Ceilings => "ceilings.wgsl",
+            KernelFile::Pool => "pool.wgsl",
+            KernelFile::Channels => "channels.wgsl",
+            KernelFile::ChannelAffine => "channel_affine.wgsl",
+            KernelFile::Conv => "conv.wgsl",
+            KernelFile::Losses => "losses.wgsl",
         }
     }
 
@@ -40,6 +55,11 @@ impl KernelFile {
             KernelFile::Matmul => include_str!("../../kernels/matmul.wgsl"),
             KernelFile::Random => include_str!("../../kernels/random.wgsl"),
             KernelFile::Ceilings => include_str!("../../kernels/ceilings.wgsl"),
+            KernelFile::Pool => include_str!("../../kernels/pool.wgsl"),
+            KernelFile::Channels => include_str!("../../kernels/channels.wgsl"),
+            KernelFile::ChannelAffine => include_str!("../../kernels/channel_affine.wgsl"),
+            KernelFile::Conv => include_str!("../../kernels/conv.wgsl"),
+            KernelFile::Losses => include_str!("../../kernels/losses.wgsl"),
         }
     }
 }
@@ -191,10 +211,23 @@ impl Registry {
             .unwrap()
             .entry(file)
             .or_insert_with(|| {
-                Arc::new(device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                let desc = wgpu::ShaderModuleDescriptor {
                     label: Some(file.name()),
                     source: wgpu::ShaderSource::Wgsl(file.source().into()),
-                }))
+                };
+                // Bounds checks stay; the loop-bounding counter wgpu adds to every loop by
+                // default goes. That counter hides a loop's trip count from the driver's
+                // compiler, which then cannot unroll it, and the register-blocked kernels
+                // (conv.wgsl) depend on unrolled loops to keep their accumulators in registers
+                // (measured on lavapipe: several times slower with it).
+                let checks = wgpu::ShaderRuntimeChecks {
+                    force_loop_bounding: false,
+                    ..wgpu::ShaderRuntimeChecks::checked()
+                };
+                // SAFETY: every loop in kernels/*.wgsl runs a bounded number of iterations
+                // (counted loops over sizes from the uniform or override constants), so
+                // none can be infinite, which is what the dropped check protects against.
+                Arc::new(unsafe { device.create_shader_module_trusted(desc, checks) })
             })
             .clone()
     }

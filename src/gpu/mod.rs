@@ -1,12 +1,20 @@
 //! The GPU backend on wgpu: device and limits, the kernel registry, the buffer pool, timing.
+//!
+//! A kernel family is a WGSL file in `kernels/` (registered in `KernelFile`), its launches as methods
+//! of `Gpu` in a module of its own here (using `Gpu::empty`, `Gpu::launch`, `Gpu::grid`), and its
+//! primitives in the backend trait the autograd crate defines for it.
 
 mod backend;
 mod context;
+mod conv;
 pub mod kernels;
+mod layers;
+mod losses;
 pub mod pool;
 pub mod profiler;
 
 pub use backend::{Gpu, GpuTensor};
 pub use context::{AdapterSummary, Binding, Context, DeviceError};
+pub use conv::ConvVariant;
 pub use kernels::{Access, Kernel, KernelFile};
 pub use profiler::{Clock, KernelTime};

@@ -1,8 +1,11 @@
-//! Shared by the GPU test files: one device per test binary, seeded inputs.
+//! Shared by the GPU test files: one device per test binary, seeded inputs, and the comparison of
+//! an op of the runner's table on the GPU with Cpu64 (value, gradient, Hessian-vector product).
 
 #![allow(dead_code)]
 
 use metaseg::gpu::Gpu;
+use metaseg::runner::{apply_op, Settings};
+use metaseg_autograd::{grad, Backend, Cpu64, Shape, Tolerance, Var};
 use std::sync::OnceLock;
 
 /// The device every test in this binary shares (pipelines are compiled once per device).
@@ -24,4 +27,76 @@ pub fn seeded(n: usize, seed: u64, lo: f64, hi: f64) -> Vec<f64> {
     (0..n as u64)
         .map(|i| lo + (hi - lo) * metaseg_autograd::random::uniform(seed, i))
         .collect()
+}
+
+/// A function's value, its gradient for a seeded output weighting, and a Hessian-vector product.
+pub struct Derivatives {
+    pub out: Vec<f64>,
+    pub grads: Vec<Vec<f64>>,
+    pub hvps: Vec<Vec<f64>>,
+}
+
+/// The derivatives of `f` at `inputs` on `backend` (f is generic-free so any op bound fits).
+pub fn derivatives<B: Backend>(
+    backend: &B,
+    f: impl Fn(&[Var<B>]) -> Var<B>,
+    inputs: &[(Vec<f64>, Shape)],
+) -> Derivatives {
+    let xs: Vec<Var<B>> = inputs
+        .iter()
+        .map(|(v, s)| Var::from_f64(backend, v, s, true).unwrap())
+        .collect();
+    let y = f(&xs);
+    let w = Var::from_f64(
+        backend,
+        &seeded(y.shape().numel(), 77, -1.0, 1.0),
+        y.shape(),
+        false,
+    )
+    .unwrap();
+    let refs: Vec<&Var<B>> = xs.iter().collect();
+    let grads = grad(&y, &refs, Some(&w), true).unwrap();
+    // <grad, v> differentiated again: H v for the direction v.
+    let mut dot = Var::zeros(backend, &Shape::scalar()).unwrap();
+    for (k, g) in grads.iter().enumerate() {
+        let v = Var::from_f64(
+            backend,
+            &seeded(g.shape().numel(), 300 + k as u64, -1.0, 1.0),
+            g.shape(),
+            false,
+        )
+        .unwrap();
+        dot = dot.add(&g.mul(&v).unwrap().sum().unwrap()).unwrap();
+    }
+    let hvps = grad(&dot, &refs, None, false).unwrap();
+    Derivatives {
+        out: y.to_f64().unwrap(),
+        grads: grads.iter().map(|g| g.to_f64().unwrap()).collect(),
+        hvps: hvps.iter().map(|g| g.to_f64().unwrap()).collect(),
+    }
+}
+
+/// Op `op` of the runner's table on the GPU against Cpu64: value, gradients and H v of every input.
+pub fn assert_gpu_matches_cpu64(
+    op: &str,
+    settings: &[&str],
+    inputs: &[(Vec<f64>, Shape)],
+    tol: Tolerance,
+) {
+    let settings = Settings::parse(settings).unwrap();
+    let cpu = derivatives(&Cpu64, |xs| apply_op(op, xs, &settings).unwrap(), inputs);
+    let gpu = derivatives(&gpu(), |xs| apply_op(op, xs, &settings).unwrap(), inputs);
+    tol.assert(&format!("{op} forward"), &gpu.out, &cpu.out);
+    for k in 0..inputs.len() {
+        tol.assert(
+            &format!("{op} gradient of input {k}"),
+            &gpu.grads[k],
+            &cpu.grads[k],
+        );
+        tol.assert(
+            &format!("{op} Hessian-vector product, input {k}"),
+            &gpu.hvps[k],
+            &cpu.hvps[k],
+        );
+    }
 }

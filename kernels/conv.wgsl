@@ -1,0 +1,525 @@
+// 3D convolution: forward, grad-input and grad-weight (conv_transpose3d is grad-input).
+//
+// Layout (row-major, as PyTorch): x [N, C, D, H, W], w [K, C, kd, kh, kw], y [N, K, Do, Ho, Wo].
+// Along each axis, output o reads input o * stride - padding + t * dilation through tap t; reads
+// outside the input are zeros. Bindings: 0 the sizes, 1 and 2 the operands, 3 the result, 4 a
+// per-channel bias (the host binds zeros when there is none, so one pipeline serves both).
+//
+// Two versions, numbered as the host's ConvVariant: 1, the direct kernels, and 2, the
+// register-blocked ones (described below, after variant 1). Variant 1 stays as the reference the
+// blocked kernels are measured against, and runs wherever variant 2's conditions do not hold.
+//
+// Variant 1, the direct kernels (`*_direct`): one result element per invocation, computed from its
+// definition with every bound checked. They are the simple, obviously-right version that the
+// blocked variant is measured against. Workgroups of WG invocations on the 2D grid the host
+// linearises as y * groups.x + x.
+//   conv3d_direct             y[n, k, o] = bias[k] + sum over c, t of w[k, c, t] x[n, c, i(o, t)]
+//   conv3d_grad_input_direct  dx[n, c, i] = bias[c] + sum over k and the taps t with an output o
+//                             such that i = o * stride - padding + t * dilation of w[k, c, t] dy[n, k, o]
+//   conv3d_grad_weight_direct partial[r, k, c, t] = sum over the output rows (n, od) of chunk r of
+//                             dy[n, k, o] x[n, c, i(o, t)]; the host sums the chunks (reduce.wgsl),
+//                             so the long reduction (N Do Ho Wo terms) still runs in parallel.
+
+override WG: u32 = 64u;
+
+struct Params {
+    batch: u32,
+    c_in: u32,
+    c_out: u32,
+    rows_per_chunk: u32,     // grad-weight: output rows summed by one partial
+    channels_padded: u32,    // blocked: the arranged weight's channel count, a multiple of KB
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+    input: vec4<u32>,        // D, H, W, unused
+    kernel: vec4<u32>,
+    output: vec4<u32>,
+    stride: vec4<u32>,
+    padding: vec4<u32>,
+    dilation: vec4<u32>,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+
+fn invocation(group: vec3<u32>, groups: vec3<u32>, lane: u32) -> u32 {
+    return (group.y * groups.x + group.x) * WG + lane;
+}
+
+// The input position output o reads through tap t along `axis`, or -1 outside the input.
+fn input_at(axis: u32, o: u32, t: u32) -> i32 {
+    let i = i32(o * params.stride[axis] + t * params.dilation[axis]) - i32(params.padding[axis]);
+    return select(-1, i, i >= 0 && i < i32(params.input[axis]));
+}
+
+// Whether tap t lines input i up with an output position along `axis`: (i + padding -
+// t dilation) a multiple of the stride. The quotient in floats, rounded, then checked (exact while
+// the numbers are below 2^24): an integer division by a value the compiler does not know is not
+// vectorised and costs far more.
+fn tap_aligned(axis: u32, i: u32, t: u32) -> bool {
+    let q = i32(i + params.padding[axis]) - i32(t * params.dilation[axis]);
+    let s = i32(params.stride[axis]);
+    return i32(round(f32(q) / f32(s))) * s == q;
+}
+
+// The output position that reads input i through the aligned tap t along `axis`, or -1 if it
+// falls outside the output.
+fn output_at(axis: u32, i: u32, t: u32) -> i32 {
+    let q = i32(i + params.padding[axis]) - i32(t * params.dilation[axis]);
+    let o = i32(round(f32(q) / f32(params.stride[axis])));
+    return select(-1, o, q >= 0 && o < i32(params.output[axis]));
+}
+
+// a = x, b = w, out = y.
+@compute @workgroup_size(WG)
+fn conv3d_direct(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+                 @builtin(local_invocation_index) lane: u32) {
+    let o = params.output.xyz;
+    let i = invocation(group, groups, lane);
+    if i >= params.batch * params.c_out * o.x * o.y * o.z { return; }
+    let ow = i % o.z;
+    let oh = (i / o.z) % o.y;
+    let od = (i / (o.z * o.y)) % o.x;
+    let k = (i / (o.z * o.y * o.x)) % params.c_out;
+    let n = i / (o.z * o.y * o.x * params.c_out);
+    let sz = params.input.xyz;
+    let kz = params.kernel.xyz;
+    var sum = bias[k];
+    for (var c = 0u; c < params.c_in; c++) {
+        for (var td = 0u; td < kz.x; td++) {
+            let id = input_at(0u, od, td);
+            if id < 0 { continue; }
+            for (var th = 0u; th < kz.y; th++) {
+                let ih = input_at(1u, oh, th);
+                if ih < 0 { continue; }
+                let x_row = (((n * params.c_in + c) * sz.x + u32(id)) * sz.y + u32(ih)) * sz.z;
+                let w_row = (((k * params.c_in + c) * kz.x + td) * kz.y + th) * kz.z;
+                for (var tw = 0u; tw < kz.z; tw++) {
+                    let iw = input_at(2u, ow, tw);
+                    if iw >= 0 { sum += b[w_row + tw] * a[x_row + u32(iw)]; }
+                }
+            }
+        }
+    }
+    out[i] = sum;
+}
+
+// a = dy, b = w, out = dx.
+@compute @workgroup_size(WG)
+fn conv3d_grad_input_direct(@builtin(workgroup_id) group: vec3<u32>,
+                            @builtin(num_workgroups) groups: vec3<u32>,
+                            @builtin(local_invocation_index) lane: u32) {
+    let sz = params.input.xyz;
+    let i = invocation(group, groups, lane);
+    if i >= params.batch * params.c_in * sz.x * sz.y * sz.z { return; }
+    let iw = i % sz.z;
+    let ih = (i / sz.z) % sz.y;
+    let id = (i / (sz.z * sz.y)) % sz.x;
+    let c = (i / (sz.z * sz.y * sz.x)) % params.c_in;
+    let n = i / (sz.z * sz.y * sz.x * params.c_in);
+    let o = params.output.xyz;
+    let kz = params.kernel.xyz;
+    var sum = bias[c];
+    // Taps aligned with an output come every `stride` taps from the first aligned one: find it
+    // among the first `stride` per axis, then step (at stride 2 and kernel 2, one tap per axis).
+    let step = params.stride.xyz;
+    let plane = o.x * o.y * o.z;
+    for (var td0 = 0u; td0 < min(step.x, kz.x); td0++) {
+        if !tap_aligned(0u, id, td0) { continue; }
+        for (var td = td0; td < kz.x; td += step.x) {
+            let od = output_at(0u, id, td);
+            if od < 0 { continue; }
+            for (var th0 = 0u; th0 < min(step.y, kz.y); th0++) {
+                if !tap_aligned(1u, ih, th0) { continue; }
+                for (var th = th0; th < kz.y; th += step.y) {
+                    let oh = output_at(1u, ih, th);
+                    if oh < 0 { continue; }
+                    for (var tw0 = 0u; tw0 < min(step.z, kz.z); tw0++) {
+                        if !tap_aligned(2u, iw, tw0) { continue; }
+                        for (var tw = tw0; tw < kz.z; tw += step.z) {
+                            let ow = output_at(2u, iw, tw);
+                            if ow < 0 { continue; }
+                            // Every output channel through this tap: the inner loop is plain.
+                            var y_at = ((n * params.c_out * o.x + u32(od)) * o.y + u32(oh)) * o.z
+                                + u32(ow);
+                            var w_at = ((c * kz.x + td) * kz.y + th) * kz.z + tw;
+                            for (var k = 0u; k < params.c_out; k++) {
+                                sum += b[w_at] * a[y_at];
+                                y_at += plane;
+                                w_at += params.c_in * kz.x * kz.y * kz.z;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out[i] = sum;
+}
+
+// a = x, b = dy, out = partial sums [chunks, K, C, kd, kh, kw].
+@compute @workgroup_size(WG)
+fn conv3d_grad_weight_direct(@builtin(workgroup_id) group: vec3<u32>,
+                             @builtin(num_workgroups) groups: vec3<u32>,
+                             @builtin(local_invocation_index) lane: u32) {
+    let kz = params.kernel.xyz;
+    let weights = params.c_out * params.c_in * kz.x * kz.y * kz.z;
+    let o = params.output.xyz;
+    let rows = params.batch * o.x;
+    let chunks = (rows + params.rows_per_chunk - 1u) / params.rows_per_chunk;
+    let i = invocation(group, groups, lane);
+    if i >= chunks * weights { return; }
+    let tw = i % kz.z;
+    let th = (i / kz.z) % kz.y;
+    let td = (i / (kz.z * kz.y)) % kz.x;
+    let c = (i / (kz.z * kz.y * kz.x)) % params.c_in;
+    let k = (i / (kz.z * kz.y * kz.x * params.c_in)) % params.c_out;
+    let chunk = i / weights;
+    let sz = params.input.xyz;
+    var sum = 0.0;
+    let first = chunk * params.rows_per_chunk;
+    for (var r = first; r < min(first + params.rows_per_chunk, rows); r++) {
+        let n = r / o.x;
+        let od = r % o.x;
+        let id = input_at(0u, od, td);
+        if id < 0 { continue; }
+        for (var oh = 0u; oh < o.y; oh++) {
+            let ih = input_at(1u, oh, th);
+            if ih < 0 { continue; }
+            let x_row = (((n * params.c_in + c) * sz.x + u32(id)) * sz.y + u32(ih)) * sz.z;
+            let y_row = (((n * params.c_out + k) * o.x + od) * o.y + oh) * o.z;
+            for (var ow = 0u; ow < o.z; ow++) {
+                let iw = input_at(2u, ow, tw);
+                if iw >= 0 { sum += b[y_row + ow] * a[x_row + u32(iw)]; }
+            }
+        }
+    }
+    out[i] = sum;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Variant 2, register-blocked (`*_blocked`). On lavapipe a load whose address is not a
+// compile-time constant costs about 50 cycles per scalar (100 per vec4) against a fraction of a
+// cycle per multiply-add, so what pays is many multiply-adds per load held in registers; the same
+// blocking serves real GPUs (no workgroup memory, whose barriers cost more than they save here).
+//
+// Forward (`conv3d_blocked`): an invocation computes WB consecutive W positions of one output row
+// (n, od, oh) for KB output channels, in WB x KB/4 vec4 accumulators. For each input channel and
+// each (td, th) it loads the input row segment those WB outputs read as whole vec4s (its first
+// element is aligned because W and WB are multiples of 4), and for each tw the KB weights as KB/4
+// vec4s from a copy of the weight arranged [C, kd, kh, kw, K] (output channels contiguous, padded
+// with zeros to a multiple of KB: `conv3d_arrange_weight`). Then WB x KB multiply-adds use them.
+// Along W the kernel size, stride, padding and dilation are override constants (KW, SW, PW, DW), so
+// once the loops over tw, the WB positions and the KB/4 vec4s are unrolled every register index is
+// a constant. The invocations of a workgroup share the channel block (workgroup_id.z), so a weight
+// address is the same for all of them: one load, broadcast. At 3x3x3 this is 4 vec4 input loads
+// and 6 vec4 weight loads per 192 multiply-adds.
+//
+// Grad-input at stride 1 is this forward on dy with the weight flipped in space and its channel
+// axes swapped (`conv3d_arrange_weight` with FLIP), padding dilation (k - 1) - padding. At stride
+// 2 along W (V-Net's down-sampling, whose grad-input is the transposed up-sampling's forward) it is
+// `conv3d_grad_input_blocked`, at the end of this file: the same blocking, WB input columns x KB
+// input channels, where which taps reach which column is a constant of the unrolled loops.
+//
+// Grad-weight (`conv3d_grad_weight_blocked`): an invocation owns one (c, td, th) and KB output
+// channels, for all KW taps tw: KW x KB/4 vec4 accumulators, summed over a chunk of output rows
+// (n, od, oh) WB positions at a time. The input segment is loaded as in the forward; dy as WB/4
+// vec4s along W for each of the KB channels, which the workgroup's invocations share (it spans
+// (c, td, th), not rows), so those loads are broadcast. The host sums the chunks as variant 1's.
+//
+// The blocked kernels need W and Wo to be multiples of 4 and a segment of at most MAX_SEGMENT
+// vec4s; the host runs variant 1 otherwise. Their loops over override constants must be unrolled
+// by the driver for the accumulators to live in registers: the host creates shader modules without
+// wgpu's loop-bounding counter, which hides trip counts (src/gpu/kernels.rs).
+
+override KB: u32 = 8u;   // output channels per invocation, a multiple of 4 (at most 16)
+override WB: u32 = 8u;   // W positions per invocation, a multiple of 4 (KB / 4 x WB <= MAX_ACC)
+override KW: u32 = 3u;   // kernel width
+override SW: u32 = 1u;   // stride along W
+override PW: u32 = 1u;   // padding along W
+override DW: u32 = 1u;   // dilation along W
+override FLIP: bool = false;
+override REVERSE: bool = true;   // with FLIP: reverse the taps too (off for grad-input at stride > 1)
+
+const MAX_SEGMENT: u32 = 16u;   // vec4s of one input row segment
+const MAX_ACC: u32 = 32u;       // vec4 accumulators
+
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out4: array<vec4<f32>>;
+
+// The segment starts PAD_V (padding rounded up to whole vec4s) before column ow0 * SW.
+fn pad_v() -> u32 { return (PW + 3u) / 4u * 4u; }
+
+// The vec4s of input row `row` (its first element's index) covering what outputs ow0..ow0+WB-1
+// read; zeros outside the row or when the row itself is outside the input (!inside).
+fn load_segment(row: u32, ow0: u32, inside: bool) -> array<vec4<f32>, MAX_SEGMENT> {
+    var seg: array<vec4<f32>, MAX_SEGMENT>;
+    let vecs = (pad_v() - PW + (WB - 1u) * SW + (KW - 1u) * DW + 4u) / 4u;
+    let first = i32(ow0 * SW) - i32(pad_v());
+    for (var v = 0u; v < vecs; v++) {
+        let col = first + 4 * i32(v);
+        if inside && col >= 0 && col < i32(params.input.z) {
+            seg[v] = a4[(row + u32(col)) / 4u];
+        }
+    }
+    return seg;
+}
+
+// The element of the segment that output ow0 + j reads through tap tw.
+fn tap(seg: ptr<function, array<vec4<f32>, MAX_SEGMENT>>, j: u32, tw: u32) -> f32 {
+    let q = pad_v() - PW + j * SW + tw * DW;
+    return (*seg)[q / 4u][q % 4u];
+}
+
+// a4 = x, b4 = the arranged weight [C, kd, kh, KW, channels_padded], out4 = y.
+@compute @workgroup_size(WG)
+fn conv3d_blocked(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+                  @builtin(local_invocation_index) lane: u32) {
+    let o = params.output.xyz;
+    let sz = params.input.xyz;
+    let blocks = (o.z + WB - 1u) / WB;
+    let s = (group.y * groups.x + group.x) * WG + lane;
+    if s >= params.batch * o.x * o.y * blocks { return; }
+    let ow0 = (s % blocks) * WB;
+    let oh = (s / blocks) % o.y;
+    let od = (s / (blocks * o.y)) % o.x;
+    let n = s / (blocks * o.y * o.x);
+    let k0 = group.z * KB;
+    let kp = params.channels_padded;
+
+    var acc: array<vec4<f32>, MAX_ACC>;   // acc[j * KB / 4 + q]: channels k0 + 4q.. at ow0 + j
+    for (var c = 0u; c < params.c_in; c++) {
+        for (var td = 0u; td < params.kernel.x; td++) {
+            let id = input_at(0u, od, td);
+            for (var th = 0u; th < params.kernel.y; th++) {
+                let ih = input_at(1u, oh, th);
+                let row = (((n * params.c_in + c) * sz.x + u32(max(id, 0))) * sz.y
+                    + u32(max(ih, 0))) * sz.z;
+                var seg = load_segment(row, ow0, id >= 0 && ih >= 0);
+                let w_tap = (((c * params.kernel.x + td) * params.kernel.y + th) * KW * kp + k0) / 4u;
+                for (var tw = 0u; tw < KW; tw++) {
+                    var wv: array<vec4<f32>, 4>;
+                    for (var q = 0u; q < KB / 4u; q++) { wv[q] = b4[w_tap + tw * kp / 4u + q]; }
+                    for (var j = 0u; j < WB; j++) {
+                        let xv = tap(&seg, j, tw);
+                        for (var q = 0u; q < KB / 4u; q++) {
+                            acc[j * KB / 4u + q] = fma(vec4<f32>(xv), wv[q], acc[j * KB / 4u + q]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Stores as vec4s along W: component r of channel vec4 q at positions ow0 + 4v .. + 3.
+    for (var q = 0u; q < KB / 4u; q++) {
+        for (var r = 0u; r < 4u; r++) {
+            let k = k0 + 4u * q + r;
+            if k >= params.c_out { continue; }
+            let plane = ((n * params.c_out + k) * o.x + od) * o.y + oh;
+            for (var v = 0u; v < WB / 4u; v++) {
+                let ow = ow0 + 4u * v;
+                if ow >= o.z { continue; }
+                let j = 4u * v;
+                let y = vec4<f32>(acc[j * KB / 4u + q][r], acc[(j + 1u) * KB / 4u + q][r],
+                                  acc[(j + 2u) * KB / 4u + q][r], acc[(j + 3u) * KB / 4u + q][r]);
+                out4[(plane * o.z + ow) / 4u] = y + bias[k];
+            }
+        }
+    }
+}
+
+// The weight arranged for the blocked kernels, [Ci, kd, kh, kw, channels_padded] with the output
+// channels contiguous and zeros past them. Without FLIP, Ci = C and the output channels are K:
+// out[c, t, k] = w[k, c, t]. With FLIP (the forward that computes grad-input), Ci = K and they are
+// C: out[k, t, c] = w[k, c, kernel - 1 - t], or w[k, c, t] without REVERSE (for
+// conv3d_grad_input_blocked). One invocation per element of out (scalar stores).
+@compute @workgroup_size(WG)
+fn conv3d_arrange_weight(@builtin(workgroup_id) group: vec3<u32>,
+                         @builtin(num_workgroups) groups: vec3<u32>,
+                         @builtin(local_invocation_index) lane: u32) {
+    let kz = params.kernel.xyz;
+    let taps = kz.x * kz.y * kz.z;
+    let co_padded = params.channels_padded;
+    let ci_count = select(params.c_in, params.c_out, FLIP);
+    let co_count = select(params.c_out, params.c_in, FLIP);
+    let i = invocation(group, groups, lane);
+    if i >= ci_count * taps * co_padded { return; }
+    let co = i % co_padded;
+    let t = (i / co_padded) % taps;
+    let ci = i / (co_padded * taps);
+    var value = 0.0;
+    if co < co_count {
+        if FLIP {
+            value = b[(co + ci * params.c_in) * taps + select(t, taps - 1u - t, REVERSE)];
+        } else {
+            value = b[(co * params.c_in + ci) * taps + t];
+        }
+    }
+    out[i] = value;
+}
+
+// The vec4 of dy at element `at` (a multiple of 4), or zeros past the row or the channels.
+fn dy_vec(at: u32, live: bool) -> vec4<f32> {
+    if live { return b4[at / 4u]; }
+    return vec4<f32>();
+}
+
+// a4 = x, b4 = dy, out = partial sums [chunks, K, C, kd, kh, kw]. Grid: x over the (c, td, th) in
+// groups of WG, y over the chunks of rows_per_chunk output rows (n, od, oh), z over the blocks of KB
+// output channels; so every invocation of a workgroup reads the same dy.
+@compute @workgroup_size(WG)
+fn conv3d_grad_weight_blocked(@builtin(workgroup_id) group: vec3<u32>,
+                              @builtin(local_invocation_index) lane: u32) {
+    let kz = params.kernel.xyz;
+    let o = params.output.xyz;
+    let sz = params.input.xyz;
+    // Past the last (c, td, th), an invocation computes the last one again and does not store it:
+    // returning early would make every later load divergent, and dy's loads must stay uniform.
+    let combos = params.c_in * kz.x * kz.y;
+    let ctt = min(group.x * WG + lane, combos - 1u);
+    let th = ctt % kz.y;
+    let td = (ctt / kz.y) % kz.x;
+    let c = ctt / (kz.y * kz.x);
+    let k0 = group.z * KB;
+    let plane = o.x * o.y * o.z;
+    let blocks = (o.z + WB - 1u) / WB;
+    let rows = params.batch * o.x * o.y;
+    let first = group.y * params.rows_per_chunk;
+
+    var acc: array<vec4<f32>, MAX_ACC>;   // acc[tw * KB / 4 + q]: dw[k0 + 4q.., c, td, th, tw]
+    for (var r = first; r < min(first + params.rows_per_chunk, rows); r++) {
+        let oh = r % o.y;
+        let od = (r / o.y) % o.x;
+        let n = r / (o.y * o.x);
+        let id = input_at(0u, od, td);
+        let ih = input_at(1u, oh, th);
+        let row = (((n * params.c_in + c) * sz.x + u32(max(id, 0))) * sz.y + u32(max(ih, 0))) * sz.z;
+        let dy_row = (((n * params.c_out + k0) * o.x + od) * o.y + oh) * o.z;
+        for (var blk = 0u; blk < blocks; blk++) {
+            let ow0 = blk * WB;
+            var seg = load_segment(row, ow0, id >= 0 && ih >= 0);
+            for (var v = 0u; v < WB / 4u; v++) {
+                for (var q = 0u; q < KB / 4u; q++) {
+                    // dy of channels k0 + 4q .. + 3 at ow0 + 4v .. + 3, one vec4 per channel.
+                    let at = dy_row + 4u * q * plane + ow0 + 4u * v;
+                    let live = ow0 + 4u * v < o.z;
+                    let d0 = dy_vec(at, live && k0 + 4u * q < params.c_out);
+                    let d1 = dy_vec(at + plane, live && k0 + 4u * q + 1u < params.c_out);
+                    let d2 = dy_vec(at + 2u * plane, live && k0 + 4u * q + 2u < params.c_out);
+                    let d3 = dy_vec(at + 3u * plane, live && k0 + 4u * q + 3u < params.c_out);
+                    for (var jj = 0u; jj < 4u; jj++) {
+                        let d = vec4<f32>(d0[jj], d1[jj], d2[jj], d3[jj]);
+                        for (var tw = 0u; tw < KW; tw++) {
+                            acc[tw * KB / 4u + q] = fma(vec4<f32>(tap(&seg, 4u * v + jj, tw)), d,
+                                                        acc[tw * KB / 4u + q]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if group.x * WG + lane >= combos { return; }
+    for (var q = 0u; q < KB / 4u; q++) {
+        for (var r = 0u; r < 4u; r++) {
+            let k = k0 + 4u * q + r;
+            if k >= params.c_out { continue; }
+            let w_row = ((((group.y * params.c_out + k) * params.c_in + c) * kz.x + td) * kz.y + th) * KW;
+            for (var tw = 0u; tw < KW; tw++) {
+                out[w_row + tw] = acc[tw * KB / 4u + q][r];
+            }
+        }
+    }
+}
+
+// Floor division by a positive divisor (WGSL's / truncates toward zero).
+fn floor_div(a: i32, b: i32) -> i32 {
+    return select(a / b, (a - b + 1) / b, a < 0);
+}
+
+// The first dy element, relative to i0 / SW and rounded down to a whole vec4, that the W-block
+// starting at input column i0 reads: the block's taps reach down to (PW - (KW - 1) DW) / SW.
+fn dy_first() -> i32 {
+    return floor_div(floor_div(i32(PW) - i32((KW - 1u) * DW), i32(SW)), 4) * 4;
+}
+
+// Grad-input at any stride, blocked (`conv3d_grad_input_blocked`): an invocation computes WB
+// consecutive W positions i0.. of one input row (n, c0.., id, ih) for KB input channels. Along W,
+// tap tw carries input column i0 + j to output column (i0 + j + PW - tw DW) / SW when that divides:
+// with i0 a multiple of 4 SW, whether it does and where that output sits in the dy segment are
+// constants of (j, tw), so the unrolled loops index registers only. Along D and H the aligned taps
+// are found at run time as in the direct kernel. a4 = dy, b4 = the weight arranged [K, taps, C]
+// (FLIP without REVERSE), out4 = dx.
+@compute @workgroup_size(WG)
+fn conv3d_grad_input_blocked(@builtin(workgroup_id) group: vec3<u32>,
+                             @builtin(num_workgroups) groups: vec3<u32>,
+                             @builtin(local_invocation_index) lane: u32) {
+    let o = params.output.xyz;
+    let sz = params.input.xyz;
+    let kz = params.kernel.xyz;
+    let blocks = (sz.z + WB - 1u) / WB;
+    let s = (group.y * groups.x + group.x) * WG + lane;
+    if s >= params.batch * sz.x * sz.y * blocks { return; }
+    let i0 = (s % blocks) * WB;
+    let ih = (s / blocks) % sz.y;
+    let id = (s / (blocks * sz.y)) % sz.x;
+    let n = s / (blocks * sz.y * sz.x);
+    let c0 = group.z * KB;
+    let cp = params.channels_padded;
+    // dy vec4s the block reads: output columns i0 / SW + dy_first() .. i0 / SW + last.
+    let last = floor_div(i32(WB - 1u + PW), i32(SW));
+    let vecs = u32(last - dy_first()) / 4u + 1u;
+    let first_col = i32(i0 / SW) + dy_first();
+
+    var acc: array<vec4<f32>, MAX_ACC>;   // acc[j * KB / 4 + q]: channels c0 + 4q.. at i0 + j
+    for (var k = 0u; k < params.c_out; k++) {
+        for (var td = 0u; td < kz.x; td++) {
+            if !tap_aligned(0u, id, td) { continue; }
+            let od = output_at(0u, id, td);
+            if od < 0 { continue; }
+            for (var th = 0u; th < kz.y; th++) {
+                if !tap_aligned(1u, ih, th) { continue; }
+                let oh = output_at(1u, ih, th);
+                if oh < 0 { continue; }
+                let row = (((n * params.c_out + k) * o.x + u32(od)) * o.y + u32(oh)) * o.z;
+                var seg: array<vec4<f32>, MAX_SEGMENT>;
+                for (var v = 0u; v < vecs; v++) {
+                    let col = first_col + 4 * i32(v);
+                    if col >= 0 && col < i32(o.z) { seg[v] = a4[(row + u32(col)) / 4u]; }
+                }
+                let w_tap = (((k * kz.x + td) * kz.y + th) * KW * cp + c0) / 4u;
+                for (var tw = 0u; tw < KW; tw++) {
+                    var wv: array<vec4<f32>, 4>;
+                    for (var q = 0u; q < KB / 4u; q++) { wv[q] = b4[w_tap + tw * cp / 4u + q]; }
+                    for (var j = 0u; j < WB; j++) {
+                        let qq = i32(j + PW) - i32(tw * DW);
+                        if floor_div(qq, i32(SW)) * i32(SW) != qq { continue; }
+                        let e = u32(floor_div(qq, i32(SW)) - dy_first());
+                        let dv = seg[e / 4u][e % 4u];
+                        for (var q = 0u; q < KB / 4u; q++) {
+                            acc[j * KB / 4u + q] = fma(vec4<f32>(dv), wv[q], acc[j * KB / 4u + q]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (var q = 0u; q < KB / 4u; q++) {
+        for (var r = 0u; r < 4u; r++) {
+            let c = c0 + 4u * q + r;
+            if c >= params.c_in { continue; }
+            let plane = ((n * params.c_in + c) * sz.x + id) * sz.y + ih;
+            for (var v = 0u; v < WB / 4u; v++) {
+                let iw = i0 + 4u * v;
+                if iw >= sz.z { continue; }
+                let j = 4u * v;
+                let x = vec4<f32>(acc[j * KB / 4u + q][r], acc[(j + 1u) * KB / 4u + q][r],
+                                  acc[(j + 2u) * KB / 4u + q][r], acc[(j + 3u) * KB / 4u + q][r]);
+                out4[(plane * sz.z + iw) / 4u] = x + bias[c];
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! Pooling, up-sampling (kernels/pool.wgsl) and channel windows (kernels/channels.wgsl) on the GPU.
+
+use super::backend::{Gpu, GpuTensor};
+use super::kernels::{Kernel, KernelFile};
+use metaseg_autograd::layers::{affine_entries, dims5, upsample_shape};
+use metaseg_autograd::{Error, LayerBackend, Result, Shape, TensorShape, Upsample, Window3d};
+
+/// Invocations per workgroup (the `WG` override default of both files).
+const WG: usize = 256;
+
+/// The uniform of pool.wgsl: src is the forward op's input, dst its output.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct PoolParams {
+    n: u32,
+    volumes: u32,
+    src: [u32; 3],
+    dst: [u32; 3],
+    kernel: [u32; 3],
+    stride: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct AffineParams {
+    n: u32,
+    volume: u32,
+    groups: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ChannelParams {
+    n: u32,
+    volume: u32,
+    channels_in: u32,
+    channels_out: u32,
+    start: i32,
+}
+
+fn spatial(s: &Shape) -> [u32; 3] {
+    [s.dims()[2] as u32, s.dims()[3] as u32, s.dims()[4] as u32]
+}
+
+fn check_shape(op: &'static str, expected: &Shape, got: &Shape) -> Result<()> {
+    if expected != got {
+        return Err(Error::Shape {
+            op,
+            lhs: expected.clone(),
+            rhs: got.clone(),
+            reason: "the shapes must be equal".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Gpu {
+    /// Runs entry `entry` of pool.wgsl with `invocations` invocations, writing a tensor of shape
+    /// `out` (src- or dst-shaped).
+    #[allow(clippy::too_many_arguments)]
+    fn pool_launch(
+        &self,
+        entry: &'static str,
+        (src, dst): (&Shape, &Shape),
+        kernel: [usize; 3],
+        stride: [usize; 3],
+        inputs: &[(u32, &GpuTensor)],
+        out: &Shape,
+        invocations: usize,
+    ) -> Result<GpuTensor> {
+        let params = PoolParams {
+            n: invocations as u32,
+            volumes: (src.dims()[0] * src.dims()[1]) as u32,
+            src: spatial(src),
+            dst: spatial(dst),
+            kernel: kernel.map(|k| k as u32),
+            stride: stride.map(|s| s as u32),
+        };
+        let result = self.empty(out)?;
+        let grid = self.grid(invocations.div_ceil(WG));
+        let kernel = Kernel::new(KernelFile::Pool, entry);
+        self.launch(&kernel, bytemuck::bytes_of(&params), inputs, &result, grid)?;
+        Ok(result)
+    }
+}
+
+/// Whether the windows tile `src` exactly (kernel = stride, src = dst stride on every axis): then
+/// the backward can write each window's elements from one invocation per window.
+fn tiles(w: Window3d, src: &Shape, dst: &Shape) -> bool {
+    let (src, dst) = (spatial(src), spatial(dst));
+    (0..3).all(|a| w.kernel[a] == w.stride[a] && src[a] == dst[a] * w.stride[a] as u32)
+}
+
+impl LayerBackend for Gpu {
+    fn max_pool3d(&self, x: &GpuTensor, w: Window3d) -> Result<GpuTensor> {
+        let dst = w.output_shape("max_pool3d", x.shape())?;
+        let shapes = (x.shape(), &dst);
+        let n = dst.numel();
+        self.pool_launch("max_pool3d", shapes, w.kernel, w.stride, &[(1, x)], &dst, n)
+    }
+
+    fn max_pool3d_gather(&self, x: &GpuTensor, v: &GpuTensor, w: Window3d) -> Result<GpuTensor> {
+        let dst = w.output_shape("max_pool3d", x.shape())?;
+        check_shape("max_pool3d_gather", x.shape(), v.shape())?;
+        let (shapes, inputs) = ((x.shape(), &dst), [(1, x), (2, v)]);
+        let n = dst.numel();
+        self.pool_launch(
+            "max_pool3d_gather",
+            shapes,
+            w.kernel,
+            w.stride,
+            &inputs,
+            &dst,
+            n,
+        )
+    }
+
+    fn max_pool3d_scatter(&self, x: &GpuTensor, g: &GpuTensor, w: Window3d) -> Result<GpuTensor> {
+        let dst = w.output_shape("max_pool3d_scatter", x.shape())?;
+        check_shape("max_pool3d_scatter", &dst, g.shape())?;
+        let (src, inputs) = (x.shape(), [(1, x), (2, g)]);
+        let (entry, n) = if tiles(w, src, &dst) {
+            ("max_pool3d_scatter_tiled", dst.numel())
+        } else {
+            ("max_pool3d_scatter", src.numel())
+        };
+        self.pool_launch(entry, (src, &dst), w.kernel, w.stride, &inputs, src, n)
+    }
+
+    fn avg_pool3d(&self, x: &GpuTensor, w: Window3d) -> Result<GpuTensor> {
+        let dst = w.output_shape("avg_pool3d", x.shape())?;
+        let shapes = (x.shape(), &dst);
+        let n = dst.numel();
+        self.pool_launch("avg_pool3d", shapes, w.kernel, w.stride, &[(1, x)], &dst, n)
+    }
+
+    fn avg_pool3d_backward(&self, g: &GpuTensor, w: Window3d, input: &Shape) -> Result<GpuTensor> {
+        let dst = w.output_shape("avg_pool3d_backward", input)?;
+        check_shape("avg_pool3d_backward", &dst, g.shape())?;
+        let (entry, n) = if tiles(w, input, &dst) {
+            ("avg_pool3d_backward_tiled", dst.numel())
+        } else {
+            ("avg_pool3d_backward", input.numel())
+        };
+        let shapes = (input, &dst);
+        self.pool_launch(entry, shapes, w.kernel, w.stride, &[(1, g)], input, n)
+    }
+
+    fn upsample3d(&self, x: &GpuTensor, mode: Upsample, scale: [usize; 3]) -> Result<GpuTensor> {
+        let dst = upsample_shape(mode.name(), x.shape(), scale)?;
+        // Nearest runs one invocation per source element (it writes a block), trilinear one per
+        // output element.
+        let (entry, n) = match mode {
+            Upsample::Nearest => ("upsample_nearest", x.shape().numel()),
+            Upsample::Trilinear => ("upsample_trilinear", dst.numel()),
+        };
+        let shapes = (x.shape(), &dst);
+        self.pool_launch(entry, shapes, [1; 3], scale, &[(1, x)], &dst, n)
+    }
+
+    fn upsample3d_backward(
+        &self,
+        g: &GpuTensor,
+        mode: Upsample,
+        scale: [usize; 3],
+        input: &Shape,
+    ) -> Result<GpuTensor> {
+        let dst = upsample_shape(mode.name(), input, scale)?;
+        check_shape("upsample3d_backward", &dst, g.shape())?;
+        let entry = match mode {
+            Upsample::Nearest => "upsample_nearest_backward",
+            Upsample::Trilinear => "upsample_trilinear_backward",
+        };
+        let (shapes, n) = ((input, &dst), input.numel());
+        self.pool_launch(entry, shapes, [1; 3], scale, &[(1, g)], input, n)
+    }
+
+    fn channel_window(&self, x: &GpuTensor, start: isize, channels: usize) -> Result<GpuTensor> {
+        let [n, c, d, h, w] = dims5("channel_window", x.shape())?;
+        let out_shape = Shape::from([n, channels, d, h, w]);
+        let params = ChannelParams {
+            n: out_shape.numel() as u32,
+            volume: (d * h * w) as u32,
+            channels_in: c as u32,
+            channels_out: channels as u32,
+            start: start as i32,
+        };
+        let out = self.empty(&out_shape)?;
+        let grid = self.grid(out_shape.numel().div_ceil(WG));
+        let kernel = Kernel::new(KernelFile::Channels, "channel_window");
+        self.launch(&kernel, bytemuck::bytes_of(&params), &[(1, x)], &out, grid)?;
+        Ok(out)
+    }
+
+    fn channel_affine(&self, x: &GpuTensor, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+        let entries = affine_entries(x.shape(), a.shape(), b.shape())?;
+        let n = x.shape().numel();
+        let volume = n / (x.shape().dims()[0] * x.shape().dims()[1]).max(1);
+        let params = AffineParams {
+            n: n as u32,
+            volume: volume as u32,
+            groups: entries as u32,
+        };
+        let out = self.empty(x.shape())?;
+        let grid = self.grid(n.div_ceil(4).div_ceil(WG));
+        let aligned = if volume.is_multiple_of(4) { 1.0 } else { 0.0 };
+        let kernel =
+            Kernel::new(KernelFile::ChannelAffine, "channel_affine").with("ALIGNED", aligned);
+        let inputs = [(1, x), (2, a), (4, b)];
+        self.launch(&kernel, bytemuck::bytes_of(&params), &inputs, &out, grid)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,209 @@
+//! The layer family on the GPU against the Cpu64 reference through the runner's table: pooling,
+//! up-sampling, batch and instance norm, channel dropout, concat and slice; forward values,
+//! gradients and Hessian-vector products on seeded inputs at odd sizes (not multiples of 4 or of
+//! the workgroup size). Cpu64's derivatives are checked against finite differences in
+//! autograd/tests/layers.rs, so agreement here carries that check to the kernels.
+
+mod common;
+
+use common::{assert_gpu_matches_cpu64, derivatives, gpu, seeded};
+use metaseg_autograd::{Cpu64, Shape, Tolerance, Var};
+
+/// [2, 3, 7, 5, 9]: 1890 elements, windows of kernel 2 do not tile it.
+fn odd_shape() -> Shape {
+    Shape::from([2, 3, 7, 5, 9])
+}
+
+fn input(seed: u64, shape: &Shape, lo: f64, hi: f64) -> (Vec<f64>, Shape) {
+    (seeded(shape.numel(), seed, lo, hi), shape.clone())
+}
+
+#[test]
+fn pooling_matches_the_reference() {
+    let x = input(1, &odd_shape(), -1.0, 1.0);
+    for (kernel, stride) in [
+        ("kernel=2,2,2", "stride=2,2,2"),
+        ("kernel=3,3,3", "stride=2,2,2"),
+        ("kernel=2,2,2", "stride=1,1,1"),
+        ("kernel=1,2,3", "stride=1,2,2"),
+    ] {
+        for op in ["max_pool3d", "avg_pool3d"] {
+            assert_gpu_matches_cpu64(
+                op,
+                &[kernel, stride],
+                std::slice::from_ref(&x),
+                Tolerance::F32,
+            );
+        }
+    }
+}
+
+#[test]
+fn pooling_whose_windows_tile_the_input_matches_the_reference() {
+    // kernel = stride and sizes that divide: the backward writes whole windows (the tiled entries).
+    for (shape, k) in [([3, 3, 6, 2, 10], "2,2,2"), ([1, 3, 3, 6, 9], "3,3,3")] {
+        let (values, shape) = input(14, &Shape::from(shape), -1.0, 1.0);
+        // Quantised too, so ties decide the argmax in some windows.
+        let ties = (
+            values.iter().map(|v| (v * 1.5).round()).collect(),
+            shape.clone(),
+        );
+        let settings = [format!("kernel={k}"), format!("stride={k}")];
+        let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+        for x in [(values, shape), ties] {
+            for op in ["max_pool3d", "avg_pool3d"] {
+                assert_gpu_matches_cpu64(op, &settings, std::slice::from_ref(&x), Tolerance::F32);
+            }
+        }
+    }
+}
+
+#[test]
+fn max_pool_ties_go_to_the_first_maximum_on_both_backends() {
+    // Three levels only: most windows hold several maxima, and the gradient shows which one won.
+    let (values, shape) = input(10, &odd_shape(), -1.0, 1.0);
+    let ties = (values.iter().map(|v| (v * 1.5).round()).collect(), shape);
+    for (kernel, stride) in [
+        ("kernel=2,2,2", "stride=2,2,2"),
+        ("kernel=3,3,3", "stride=2,2,2"),
+    ] {
+        assert_gpu_matches_cpu64(
+            "max_pool3d",
+            &[kernel, stride],
+            std::slice::from_ref(&ties),
+            Tolerance::F32,
+        );
+    }
+}
+
+#[test]
+fn max_pool_gather_and_scatter_match_the_reference_at_second_order() {
+    // max_pool3d's HVP is zero; squaring the output makes H v run through scatter's own rule.
+    let x = input(2, &odd_shape(), -1.0, 1.0);
+    let window = metaseg_autograd::Window3d {
+        kernel: [3, 2, 2],
+        stride: [2, 1, 2],
+    };
+    let cpu = derivatives(
+        &Cpu64,
+        |xs| xs[0].max_pool3d(window).unwrap().square().unwrap(),
+        std::slice::from_ref(&x),
+    );
+    let gpu = derivatives(
+        &gpu(),
+        |xs| xs[0].max_pool3d(window).unwrap().square().unwrap(),
+        std::slice::from_ref(&x),
+    );
+    Tolerance::F32.assert("forward", &gpu.out, &cpu.out);
+    Tolerance::F32.assert("gradient", &gpu.grads[0], &cpu.grads[0]);
+    Tolerance::F32.assert("H v", &gpu.hvps[0], &cpu.hvps[0]);
+}
+
+#[test]
+fn upsampling_matches_the_reference() {
+    let x = input(3, &Shape::from([2, 3, 3, 5, 7]), -1.0, 1.0);
+    for op in ["upsample_nearest", "upsample_trilinear"] {
+        for scale in ["scale=2,2,2", "scale=1,3,2"] {
+            assert_gpu_matches_cpu64(op, &[scale], std::slice::from_ref(&x), Tolerance::F32);
+        }
+    }
+}
+
+#[test]
+fn norms_match_the_reference() {
+    let x = input(4, &odd_shape(), -2.0, 3.0);
+    let gamma = input(5, &Shape::from([3]), 0.5, 1.5);
+    let beta = input(6, &Shape::from([3]), -1.0, 1.0);
+    for op in ["batch_norm3d", "instance_norm3d"] {
+        for eps in ["eps=1e-5", "eps=0.1"] {
+            assert_gpu_matches_cpu64(
+                op,
+                &[eps],
+                &[x.clone(), gamma.clone(), beta.clone()],
+                Tolerance::new(2e-4, 2e-4),
+            );
+        }
+    }
+}
+
+#[test]
+fn channel_affine_matches_the_reference() {
+    // Volumes 35 (lanes of a vec4 straddle channels) and 36 (the ALIGNED path).
+    for spatial in [[1, 5, 7], [1, 4, 9]] {
+        let x = input(
+            11,
+            &Shape::from([2, 3, spatial[0], spatial[1], spatial[2]]),
+            -1.0,
+            1.0,
+        );
+        for ab in [Shape::from([1, 3, 1, 1, 1]), Shape::from([2, 3, 1, 1, 1])] {
+            let inputs = [
+                x.clone(),
+                input(12, &ab, 0.5, 1.5),
+                input(13, &ab, -1.0, 1.0),
+            ];
+            let f = |v: &[Var<_>]| v[0].channel_affine(&v[1], &v[2]).unwrap().square().unwrap();
+            let cpu = derivatives(&Cpu64, f, &inputs);
+            let f = |v: &[Var<_>]| v[0].channel_affine(&v[1], &v[2]).unwrap().square().unwrap();
+            let gpu = derivatives(&gpu(), f, &inputs);
+            let tol = Tolerance::F32_ACCUMULATED;
+            tol.assert("channel_affine forward", &gpu.out, &cpu.out);
+            for k in 0..3 {
+                tol.assert("channel_affine gradient", &gpu.grads[k], &cpu.grads[k]);
+                tol.assert("channel_affine H v", &gpu.hvps[k], &cpu.hvps[k]);
+            }
+        }
+    }
+}
+
+#[test]
+fn dropout_draws_the_same_mask_on_both_backends() {
+    let shape = Shape::from([3, 37, 1, 2, 3]);
+    let x = input(7, &shape, 0.5, 1.5);
+    for (p, seed, step) in [
+        ("p=0.5", "seed=1", "step=0"),
+        ("p=0.25", "seed=9", "step=7"),
+    ] {
+        assert_gpu_matches_cpu64(
+            "dropout3d",
+            &[p, seed, step],
+            std::slice::from_ref(&x),
+            Tolerance::F32,
+        );
+    }
+    // Whole channels only, on the GPU too: every (n, c) block is all zero or all non-zero.
+    let g = gpu();
+    let xv = Var::from_f64(&g, &x.0, &shape, false).unwrap();
+    let y = xv.dropout3d(0.5, 3, 4).unwrap().to_f64().unwrap();
+    let zeroed = y
+        .chunks(6)
+        .filter(|block| block.iter().all(|&v| v == 0.0))
+        .count();
+    assert!(y
+        .chunks(6)
+        .all(|block| block.iter().all(|&v| v == 0.0) || block.iter().all(|&v| v != 0.0)));
+    // 111 channels at p = 0.5: mean 55.5, standard deviation 5.3; allow about 4 of them.
+    assert!(
+        (34..=77).contains(&zeroed),
+        "{zeroed} of 111 channels zeroed"
+    );
+}
+
+#[test]
+fn concat_and_slice_match_the_reference() {
+    let a = input(8, &Shape::from([2, 3, 3, 5, 7]), -1.0, 1.0);
+    let b = input(9, &Shape::from([2, 2, 3, 5, 7]), -1.0, 1.0);
+    assert_gpu_matches_cpu64("concat", &[], &[a.clone(), b], Tolerance::F32);
+    for (start, len) in [
+        ("start=0", "len=2"),
+        ("start=1", "len=2"),
+        ("start=2", "len=1"),
+    ] {
+        assert_gpu_matches_cpu64(
+            "slice",
+            &[start, len],
+            std::slice::from_ref(&a),
+            Tolerance::F32,
+        );
+    }
+}
