@@ -35,20 +35,12 @@ fn input(seed: u64, shape: &Shape, lo: f64, hi: f64) -> (Vec<f64>, Shape) {
     (seeded(shape.numel(), seed, lo, hi), shape.clone())
 }
 
-/// One-hot over axis 1, the class drawn per voxel from the seeded generator, never `empty`.
+/// One-hot over axis 1 (see `check::one_hot`), with its shape.
 fn one_hot(shape: &Shape, seed: u64, empty: Option<usize>) -> (Vec<f64>, Shape) {
-    let (n, c) = (shape.dims()[0], shape.dims()[1]);
-    let s = shape.numel() / (n * c);
-    let classes: Vec<usize> = (0..c).filter(|&k| Some(k) != empty).collect();
-    let mut y = vec![0.0; shape.numel()];
-    for b in 0..n {
-        for v in 0..s {
-            let u = metaseg_autograd::random::uniform(seed, (b * s + v) as u64);
-            let k = classes[((u * classes.len() as f64) as usize).min(classes.len() - 1)];
-            y[(b * c + k) * s + v] = 1.0;
-        }
-    }
-    (y, shape.clone())
+    (
+        metaseg_autograd::check::one_hot(shape, seed, empty),
+        shape.clone(),
+    )
 }
 
 #[test]

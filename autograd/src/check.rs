@@ -104,6 +104,31 @@ impl fmt::Display for Mismatch {
     }
 }
 
+/// `n` values uniform in [lo, hi) from the project's counter-based generator: the seeded inputs
+/// of the tests, the same on every machine.
+pub fn seeded(n: usize, seed: u64, lo: f64, hi: f64) -> Vec<f64> {
+    (0..n as u64)
+        .map(|i| lo + (hi - lo) * crate::random::uniform(seed, i))
+        .collect()
+}
+
+/// One-hot targets over axis 1 of `shape` ([N, C, ...]), each voxel's class drawn from the seeded
+/// generator; class `empty`, if given, never occurs.
+pub fn one_hot(shape: &Shape, seed: u64, empty: Option<usize>) -> Vec<f64> {
+    let (n, c) = (shape.dims()[0], shape.dims()[1]);
+    let s = shape.numel() / (n * c);
+    let classes: Vec<usize> = (0..c).filter(|&k| Some(k) != empty).collect();
+    let mut y = vec![0.0; shape.numel()];
+    for b in 0..n {
+        for v in 0..s {
+            let u = crate::random::uniform(seed, (b * s + v) as u64);
+            let k = classes[((u * classes.len() as f64) as usize).min(classes.len() - 1)];
+            y[(b * c + k) * s + v] = 1.0;
+        }
+    }
+    y
+}
+
 /// A function of several Cpu64 variables, as the gradient checks take it.
 pub type CpuFn<'a> = dyn Fn(&[Var<Cpu64>]) -> Result<Var<Cpu64>> + 'a;
 

@@ -4,11 +4,7 @@
 use metaseg_autograd::check::{assert_gradients, CpuFn};
 use metaseg_autograd::{grad, Cpu64, Error, MatmulSpec, Result, Rule, Shape, Tolerance, Var};
 
-fn seeded(n: usize, seed: u64, lo: f64, hi: f64) -> Vec<f64> {
-    (0..n as u64)
-        .map(|i| lo + (hi - lo) * metaseg_autograd::random::uniform(seed, i))
-        .collect()
-}
+use metaseg_autograd::check::seeded;
 
 fn scalar(x: f64) -> Var<Cpu64> {
     Var::from_f64(&Cpu64, &[x], &Shape::scalar(), true).unwrap()

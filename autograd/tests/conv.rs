@@ -7,10 +7,9 @@ use metaseg_autograd::{
     grad, Backend, Conv3dGeometry, ConvBackend, ConvSpec, Cpu64, Error, Shape, Tolerance, Var,
 };
 
+/// Values uniform in [-1, 1).
 fn seeded(n: usize, seed: u64) -> Vec<f64> {
-    (0..n as u64)
-        .map(|i| 2.0 * metaseg_autograd::random::uniform(seed, i) - 1.0)
-        .collect()
+    metaseg_autograd::check::seeded(n, seed, -1.0, 1.0)
 }
 
 fn spec(stride: [usize; 3], padding: [usize; 3], dilation: [usize; 3]) -> ConvSpec {

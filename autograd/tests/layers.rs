@@ -7,11 +7,7 @@ use metaseg_autograd::{
     grad, Backend, Cpu64, LayerBackend, RunningStats, Shape, Tolerance, Upsample, Var, Window3d,
 };
 
-fn seeded(n: usize, seed: u64, lo: f64, hi: f64) -> Vec<f64> {
-    (0..n as u64)
-        .map(|i| lo + (hi - lo) * metaseg_autograd::random::uniform(seed, i))
-        .collect()
-}
+use metaseg_autograd::check::seeded;
 
 fn var(values: &[f64], shape: &Shape) -> Var<Cpu64> {
     Var::from_f64(&Cpu64, values, shape, true).unwrap()

@@ -7,33 +7,14 @@
 use metaseg_autograd::check::{analytic_gradient, assert_gradients, CpuFn};
 use metaseg_autograd::{Cpu64, DiceOptions, Reduction, Shape, Tolerance, Var};
 
-fn seeded(n: usize, seed: u64, lo: f64, hi: f64) -> Vec<f64> {
-    (0..n as u64)
-        .map(|i| lo + (hi - lo) * metaseg_autograd::random::uniform(seed, i))
-        .collect()
-}
+use metaseg_autograd::check::seeded;
 
 /// [N, C, D, H, W] = [2, 3, 1, 2, 3]: small enough for finite differences of every element.
 fn shape() -> Shape {
     Shape::from([2, 3, 1, 2, 3])
 }
 
-/// One-hot targets over axis 1 of `shape`, the class of voxel v of sample b chosen by a hash;
-/// class `empty` (if any) never occurs.
-fn one_hot(shape: &Shape, seed: u64, empty: Option<usize>) -> Vec<f64> {
-    let (n, c) = (shape.dims()[0], shape.dims()[1]);
-    let s = shape.numel() / (n * c);
-    let classes: Vec<usize> = (0..c).filter(|&k| Some(k) != empty).collect();
-    let mut y = vec![0.0; shape.numel()];
-    for b in 0..n {
-        for v in 0..s {
-            let u = metaseg_autograd::random::uniform(seed, (b * s + v) as u64);
-            let k = classes[((u * classes.len() as f64) as usize).min(classes.len() - 1)];
-            y[(b * c + k) * s + v] = 1.0;
-        }
-    }
-    y
-}
+use metaseg_autograd::check::one_hot;
 
 /// Checks f's first and second derivatives with respect to every input.
 fn check(what: &str, f: &CpuFn, inputs: &[(Vec<f64>, Shape)], out_numel: usize) {

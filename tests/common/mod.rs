@@ -22,12 +22,7 @@ pub fn gpu() -> Gpu {
     .clone()
 }
 
-/// n values uniform in [lo, hi), from the project's counter-based generator.
-pub fn seeded(n: usize, seed: u64, lo: f64, hi: f64) -> Vec<f64> {
-    (0..n as u64)
-        .map(|i| lo + (hi - lo) * metaseg_autograd::random::uniform(seed, i))
-        .collect()
-}
+pub use metaseg_autograd::check::seeded;
 
 /// A function's value, its gradient for a seeded output weighting, and a Hessian-vector product.
 pub struct Derivatives {
