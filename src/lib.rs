@@ -4,5 +4,7 @@
 pub mod gpu;
 
 pub mod error;
+pub mod meta;
+pub mod nn;
 pub mod npy;
 pub mod runner;

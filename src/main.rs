@@ -4,7 +4,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use metaseg::gpu::{Context, Gpu};
 use metaseg::npy::{self, Dtype};
 use metaseg::runner::{self, Call, Settings};
-use metaseg_autograd::{Backend, Cpu64, Var};
+use metaseg_autograd::{Cpu64, Var};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -110,12 +110,7 @@ fn kernel(args: &KernelArgs) -> AnyResult<()> {
 /// What `kernel` needs from a backend beyond `Backend`: the dtype its results are written in
 /// (its own precision, so a file never claims digits that were not computed) and how a forward
 /// pass is timed.
-trait KernelBackend:
-    Backend
-    + metaseg_autograd::LossBackend
-    + metaseg_autograd::LayerBackend
-    + metaseg_autograd::ConvBackend
-{
+trait KernelBackend: runner::OpBackend {
     const DTYPE: Dtype;
     /// Runs `forward` to completion and measures it: the total, and what measured it (shown next
     /// to each time, so nobody compares wall-clock and device times unknowingly).
@@ -207,6 +202,14 @@ fn run_kernel<B: KernelBackend>(backend: &B, args: &KernelArgs) -> AnyResult<()>
     for (name, values, shape) in &result.grads {
         let path = args.out.join(format!("grad_{name}.npy"));
         npy::write(&path, values, shape, B::DTYPE)?;
+    }
+    for (name, values, shape) in &result.extras {
+        npy::write(
+            &args.out.join(format!("{name}.npy")),
+            values,
+            shape,
+            B::DTYPE,
+        )?;
     }
     Ok(())
 }

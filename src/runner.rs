@@ -3,9 +3,11 @@
 //! The command line, the GPU-vs-Cpu64 tests and the benches all go through this one table.
 
 use crate::error::{Error, Result};
+use crate::meta::{MetaPath, MetaStep, Sgd};
 use metaseg_autograd::{
     grad, Backend, BinaryOp, ConvBackend, ConvSpec, DiceOptions, LayerBackend, LossBackend,
-    MatmulSpec, Reduction, Shape, UnaryOp, Upsample, Var, Window3d,
+    MatmulSpec, MetaBackend, Normalization, Reduction, Rule, Shape, UnaryOp, Upsample, Var,
+    Window3d,
 };
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -48,6 +50,7 @@ enum Forward {
     Slice,
     Conv3d,
     ConvTranspose3d,
+    MetaGradient,
 }
 
 const X: &[&str] = &["x"];
@@ -146,7 +149,17 @@ const OPS: &[OpSpec] = &[
         &["stride", "padding", "dilation", "output_padding"],
         Forward::ConvTranspose3d,
     ),
+    op(
+        "meta_gradient",
+        &["x_u", "y_u", "x_m", "y_m", "w1", "b1", "w2", "b2"],
+        &["lr", "path", "normalization"],
+        Forward::MetaGradient,
+    ),
 ];
+
+/// What every op of the table needs of a backend.
+pub trait OpBackend: Backend + LossBackend + LayerBackend + ConvBackend + MetaBackend {}
+impl<B: Backend + LossBackend + LayerBackend + ConvBackend + MetaBackend> OpBackend for B {}
 
 /// PyTorch's default, so results compare with it unchanged.
 const LEAKY_RELU_SLOPE: f64 = 0.01;
@@ -287,7 +300,7 @@ impl Settings {
 }
 
 /// Applies op `name` to `inputs`, given in the order its spec names them.
-pub fn apply_op<B: Backend + LossBackend + LayerBackend + ConvBackend>(
+pub fn apply_op<B: OpBackend>(
     name: &str,
     inputs: &[Var<B>],
     settings: &Settings,
@@ -393,8 +406,78 @@ pub fn apply_op<B: Backend + LossBackend + LayerBackend + ConvBackend>(
             let s = conv_spec(&spec, settings)?;
             x.conv_transpose3d(&inputs[1], inputs.get(2), s, output_padding)?
         }
+        Forward::MetaGradient => meta_gradient(&spec, inputs, settings)?,
     };
     Ok(y)
+}
+
+/// MLB-Seg's learning rate of the look-ahead in the runner's study network.
+const META_LR: f64 = 0.1;
+
+/// The meta-gradient of the runner's study network (issue 5): f(x) = conv3d(relu(conv3d(x, w1,
+/// b1, padding 1)), w2, b2), costs c = cross_entropy(f(x_u), y_u) per voxel, a plain SGD
+/// look-ahead theta' = theta - lr grad sum(eps c), and L_meta = mean cross_entropy(f_theta'(x_m),
+/// y_m). The result g = dL_meta/d eps at eps = 0 [N, 1, D, H, W] has no gradient of its own.
+fn meta_gradient<B: OpBackend>(
+    spec: &OpSpec,
+    inputs: &[Var<B>],
+    settings: &Settings,
+) -> Result<Var<B>> {
+    let lr = settings.f64("lr")?.unwrap_or(META_LR);
+    let path = settings.choice("path", &["reverse", "fast"])?;
+    let path = MetaPath::parse(path.as_deref().unwrap_or("fast")).expect("a checked choice");
+    let net = |theta: &[Var<B>], x: &Var<B>| -> metaseg_autograd::Result<Var<B>> {
+        let same = ConvSpec::new([1; 3], [1; 3]);
+        let h = x.conv3d(&theta[0], Some(&theta[1]), same)?.relu()?;
+        h.conv3d(&theta[2], Some(&theta[3]), ConvSpec::default())
+    };
+    let [x_u, y_u, x_m, y_m] = [0, 1, 2, 3].map(|k| inputs[k].detach());
+    let theta: Vec<Var<B>> = inputs[4..]
+        .iter()
+        .map(|t| Var::parameter(t.backend(), t.value().clone()))
+        .collect();
+    let inner = |t: &[Var<B>]| {
+        Ok((
+            net(t, &x_u)?.cross_entropy(&y_u, None, Reduction::None)?,
+            None,
+        ))
+    };
+    let meta_loss = |t: &[Var<B>]| net(t, &x_m)?.cross_entropy(&y_m, None, Reduction::Mean);
+    let step = MetaStep {
+        theta: &theta,
+        buffers: None,
+        sgd: Sgd {
+            lr,
+            momentum: 0.0,
+            weight_decay: 0.0,
+        },
+        inner: &inner,
+        meta_loss: &meta_loss,
+    };
+    let g = step
+        .meta_gradient(path)
+        .map_err(|e| spec.error(e.to_string()))?;
+    let refs: Vec<&Var<B>> = inputs.iter().collect();
+    Ok(Var::from_op(
+        "meta_gradient",
+        g.value().clone(),
+        &refs,
+        Rule::None,
+    ))
+}
+
+/// The outputs an op writes besides `out`: the normalised weights of `meta_gradient`.
+pub fn extra_outputs<B: OpBackend>(
+    op: &str,
+    output: &Var<B>,
+    settings: &Settings,
+) -> Result<Vec<(&'static str, Var<B>)>> {
+    if op != "meta_gradient" {
+        return Ok(Vec::new());
+    }
+    let norm = settings.choice("normalization", &Normalization::NAMES)?;
+    let norm = Normalization::parse(norm.as_deref().unwrap_or("clip")).expect("a checked choice");
+    Ok(vec![("weights", output.detach().meta_weights(norm)?)])
 }
 
 /// A sum or mean over `axes` (default: all), dropping them unless `keepdim`.
@@ -456,6 +539,8 @@ fn whole(spec: &OpSpec, settings: &Settings, key: &str) -> Result<Option<u64>> {
 pub struct RunOutput {
     pub output: (Vec<f64>, Shape),
     pub grads: Vec<(String, Vec<f64>, Shape)>,
+    /// Further outputs by name (see [`extra_outputs`]).
+    pub extras: Vec<(String, Vec<f64>, Shape)>,
 }
 
 /// A checked call of one op with its inputs on a backend. The forward can be run repeatedly
@@ -466,7 +551,7 @@ pub struct Call<B: Backend> {
     settings: Settings,
 }
 
-impl<B: Backend + LossBackend + LayerBackend + ConvBackend> Call<B> {
+impl<B: OpBackend> Call<B> {
     /// Checks the inputs by name (each one named by the spec, once) and uploads them in the
     /// spec's order.
     pub fn new(
@@ -530,9 +615,14 @@ impl<B: Backend + LossBackend + LayerBackend + ConvBackend> Call<B> {
             Some((values, shape)) => self.grads(output, &values, &shape)?,
             None => Vec::new(),
         };
+        let extras = extra_outputs(self.spec.name, output, &self.settings)?
+            .into_iter()
+            .map(|(name, v)| Ok((name.to_string(), v.to_f64()?, v.shape().clone())))
+            .collect::<Result<Vec<_>>>()?;
         Ok(RunOutput {
             output: (output.to_f64()?, output.shape().clone()),
             grads,
+            extras,
         })
     }
 
@@ -561,7 +651,7 @@ impl<B: Backend + LossBackend + LayerBackend + ConvBackend> Call<B> {
 }
 
 /// Runs op `op` once on `backend`: the output and, given `grad_output`, every input's gradient.
-pub fn run<B: Backend + LossBackend + LayerBackend + ConvBackend>(
+pub fn run<B: OpBackend>(
     backend: &B,
     op: &str,
     inputs: Vec<(String, Vec<f64>, Shape)>,
@@ -585,7 +675,9 @@ mod tests {
         for &name in op_names() {
             let spec = op_spec(name).unwrap();
             let inputs = spec.inputs.iter().filter(|n| !n.ends_with('?')).map(|n| {
-                layer_input(name, n).unwrap_or_else(|| (n.to_string(), x.0.clone(), x.1.clone()))
+                layer_input(name, n)
+                    .or_else(|| meta_input(name, n))
+                    .unwrap_or_else(|| (n.to_string(), x.0.clone(), x.1.clone()))
             });
             let required = match name {
                 "clamp" => &["min=0", "max=1"][..],
@@ -596,7 +688,8 @@ mod tests {
             let inputs: Vec<_> = inputs.collect();
             let probe = run(&Cpu64, name, inputs.clone(), &settings, None);
             let shape = probe.unwrap_or_else(|e| panic!("{name}: {e}")).output.1;
-            let grad_output = Some((vec![1.0; shape.numel()], shape));
+            // The meta-gradient is a gradient already; it has none of its own.
+            let grad_output = (name != "meta_gradient").then(|| (vec![1.0; shape.numel()], shape));
             let out = run(&Cpu64, name, inputs, &settings, grad_output);
             let out = out.unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(out.output.0.iter().all(|v| v.is_finite()), "{name}");
@@ -628,6 +721,26 @@ mod tests {
             _ => Shape::from([1, 2, 2, 2, 2]),
         };
         let values = (0..shape.numel()).map(|i| 0.1 + 0.05 * i as f64).collect();
+        Some((input.to_string(), values, shape))
+    }
+
+    /// The meta-gradient's study network: 1 input channel, 2 hidden, 2 classes on 2x2x2 volumes.
+    fn meta_input(op: &str, input: &str) -> Option<(String, Vec<f64>, Shape)> {
+        if op != "meta_gradient" {
+            return None;
+        }
+        let shape = match input {
+            "x_u" | "x_m" => Shape::from([1, 1, 2, 2, 2]),
+            "y_u" | "y_m" => Shape::from([1, 2, 2, 2, 2]),
+            "w1" => Shape::from([2, 1, 3, 3, 3]),
+            "w2" => Shape::from([2, 2, 1, 1, 1]),
+            _ => Shape::from([2]),
+        };
+        let values = if input.starts_with('y') {
+            metaseg_autograd::check::one_hot(&shape, 3, None)
+        } else {
+            metaseg_autograd::check::seeded(shape.numel(), 4, -1.0, 1.0)
+        };
         Some((input.to_string(), values, shape))
     }
 

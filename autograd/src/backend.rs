@@ -1,6 +1,6 @@
 //! The primitive operations every backend implements. Everything differentiable is built from these.
 
-use crate::{Result, Shape};
+use crate::{Error, Result, Shape};
 
 /// Elementwise functions of one tensor. The `*Mask`/`*Slope` ops are the piecewise-constant
 /// derivatives of the piecewise-linear ops; their own derivative is zero almost everywhere.
@@ -167,7 +167,7 @@ pub struct MatmulDims {
 
 impl MatmulDims {
     pub fn new(a: &Shape, b: &Shape, spec: MatmulSpec) -> Result<(MatmulDims, Shape)> {
-        let err = |reason: &str| crate::Error::Shape {
+        let err = |reason: &str| Error::Shape {
             op: "matmul",
             lhs: a.clone(),
             rhs: b.clone(),
@@ -206,6 +206,18 @@ impl MatmulDims {
     }
 }
 
+/// Checks that `shapes` cover the `total` elements of a flat tensor exactly.
+pub fn check_split(total: usize, shapes: &[Shape]) -> Result<()> {
+    let covered: usize = shapes.iter().map(Shape::numel).sum();
+    if covered != total {
+        return Err(Error::InvalidArgument {
+            op: "split_flat",
+            message: format!("the shapes hold {covered} elements, the flat tensor {total}"),
+        });
+    }
+    Ok(())
+}
+
 /// A tensor knows its shape; its storage is the backend's business.
 pub trait TensorShape {
     fn shape(&self) -> &Shape;
@@ -230,6 +242,12 @@ pub trait Backend: Clone + 'static {
     fn reshape(&self, x: &Self::Tensor, shape: &Shape) -> Result<Self::Tensor>;
     /// Materialises `x` broadcast to `shape`.
     fn broadcast_to(&self, x: &Self::Tensor, shape: &Shape) -> Result<Self::Tensor>;
+    /// The elements of `parts`, one after another, as one tensor [total]: the flat form of a
+    /// parameter store, so an optimiser or an EMA updates every parameter in one dispatch.
+    fn concat_flat(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor>;
+    /// The inverse of [`Backend::concat_flat`]: consecutive pieces of `flat` with these shapes,
+    /// which must account for every element.
+    fn split_flat(&self, flat: &Self::Tensor, shapes: &[Shape]) -> Result<Vec<Self::Tensor>>;
 
     fn unary(&self, op: UnaryOp, x: &Self::Tensor) -> Result<Self::Tensor>;
     fn binary(&self, op: BinaryOp, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;

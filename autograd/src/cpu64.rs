@@ -75,6 +75,25 @@ impl Backend for Cpu64 {
         })
     }
 
+    fn concat_flat(&self, parts: &[&CpuTensor]) -> Result<CpuTensor> {
+        let data: Vec<f64> = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        let n = data.len();
+        Ok(tensor(data, Shape::from([n])))
+    }
+
+    fn split_flat(&self, flat: &CpuTensor, shapes: &[Shape]) -> Result<Vec<CpuTensor>> {
+        crate::backend::check_split(flat.shape.numel(), shapes)?;
+        let mut start = 0;
+        Ok(shapes
+            .iter()
+            .map(|s| {
+                let part = flat.data[start..start + s.numel()].to_vec();
+                start += s.numel();
+                tensor(part, s.clone())
+            })
+            .collect())
+    }
+
     fn broadcast_to(&self, x: &CpuTensor, shape: &Shape) -> Result<CpuTensor> {
         let strides = x.shape.broadcast_strides(shape);
         let data = (0..shape.numel())

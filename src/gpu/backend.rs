@@ -1,6 +1,6 @@
 //! The GPU backend: every primitive of `metaseg_autograd::Backend` as a launch of a WGSL kernel.
 
-use super::context::{Binding, Context, DeviceError};
+use super::context::{Binding, BufferCopy, Context, DeviceError};
 use super::kernels::{Access, Kernel, KernelFile};
 use metaseg_autograd::{
     Backend, BinaryOp, Distribution, Error, MatmulDims, MatmulSpec, Result, Shape, TensorShape,
@@ -356,6 +356,57 @@ impl Backend for Gpu {
             &[(1, x)],
             &x.shape,
         )
+    }
+
+    fn concat_flat(&self, parts: &[&GpuTensor]) -> Result<GpuTensor> {
+        let total: usize = parts.iter().map(|p| p.shape.numel()).sum();
+        let flat = self.empty(&Shape::from([total]))?;
+        let mut offset = 0;
+        let copies: Vec<BufferCopy> = parts
+            .iter()
+            .filter(|p| p.shape.numel() > 0)
+            .map(|p| {
+                let bytes = 4 * p.shape.numel() as u64;
+                let copy = BufferCopy {
+                    from: p.buffer(),
+                    from_offset: 0,
+                    to: flat.buffer(),
+                    to_offset: offset,
+                    bytes,
+                };
+                offset += bytes;
+                copy
+            })
+            .collect();
+        self.ctx.copy_regions(&copies).map_err(backend_error)?;
+        Ok(flat)
+    }
+
+    fn split_flat(&self, flat: &GpuTensor, shapes: &[Shape]) -> Result<Vec<GpuTensor>> {
+        metaseg_autograd::backend::check_split(flat.shape.numel(), shapes)?;
+        let parts = shapes
+            .iter()
+            .map(|s| self.empty(s))
+            .collect::<Result<Vec<_>>>()?;
+        let mut offset = 0;
+        let copies: Vec<BufferCopy> = parts
+            .iter()
+            .filter(|p| p.shape.numel() > 0)
+            .map(|p| {
+                let bytes = 4 * p.shape.numel() as u64;
+                let copy = BufferCopy {
+                    from: flat.buffer(),
+                    from_offset: offset,
+                    to: p.buffer(),
+                    to_offset: 0,
+                    bytes,
+                };
+                offset += bytes;
+                copy
+            })
+            .collect();
+        self.ctx.copy_regions(&copies).map_err(backend_error)?;
+        Ok(parts)
     }
 
     fn reshape(&self, x: &GpuTensor, shape: &Shape) -> Result<GpuTensor> {

@@ -50,6 +50,15 @@ pub struct Binding<'a> {
     pub buffer: &'a wgpu::Buffer,
 }
 
+/// One region of [`Context::copy_regions`].
+pub struct BufferCopy<'a> {
+    pub from: &'a wgpu::Buffer,
+    pub from_offset: u64,
+    pub to: &'a wgpu::Buffer,
+    pub to_offset: u64,
+    pub bytes: u64,
+}
+
 impl Context {
     /// Opens the adapter that `WGPU_BACKEND` (vulkan, metal, dx12, gl) selects, or the best one
     /// available, asking for the adapter's own limits rather than wgpu's conservative defaults.
@@ -209,6 +218,23 @@ impl Context {
             self.uniforms.release(u);
         }
         Ok(())
+    }
+
+    /// Records buffer-to-buffer copies (source, source offset, destination, destination offset,
+    /// bytes; offsets and sizes multiples of 4) in one command buffer and submits it without
+    /// waiting: a DMA-style copy, no kernel.
+    pub fn copy_regions(&self, copies: &[BufferCopy]) -> Result<(), String> {
+        let _device = self.exclusive();
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        for c in copies {
+            encoder.copy_buffer_to_buffer(c.from, c.from_offset, c.to, c.to_offset, c.bytes);
+        }
+        self.queue.submit([encoder.finish()]);
+        match pollster::block_on(scope.pop()) {
+            Some(err) => Err(format!("copying between buffers: {err}")),
+            None => Ok(()),
+        }
     }
 
     /// Blocks until `submission` has finished on the device. Waits without a timeout: a single

@@ -17,10 +17,11 @@ pub enum KernelFile {
     Pool,
     Channels,
     ChannelAffine,
+    MetaWeights,
 }
 
 impl KernelFile {
-    pub const ALL: [KernelFile; 10] = [
+    pub const ALL: [KernelFile; 11] = [
         KernelFile::Elementwise,
         KernelFile::Reduce,
         KernelFile::Matmul,
@@ -31,6 +32,7 @@ impl KernelFile {
         KernelFile::Pool,
         KernelFile::Channels,
         KernelFile::ChannelAffine,
+        KernelFile::MetaWeights,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +45,7 @@ impl KernelFile {
             KernelFile::Pool => "pool.wgsl",
             KernelFile::Channels => "channels.wgsl",
             KernelFile::ChannelAffine => "channel_affine.wgsl",
+            KernelFile::MetaWeights => "meta_weights.wgsl",
             KernelFile::Conv => "conv.wgsl",
             KernelFile::Losses => "losses.wgsl",
         }
@@ -58,6 +61,7 @@ impl KernelFile {
             KernelFile::Pool => include_str!("../../kernels/pool.wgsl"),
             KernelFile::Channels => include_str!("../../kernels/channels.wgsl"),
             KernelFile::ChannelAffine => include_str!("../../kernels/channel_affine.wgsl"),
+            KernelFile::MetaWeights => include_str!("../../kernels/meta_weights.wgsl"),
             KernelFile::Conv => include_str!("../../kernels/conv.wgsl"),
             KernelFile::Losses => include_str!("../../kernels/losses.wgsl"),
         }

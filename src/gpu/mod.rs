@@ -10,6 +10,7 @@ mod conv;
 pub mod kernels;
 mod layers;
 mod losses;
+mod meta;
 pub mod pool;
 pub mod profiler;
 

@@ -1,0 +1,153 @@
+//! MLB-Seg's meta step (METHODS.md, step 5): the gradient of the meta loss after a one-step
+//! look-ahead with respect to per-voxel cost weights eps, at eps = 0, computed exactly in two ways.
+//!
+//! Reverse over reverse: eps enters the inner loss as sum(eps * c); the inner gradient is taken
+//! with `create_graph`, the look-ahead step theta' is recorded, and the meta loss at theta' is
+//! differentiated back to eps through all of it.
+//!
+//! Fast: the look-ahead moves theta by -lr * (mu m + grad(sum(eps c) + other) + wd theta), whose
+//! derivative with respect to eps_i is -lr * grad c_i(theta); so
+//! dL_meta/d eps_i = -lr * <v, grad c_i(theta)> with v = grad L_meta(theta'), and at eps = 0
+//! theta' does not depend on the costs at all. The vector of all <v, grad c_i> is the
+//! Jacobian-vector product J_c v, taken here as the derivative with respect to u of
+//! <grad_theta sum(u c), v> (linear in u): a backward pass recorded once, then differentiated with
+//! respect to u only, which touches just the part of that backward that is linear in u. The meta
+//! network is differentiated to first order only, and nothing is recorded through theta'.
+
+use metaseg_autograd::{grad, no_grad, Backend, Error, Result, Var};
+
+/// Parameters after a step, and the momentum buffers of that step.
+pub type Stepped<B> = (Vec<Var<B>>, Vec<Var<B>>);
+/// The costs and other inner-loss terms at some parameters.
+pub type InnerLoss<'a, B> = &'a dyn Fn(&[Var<B>]) -> Result<(Var<B>, Option<Var<B>>)>;
+/// A scalar loss at some parameters.
+pub type Loss<'a, B> = &'a dyn Fn(&[Var<B>]) -> Result<Var<B>>;
+
+/// SGD with momentum and weight decay as PyTorch applies it (dampening 0, no Nesterov).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sgd {
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+}
+
+impl Sgd {
+    /// d = g + wd theta; buf = mu buf + d (buf = d on the first step); theta' = theta - lr buf.
+    /// Returns theta' and the new buffers; recorded like any op, so it can be differentiated.
+    pub fn step<B: Backend>(
+        &self,
+        theta: &[Var<B>],
+        grads: &[Var<B>],
+        buffers: Option<&[Var<B>]>,
+    ) -> Result<Stepped<B>> {
+        let mut next = Vec::with_capacity(theta.len());
+        let mut bufs = Vec::with_capacity(theta.len());
+        for (k, (t, g)) in theta.iter().zip(grads).enumerate() {
+            let d = if self.weight_decay == 0.0 {
+                g.clone()
+            } else {
+                g.add(&t.scale(self.weight_decay)?)?
+            };
+            let buf = match buffers {
+                Some(b) if self.momentum != 0.0 => b[k].scale(self.momentum)?.add(&d)?,
+                _ => d,
+            };
+            next.push(t.sub(&buf.scale(self.lr)?)?);
+            bufs.push(buf);
+        }
+        Ok((next, bufs))
+    }
+}
+
+/// Which exact method computes the meta-gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetaPath {
+    Reverse,
+    Fast,
+}
+
+impl MetaPath {
+    pub fn parse(s: &str) -> Option<MetaPath> {
+        match s {
+            "reverse" => Some(MetaPath::Reverse),
+            "fast" => Some(MetaPath::Fast),
+            _ => None,
+        }
+    }
+}
+
+/// One meta step's problem. `inner(theta)` gives the per-voxel costs c (any shape) and the other
+/// terms of the inner loss (a scalar, or none); `meta_loss(theta')` the loss on the meta batch.
+/// Both must be deterministic (dropout keyed by a fixed seed and step).
+pub struct MetaStep<'a, B: Backend> {
+    pub theta: &'a [Var<B>],
+    /// The optimiser's momentum buffers, if it has taken a step.
+    pub buffers: Option<&'a [Var<B>]>,
+    pub sgd: Sgd,
+    pub inner: InnerLoss<'a, B>,
+    pub meta_loss: Loss<'a, B>,
+}
+
+impl<B: Backend> MetaStep<'_, B> {
+    /// dL_meta(theta'(eps)) / d eps at eps = 0, with the shape of the costs (a constant).
+    pub fn meta_gradient(&self, path: MetaPath) -> Result<Var<B>> {
+        if let Some(t) = self.theta.iter().find(|t| !t.requires_grad()) {
+            return Err(Error::InvalidArgument {
+                op: "meta_gradient",
+                message: format!("parameter of shape {} does not take gradients", t.shape()),
+            });
+        }
+        match path {
+            MetaPath::Reverse => self.reverse(),
+            MetaPath::Fast => self.fast(),
+        }
+    }
+
+    fn reverse(&self) -> Result<Var<B>> {
+        let (c, other) = (self.inner)(self.theta)?;
+        let eps = Var::parameter(c.backend(), c.backend().fill(c.shape(), 0.0)?);
+        let mut inner = eps.mul(&c)?.sum()?;
+        if let Some(o) = other {
+            inner = inner.add(&o)?;
+        }
+        let wrt: Vec<&Var<B>> = self.theta.iter().collect();
+        let g = grad(&inner, &wrt, None, true)?;
+        let (ahead, _) = self.sgd.step(self.theta, &g, self.buffers)?;
+        let meta = (self.meta_loss)(&ahead)?;
+        Ok(grad(&meta, &[&eps], None, false)?.remove(0))
+    }
+
+    fn fast(&self) -> Result<Var<B>> {
+        let (c, other) = (self.inner)(self.theta)?;
+        let wrt: Vec<&Var<B>> = self.theta.iter().collect();
+        let backend = c.backend().clone();
+        // theta' at eps = 0: only the other terms move it. Computed as constants.
+        let g_other = match &other {
+            Some(o) => grad(o, &wrt, None, false)?,
+            None => zeros_like(&backend, self.theta)?,
+        };
+        let ahead = no_grad(|| {
+            let detached: Vec<Var<B>> = self.theta.iter().map(Var::detach).collect();
+            self.sgd.step(&detached, &g_other, self.buffers)
+        })?
+        .0
+        .into_iter()
+        .map(|t| Var::parameter(&backend, t.value().clone()))
+        .collect::<Vec<_>>();
+        let meta = (self.meta_loss)(&ahead)?;
+        let v = grad(&meta, &ahead.iter().collect::<Vec<_>>(), None, false)?;
+        // J_c v = d/du <grad_theta sum(u c), v>.
+        let u = Var::parameter(&backend, backend.fill(c.shape(), 0.0)?);
+        let gu = grad(&u.mul(&c)?.sum()?, &wrt, None, true)?;
+        let mut dot = Var::zeros(&backend, &metaseg_autograd::Shape::scalar())?;
+        for (a, b) in gu.iter().zip(&v) {
+            dot = dot.add(&a.mul(b)?.sum()?)?;
+        }
+        let jv = grad(&dot, &[&u], None, false)?.remove(0);
+        no_grad(|| jv.scale(-self.sgd.lr))
+    }
+}
+
+fn zeros_like<B: Backend>(backend: &B, xs: &[Var<B>]) -> Result<Vec<Var<B>>> {
+    xs.iter().map(|x| Var::zeros(backend, x.shape())).collect()
+}
