@@ -214,6 +214,66 @@ pub fn hessian_vector_product(
         .collect()
 }
 
+/// Checks forward mode ([`crate::jvp`]) of `f` at `inputs` along `direction` against central
+/// differences of f itself, element by element, and against reverse mode through the adjoint
+/// identity <w, J v> = <J^T w, v> for seeded w. Panics with the worst element on failure.
+#[track_caller]
+pub fn assert_jvp(
+    what: &str,
+    f: &CpuFn,
+    inputs: &[(Vec<f64>, Shape)],
+    direction: &[Vec<f64>],
+    tol: Tolerance,
+) {
+    let eps = 1e-6;
+    let xs = vars(inputs, true).expect("inputs");
+    let y = f(&xs).expect("forward");
+    let dirs: Vec<Var<Cpu64>> = direction
+        .iter()
+        .zip(inputs)
+        .map(|(v, (_, s))| Var::from_f64(&Cpu64, v, s, false).expect("direction"))
+        .collect();
+    let tangents: Vec<(&Var<Cpu64>, &Var<Cpu64>)> = xs.iter().zip(&dirs).collect();
+    let jv = crate::jvp(&y, &tangents, false)
+        .expect("forward mode")
+        .to_f64()
+        .expect("tangent");
+    let at = |sign: f64| -> Vec<f64> {
+        let moved: Vec<(Vec<f64>, Shape)> = inputs
+            .iter()
+            .zip(direction)
+            .map(|((x, s), v)| {
+                let x = x.iter().zip(v).map(|(x, v)| x + sign * eps * v).collect();
+                (x, s.clone())
+            })
+            .collect();
+        f(&vars(&moved, false).expect("inputs"))
+            .and_then(|y| y.to_f64())
+            .expect("forward at a shifted point")
+    };
+    let (plus, minus) = (at(1.0), at(-1.0));
+    let fd: Vec<f64> = plus
+        .iter()
+        .zip(&minus)
+        .map(|(p, m)| (p - m) / (2.0 * eps))
+        .collect();
+    tol.assert(&format!("{what}: J v"), &jv, &fd);
+
+    let w = seeded(y.shape().numel(), 91, -1.0, 1.0);
+    let reverse = analytic_gradient(f, inputs, &w).expect("reverse mode");
+    let forward: f64 = jv.iter().zip(&w).map(|(a, b)| a * b).sum();
+    let adjoint: f64 = reverse
+        .iter()
+        .zip(direction)
+        .flat_map(|(g, v)| g.iter().zip(v).map(|(a, b)| a * b))
+        .sum();
+    Tolerance::F64.assert(
+        &format!("{what}: <w, J v> = <J^T w, v>"),
+        &[forward],
+        &[adjoint],
+    );
+}
+
 /// Checks reverse mode against central differences (first order) and the Hessian-vector product
 /// against central differences of the analytic gradient along `direction` (second order).
 /// Panics with the worst element on failure.

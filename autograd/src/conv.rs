@@ -8,7 +8,8 @@
 //! per spatial axis, where reads outside the input are zeros.
 
 use crate::backend::Backend;
-use crate::var::{Rule, Var};
+use crate::ops::{rule, tangent};
+use crate::var::{sum_tangents, Var};
 use crate::{Cpu64, CpuTensor, Error, Result, Shape};
 use std::sync::Arc;
 
@@ -388,15 +389,14 @@ impl ConvBackend for Cpu64 {
     }
 }
 
-fn rule<B: Backend>(
-    f: impl Fn(&[Var<B>], &Var<B>, &Var<B>) -> Result<Vec<Option<Var<B>>>> + 'static,
-) -> Rule<B> {
-    Rule::Differentiable(Box::new(f))
-}
-
 /// The gradient of a per-channel bias: the incoming gradient summed over all but the channel axis.
 fn d_bias<B: ConvBackend>(g: &Var<B>) -> Result<Var<B>> {
     g.sum_axes(&[0, 2, 3, 4], false)
+}
+
+/// A bias tangent [K] as [1, K, 1, 1, 1], to broadcast over an output.
+fn t_bias<B: ConvBackend>(d: &Var<B>) -> Result<Var<B>> {
+    d.reshape(&Shape::from([1, d.shape().numel(), 1, 1, 1]))
 }
 
 fn inputs<'a, B: ConvBackend>(
@@ -428,7 +428,7 @@ impl<B: ConvBackend> Var<B> {
         let value =
             self.backend()
                 .conv3d(self.value(), w.value(), bias.map(Var::value), &geometry)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "conv3d",
             value,
             &inputs(self, w, bias),
@@ -441,6 +441,15 @@ impl<B: ConvBackend> Var<B> {
                     d.push(Some(d_bias(g)?));
                 }
                 Ok(d)
+            }),
+            // Linear in each operand.
+            tangent(move |v, y, d| {
+                let terms = [
+                    d[0].as_ref().map(|t| t.conv3d_with(&v[1], None, geometry)),
+                    d[1].as_ref().map(|t| v[0].conv3d_with(t, None, geometry)),
+                    d.get(2).and_then(Option::as_ref).map(t_bias),
+                ];
+                sum_tangents(y.backend(), y.shape(), terms.map(Option::transpose))
             }),
         ))
     }
@@ -459,7 +468,7 @@ impl<B: ConvBackend> Var<B> {
             bias.map(Var::value),
             &geometry,
         )?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "conv3d_grad_input",
             value,
             &inputs(self, w, bias),
@@ -474,6 +483,16 @@ impl<B: ConvBackend> Var<B> {
                 }
                 Ok(d)
             }),
+            tangent(move |v, y, d| {
+                let terms = [
+                    d[0].as_ref()
+                        .map(|t| t.conv3d_grad_input(&v[1], None, geometry)),
+                    d[1].as_ref()
+                        .map(|t| v[0].conv3d_grad_input(t, None, geometry)),
+                    d.get(2).and_then(Option::as_ref).map(t_bias),
+                ];
+                sum_tangents(y.backend(), y.shape(), terms.map(Option::transpose))
+            }),
         ))
     }
 
@@ -482,7 +501,7 @@ impl<B: ConvBackend> Var<B> {
         let value = self
             .backend()
             .conv3d_grad_weight(self.value(), dy.value(), &geometry)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "conv3d_grad_weight",
             value,
             &[self, dy],
@@ -492,6 +511,13 @@ impl<B: ConvBackend> Var<B> {
                     Some(v[1].conv3d_grad_input(g, None, geometry)?),
                     Some(v[0].conv3d_with(g, None, geometry)?),
                 ])
+            }),
+            tangent(move |v, y, d| {
+                let terms = [
+                    d[0].as_ref().map(|t| t.conv3d_grad_weight(&v[1], geometry)),
+                    d[1].as_ref().map(|t| v[0].conv3d_grad_weight(t, geometry)),
+                ];
+                sum_tangents(y.backend(), y.shape(), terms.map(Option::transpose))
             }),
         ))
     }

@@ -18,6 +18,8 @@ pub enum Error {
         "{op} has only a first-order backward rule; it cannot be differentiated with create_graph"
     )]
     NoSecondOrder { op: &'static str },
+    #[error("{op} has no forward-mode rule, so no tangent can flow through it")]
+    NoForwardMode { op: &'static str },
     #[error("{backend} backend: {message}")]
     Backend {
         backend: &'static str,

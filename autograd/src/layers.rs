@@ -10,7 +10,8 @@
 
 use crate::backend::Backend;
 use crate::cpu64::{Cpu64, CpuTensor};
-use crate::var::{Rule, Var};
+use crate::ops::{rule, tangent};
+use crate::var::{sum_tangents, Var};
 use crate::{Error, Result, Shape};
 use std::sync::Arc;
 
@@ -424,22 +425,17 @@ fn for_each_source(
     }
 }
 
-fn rule<B: Backend>(
-    f: impl Fn(&[Var<B>], &Var<B>, &Var<B>) -> Result<Vec<Option<Var<B>>>> + 'static,
-) -> Rule<B> {
-    Rule::Differentiable(Box::new(f))
-}
-
 /// The differentiable layers.
 impl<B: LayerBackend> Var<B> {
     /// Max pooling; the gradient goes to the first maximum of each window.
     pub fn max_pool3d(&self, window: Window3d) -> Result<Self> {
         let value = self.backend().max_pool3d(self.value(), window)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "max_pool3d",
             value,
             &[self],
             rule(move |x, _, g| Ok(vec![Some(x[0].max_pool3d_scatter(g, window)?)])),
+            tangent(move |x, _, d| x[0].max_pool3d_gather(d[0].as_ref().expect("moves"), window)),
         ))
     }
 
@@ -449,11 +445,16 @@ impl<B: LayerBackend> Var<B> {
         let value = self
             .backend()
             .max_pool3d_gather(self.value(), v.value(), window)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "max_pool3d_gather",
             value,
             &[self, v],
             rule(move |xv, _, g| Ok(vec![None, Some(xv[0].max_pool3d_scatter(g, window)?)])),
+            // Piecewise constant in the pooled tensor: only v's tangent moves the result.
+            tangent(move |xv, y, d| match &d[1] {
+                Some(t) => xv[0].max_pool3d_gather(t, window),
+                None => Var::zeros(y.backend(), y.shape()),
+            }),
         ))
     }
 
@@ -463,21 +464,26 @@ impl<B: LayerBackend> Var<B> {
         let value = self
             .backend()
             .max_pool3d_scatter(self.value(), g.value(), window)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "max_pool3d_scatter",
             value,
             &[self, g],
             rule(move |xg, _, d| Ok(vec![None, Some(xg[0].max_pool3d_gather(d, window)?)])),
+            tangent(move |xg, y, d| match &d[1] {
+                Some(t) => xg[0].max_pool3d_scatter(t, window),
+                None => Var::zeros(y.backend(), y.shape()),
+            }),
         ))
     }
 
     pub fn avg_pool3d(&self, window: Window3d) -> Result<Self> {
         let value = self.backend().avg_pool3d(self.value(), window)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "avg_pool3d",
             value,
             &[self],
             rule(move |x, _, g| Ok(vec![Some(g.avg_pool3d_backward(window, x[0].shape())?)])),
+            tangent(move |_, _, d| d[0].as_ref().expect("moves").avg_pool3d(window)),
         ))
     }
 
@@ -486,17 +492,22 @@ impl<B: LayerBackend> Var<B> {
         let value = self
             .backend()
             .avg_pool3d_backward(self.value(), window, input)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "avg_pool3d_backward",
             value,
             &[self],
             rule(move |_, _, g| Ok(vec![Some(g.avg_pool3d(window)?)])),
+            tangent(move |_, y, d| {
+                d[0].as_ref()
+                    .expect("moves")
+                    .avg_pool3d_backward(window, y.shape())
+            }),
         ))
     }
 
     pub fn upsample3d(&self, mode: Upsample, scale: [usize; 3]) -> Result<Self> {
         let value = self.backend().upsample3d(self.value(), mode, scale)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             mode.name(),
             value,
             &[self],
@@ -507,6 +518,7 @@ impl<B: LayerBackend> Var<B> {
                     x[0].shape(),
                 )?)])
             }),
+            tangent(move |_, _, d| d[0].as_ref().expect("moves").upsample3d(mode, scale)),
         ))
     }
 
@@ -520,11 +532,16 @@ impl<B: LayerBackend> Var<B> {
         let value = self
             .backend()
             .upsample3d_backward(self.value(), mode, scale, input)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "upsample3d_backward",
             value,
             &[self],
             rule(move |_, _, g| Ok(vec![Some(g.upsample3d(mode, scale)?)])),
+            tangent(move |_, y, d| {
+                d[0].as_ref()
+                    .expect("moves")
+                    .upsample3d_backward(mode, scale, y.shape())
+            }),
         ))
     }
 
@@ -533,13 +550,18 @@ impl<B: LayerBackend> Var<B> {
         let value = self
             .backend()
             .channel_window(self.value(), start, channels)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "channel_window",
             value,
             &[self],
             rule(move |x, _, g| {
                 let c = x[0].shape().dims()[1];
                 Ok(vec![Some(g.channel_window(-start, c)?)])
+            }),
+            tangent(move |_, _, d| {
+                d[0].as_ref()
+                    .expect("moves")
+                    .channel_window(start, channels)
             }),
         ))
     }
@@ -550,7 +572,7 @@ impl<B: LayerBackend> Var<B> {
         let value = self
             .backend()
             .channel_affine(self.value(), a.value(), b.value())?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "channel_affine",
             value,
             &[self, a, b],
@@ -562,6 +584,19 @@ impl<B: LayerBackend> Var<B> {
                     Some(g.mul(x)?.sum_to(a.shape())?),
                     Some(g.sum_to(b.shape())?),
                 ])
+            }),
+            // x a + b is linear in x and in (a, b).
+            tangent(|xab, y, d| {
+                let (x, a, b) = (&xab[0], &xab[1], &xab[2]);
+                let zeros = |s: &Shape| Var::zeros(y.backend(), s);
+                let terms = [
+                    d[0].as_ref()
+                        .map(|t| t.channel_affine(a, &zeros(b.shape())?)),
+                    d[1].as_ref()
+                        .map(|t| x.channel_affine(t, &zeros(t.shape())?)),
+                    d[2].clone().map(Ok),
+                ];
+                sum_tangents(y.backend(), y.shape(), terms.map(Option::transpose))
             }),
         ))
     }

@@ -26,4 +26,6 @@ pub use losses::{DiceOptions, LossBackend, Reduction};
 pub use meta::{MetaBackend, Normalization};
 pub use norm::{BatchStats, RunningStats};
 pub use shape::{normalize_axes, Shape};
-pub use var::{grad, no_grad, with_recording, GradFn, Rule, TensorGradFn, Var};
+pub use var::{
+    grad, jvp, no_grad, sum_tangents, with_recording, GradFn, JvpFn, Rule, TensorGradFn, Var,
+};

@@ -7,7 +7,8 @@
 //! primitive's backward rule is written in differentiable ops (second order works throughout).
 
 use crate::backend::Backend;
-use crate::var::{Rule, Var};
+use crate::ops::{rule, tangent};
+use crate::var::Var;
 use crate::{Cpu64, CpuTensor, Error, Result, Shape};
 use std::sync::Arc;
 
@@ -140,18 +141,12 @@ impl Default for DiceOptions {
     }
 }
 
-fn rule<B: Backend>(
-    f: impl Fn(&[Var<B>], &Var<B>, &Var<B>) -> Result<Vec<Option<Var<B>>>> + 'static,
-) -> Rule<B> {
-    Rule::Differentiable(Box::new(f))
-}
-
 /// The primitives as differentiable ops.
 impl<B: LossBackend> Var<B> {
     /// softmax over axis 1. d x = y (g - sum_c g y).
     pub fn softmax_channels(&self) -> Result<Self> {
         let value = self.backend().softmax_channels(self.value(), false)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "softmax_channels",
             value,
             &[self],
@@ -159,19 +154,29 @@ impl<B: LossBackend> Var<B> {
                 let dot = g.mul(y)?.sum_axes(&[1], true)?;
                 Ok(vec![Some(y.mul(&g.sub(&dot)?)?)])
             }),
+            // The Jacobian is symmetric, so the tangent has the gradient's form.
+            tangent(|_, y, d| {
+                let t = d[0].as_ref().expect("moves");
+                y.mul(&t.sub(&t.mul(y)?.sum_axes(&[1], true)?)?)
+            }),
         ))
     }
 
     /// log-softmax over axis 1. d x = g - softmax(x) sum_c g.
     pub fn log_softmax_channels(&self) -> Result<Self> {
         let value = self.backend().softmax_channels(self.value(), true)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "log_softmax_channels",
             value,
             &[self],
             rule(|x, _, g| {
                 let p = x[0].softmax_channels()?;
                 Ok(vec![Some(g.sub(&p.mul(&g.sum_axes(&[1], true)?)?)?)])
+            }),
+            // d log p = dx - sum_c p dx.
+            tangent(|_, y, d| {
+                let t = d[0].as_ref().expect("moves");
+                t.sub(&t.mul(&y.exp()?)?.sum_axes(&[1], true)?)
             }),
         ))
     }
@@ -184,7 +189,7 @@ impl<B: LossBackend> Var<B> {
         let value = self
             .backend()
             .cross_entropy_voxels(self.value(), target.value())?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "cross_entropy_voxels",
             value,
             &[self, target],
@@ -196,6 +201,21 @@ impl<B: LossBackend> Var<B> {
                     .then(|| g.mul(&z.log_softmax_channels()?)?.neg())
                     .transpose()?;
                 Ok(vec![Some(d_z), d_y])
+            }),
+            // dc = sum_c (p sum_k y - y)_c dz_c - sum_c log p_c dy_c.
+            tangent(|zy, c, d| {
+                let (z, y) = (&zy[0], &zy[1]);
+                let mut terms = Vec::new();
+                if let Some(t) = &d[0] {
+                    let p = z.softmax_channels()?;
+                    let r = p.mul(&y.sum_axes(&[1], true)?)?.sub(y)?;
+                    terms.push(Ok(Some(r.mul(t)?.sum_axes(&[1], true)?)));
+                }
+                if let Some(t) = &d[1] {
+                    let log_p = z.log_softmax_channels()?;
+                    terms.push(Ok(Some(log_p.mul(t)?.sum_axes(&[1], true)?.neg()?)));
+                }
+                crate::var::sum_tangents(c.backend(), c.shape(), terms)
             }),
         ))
     }

@@ -3,10 +3,17 @@
 
 use crate::backend::{Backend, BinaryOp, Distribution, MatmulSpec, UnaryOp};
 use crate::shape::normalize_axes;
-use crate::var::{Rule, Var};
+use crate::var::{sum_tangents, JvpFn, Rule, Var};
 use crate::{Error, Result, Shape};
 
-fn rule<B: Backend>(
+/// A forward-mode rule (see [`crate::jvp`]).
+pub(crate) fn tangent<B: Backend>(
+    f: impl Fn(&[Var<B>], &Var<B>, &[Option<Var<B>>]) -> Result<Var<B>> + 'static,
+) -> JvpFn<B> {
+    Box::new(f)
+}
+
+pub(crate) fn rule<B: Backend>(
     f: impl Fn(&[Var<B>], &Var<B>, &Var<B>) -> Result<Vec<Option<Var<B>>>> + 'static,
 ) -> Rule<B> {
     Rule::Differentiable(Box::new(f))
@@ -45,11 +52,16 @@ impl<B: Backend> Var<B> {
 impl<B: Backend> Var<B> {
     pub fn unary(&self, op: UnaryOp) -> Result<Self> {
         let value = self.backend().unary(op, self.value())?;
-        Ok(Var::from_op(
+        // Elementwise, so the Jacobian is diagonal: the tangent is the backward rule applied to dx.
+        Ok(Var::from_op_with_jvp(
             op.name(),
             value,
             &[self],
             rule(move |x, y, g| Ok(vec![d_unary(op, &x[0], y, g)?])),
+            tangent(move |x, y, d| {
+                let dx = d[0].as_ref().expect("the only input moves");
+                sum_tangents(y.backend(), y.shape(), [d_unary(op, &x[0], y, dx)])
+            }),
         ))
     }
 
@@ -123,11 +135,12 @@ fn d_unary<B: Backend>(op: UnaryOp, x: &Var<B>, y: &Var<B>, g: &Var<B>) -> Resul
 impl<B: Backend> Var<B> {
     pub fn binary(&self, op: BinaryOp, other: &Var<B>) -> Result<Self> {
         let value = self.backend().binary(op, self.value(), other.value())?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             op.name(),
             value,
             &[self, other],
             rule(move |ab, y, g| d_binary(op, &ab[0], &ab[1], y, g)),
+            tangent(move |ab, y, d| t_binary(op, &ab[0], &ab[1], y, d)),
         ))
     }
 
@@ -165,6 +178,25 @@ fn d_binary<B: Backend>(
     ])
 }
 
+/// The tangent of `a op b` (broadcast to y's shape by the ops themselves).
+fn t_binary<B: Backend>(
+    op: BinaryOp,
+    a: &Var<B>,
+    b: &Var<B>,
+    y: &Var<B>,
+    d: &[Option<Var<B>>],
+) -> Result<Var<B>> {
+    let (da, db) = (d[0].as_ref(), d[1].as_ref());
+    let terms = match op {
+        BinaryOp::Add => [da.map(|t| Ok(t.clone())), db.map(|t| Ok(t.clone()))],
+        BinaryOp::Sub => [da.map(|t| Ok(t.clone())), db.map(Var::neg)],
+        BinaryOp::Mul => [da.map(|t| t.mul(b)), db.map(|t| a.mul(t))],
+        // d(a/b) = da/b - y db/b
+        BinaryOp::Div => [da.map(|t| t.div(b)), db.map(|t| y.mul(t)?.div(b)?.neg())],
+    };
+    sum_tangents(y.backend(), y.shape(), terms.map(Option::transpose))
+}
+
 /// Shape ops and reductions.
 impl<B: Backend> Var<B> {
     /// Same data, another shape with as many elements.
@@ -181,22 +213,24 @@ impl<B: Backend> Var<B> {
             return Ok(self.clone());
         }
         let value = self.backend().reshape(self.value(), shape)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "reshape",
             value,
             &[self],
             rule(|x, _, g| Ok(vec![Some(g.reshape(x[0].shape())?)])),
+            tangent(|_, y, d| d[0].as_ref().expect("moves").reshape(y.shape())),
         ))
     }
 
     /// A copy of the data (an identity in the math).
     pub fn copy(&self) -> Result<Self> {
         let value = self.backend().copy(self.value())?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "copy",
             value,
             &[self],
             rule(|_, _, g| Ok(vec![Some(g.clone())])),
+            tangent(|_, _, d| Ok(d[0].clone().expect("moves"))),
         ))
     }
 
@@ -213,11 +247,12 @@ impl<B: Backend> Var<B> {
             return Ok(self.clone());
         }
         let value = self.backend().broadcast_to(self.value(), shape)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "broadcast_to",
             value,
             &[self],
             rule(|x, _, g| Ok(vec![Some(g.sum_to(x[0].shape())?)])),
+            tangent(|_, y, d| d[0].as_ref().expect("moves").broadcast_to(y.shape())),
         ))
     }
 
@@ -233,11 +268,13 @@ impl<B: Backend> Var<B> {
     pub fn sum_axes(&self, axes: &[usize], keepdim: bool) -> Result<Self> {
         let axes = normalize_axes("sum", self.shape(), axes)?;
         let value = self.backend().sum_axes(self.value(), &axes)?;
-        let kept = Var::from_op(
+        let summed = axes.clone();
+        let kept = Var::from_op_with_jvp(
             "sum",
             value,
             &[self],
             rule(|x, _, g| Ok(vec![Some(g.broadcast_to(x[0].shape())?)])),
+            tangent(move |_, _, d| d[0].as_ref().expect("moves").sum_axes(&summed, true)),
         );
         if keepdim {
             return Ok(kept);
@@ -272,11 +309,18 @@ impl<B: Backend> Var<B> {
     /// Operands are [M, K] or [batch, M, K]; a batch of 1 is broadcast.
     pub fn matmul(&self, other: &Var<B>, spec: MatmulSpec) -> Result<Self> {
         let value = self.backend().matmul(self.value(), other.value(), spec)?;
-        Ok(Var::from_op(
+        Ok(Var::from_op_with_jvp(
             "matmul",
             value,
             &[self, other],
             rule(move |ab, _, g| d_matmul(spec, &ab[0], &ab[1], g)),
+            tangent(move |ab, y, d| {
+                let terms = [
+                    d[0].as_ref().map(|t| t.matmul(&ab[1], spec)),
+                    d[1].as_ref().map(|t| ab[0].matmul(t, spec)),
+                ];
+                sum_tangents(y.backend(), y.shape(), terms.map(Option::transpose))
+            }),
         ))
     }
 }

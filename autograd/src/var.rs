@@ -45,6 +45,10 @@ pub type TensorGradFn<B> = Box<
     ) -> Result<Vec<Option<<B as Backend>::Tensor>>>,
 >;
 
+/// Forward-mode rule: the output's tangent from its inputs, itself and the inputs' tangents (`None`
+/// for an input that does not move; at least one moves), written in differentiable ops.
+pub type JvpFn<B> = Box<dyn Fn(&[Var<B>], &Var<B>, &[Option<Var<B>>]) -> Result<Var<B>>>;
+
 pub enum Rule<B: Backend> {
     /// Differentiable at any order.
     Differentiable(GradFn<B>),
@@ -58,6 +62,7 @@ struct Origin<B: Backend> {
     op: &'static str,
     inputs: Vec<Var<B>>,
     rule: Rule<B>,
+    jvp: Option<JvpFn<B>>,
 }
 
 struct Node<B: Backend> {
@@ -114,6 +119,27 @@ impl<B: Backend> Var<B> {
     /// The result of an op. Recorded (with its inputs and rule) only when recording is on and some
     /// input requires a gradient; otherwise a constant.
     pub fn from_op(op: &'static str, value: B::Tensor, inputs: &[&Var<B>], rule: Rule<B>) -> Self {
+        Self::recorded(op, value, inputs, rule, None)
+    }
+
+    /// [`Var::from_op`] with a forward-mode rule as well, so [`jvp`] can pass through it.
+    pub fn from_op_with_jvp(
+        op: &'static str,
+        value: B::Tensor,
+        inputs: &[&Var<B>],
+        rule: Rule<B>,
+        jvp: JvpFn<B>,
+    ) -> Self {
+        Self::recorded(op, value, inputs, rule, Some(jvp))
+    }
+
+    fn recorded(
+        op: &'static str,
+        value: B::Tensor,
+        inputs: &[&Var<B>],
+        rule: Rule<B>,
+        jvp: Option<JvpFn<B>>,
+    ) -> Self {
         let backend = inputs
             .first()
             .expect("an op has at least one input")
@@ -132,6 +158,7 @@ impl<B: Backend> Var<B> {
                 op,
                 inputs: inputs.iter().map(|&v| v.clone()).collect(),
                 rule,
+                jvp,
             }),
         }))
     }
@@ -259,6 +286,96 @@ pub fn grad<B: Backend>(
             None => Ok(Var::constant(&backend, backend.fill(v.shape(), 0.0)?)),
         })
         .collect()
+}
+
+/// Forward mode: the tangent of `output` when each variable `x` of `tangents` moves along its
+/// `dx` (same shape), through the recorded graph, one rule per op in creation order. An op on the
+/// way without a forward-mode rule is `Error::NoForwardMode`. With `create_graph` the tangent is
+/// recorded and can be differentiated. Unlike reverse over reverse, nothing of a backward pass is
+/// computed or kept: the cost is about one more forward pass.
+pub fn jvp<B: Backend>(
+    output: &Var<B>,
+    tangents: &[(&Var<B>, &Var<B>)],
+    create_graph: bool,
+) -> Result<Var<B>> {
+    let mut moving: HashMap<u64, Var<B>> = HashMap::new();
+    for (x, dx) in tangents {
+        if x.shape() != dx.shape() {
+            return Err(Error::Shape {
+                op: "jvp",
+                lhs: x.shape().clone(),
+                rhs: dx.shape().clone(),
+                reason: "a tangent must have its variable's shape".into(),
+            });
+        }
+        moving.insert(x.id(), (*dx).clone());
+    }
+    let sources: Vec<&Var<B>> = tangents.iter().map(|t| t.0).collect();
+    let order = nodes_leading_to(output, &sources);
+    // A tangent is dropped after the last op that reads it.
+    let mut last_use: HashMap<u64, usize> = HashMap::new();
+    for (k, node) in order.iter().enumerate() {
+        for input in node.inputs() {
+            last_use.insert(input.id(), k);
+        }
+    }
+    with_recording(create_graph, || -> Result<()> {
+        for (k, node) in order.iter().enumerate() {
+            let Some(origin) = node.0.origin.as_ref() else {
+                continue;
+            };
+            if moving.contains_key(&node.id()) {
+                continue;
+            }
+            let d: Vec<Option<Var<B>>> = origin
+                .inputs
+                .iter()
+                .map(|i| moving.get(&i.id()).cloned())
+                .collect();
+            if d.iter().all(Option::is_none) {
+                continue;
+            }
+            let rule = origin
+                .jvp
+                .as_ref()
+                .ok_or(Error::NoForwardMode { op: origin.op })?;
+            moving.insert(node.id(), rule(&origin.inputs, node, &d)?);
+            for input in &origin.inputs {
+                if last_use.get(&input.id()) == Some(&k) && input.id() != output.id() {
+                    moving.remove(&input.id());
+                }
+            }
+        }
+        Ok(())
+    })?;
+    let backend = output.backend();
+    match moving.remove(&output.id()) {
+        Some(t) if create_graph => Ok(t),
+        Some(t) => Ok(t.detach()),
+        None => Ok(Var::constant(backend, backend.fill(output.shape(), 0.0)?)),
+    }
+}
+
+/// The sum of the tangents that are present, or zeros of `shape` if none is.
+pub fn sum_tangents<B: Backend>(
+    backend: &B,
+    shape: &Shape,
+    terms: impl IntoIterator<Item = Result<Option<Var<B>>>>,
+) -> Result<Var<B>> {
+    let mut total: Option<Var<B>> = None;
+    for term in terms {
+        if let Some(t) = term? {
+            total = Some(match total {
+                Some(s) => s.add(&t)?,
+                None => t,
+            });
+        }
+    }
+    match total {
+        Some(t) if t.shape() == shape => Ok(t),
+        Some(t) => t.broadcast_to(shape),
+        None => Var::zeros(backend, shape),
+    }
 }
 
 fn apply_rule<B: Backend>(

@@ -351,6 +351,11 @@ impl Context {
     pub fn pool_stats(&self) -> PoolStats {
         self.storage.stats()
     }
+
+    /// Starts measuring the peak of live tensor bytes afresh (see [`PoolStats::peak_bytes`]).
+    pub fn reset_peak_bytes(&self) {
+        self.storage.reset_peak();
+    }
 }
 
 fn request_adapter(backends: wgpu::Backends) -> Result<wgpu::Adapter, DeviceError> {

@@ -19,6 +19,9 @@ struct Free {
     bytes: u64,
     created: u64,
     reused: u64,
+    /// Bytes of buffers handed out and not yet given back, and the most there have been.
+    live: u64,
+    peak: u64,
 }
 
 /// Counters for tests and reports.
@@ -27,6 +30,10 @@ pub struct PoolStats {
     pub created: u64,
     pub reused: u64,
     pub pooled_bytes: u64,
+    /// Bytes in buffers held by tensors now, and the most since the last [`BufferPool::reset_peak`]:
+    /// the device memory a computation needs, as the pool sees it.
+    pub live_bytes: u64,
+    pub peak_bytes: u64,
 }
 
 /// Rounds a request up to a size class: 256-byte granularity, then steps of a quarter of a power of
@@ -53,6 +60,8 @@ impl BufferPool {
     pub fn acquire(&self, device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
         let size = size_class(bytes);
         let mut free = self.free.lock().unwrap();
+        free.live += size;
+        free.peak = free.peak.max(free.live);
         if let Some(buffer) = free.by_size.get_mut(&size).and_then(Vec::pop) {
             free.bytes -= size;
             free.reused += 1;
@@ -73,6 +82,7 @@ impl BufferPool {
     pub fn release(&self, buffer: wgpu::Buffer) {
         let size = buffer.size();
         let mut free = self.free.lock().unwrap();
+        free.live -= size;
         if free.bytes + size > MAX_POOLED_BYTES {
             // Dropping defers the actual free until submitted work that uses it is done.
             return;
@@ -87,7 +97,15 @@ impl BufferPool {
             created: free.created,
             reused: free.reused,
             pooled_bytes: free.bytes,
+            live_bytes: free.live,
+            peak_bytes: free.peak,
         }
+    }
+
+    /// Starts a new peak from the bytes live now.
+    pub fn reset_peak(&self) {
+        let mut free = self.free.lock().unwrap();
+        free.peak = free.live;
     }
 }
 

@@ -9,12 +9,11 @@
 //! derivative with respect to eps_i is -lr * grad c_i(theta); so
 //! dL_meta/d eps_i = -lr * <v, grad c_i(theta)> with v = grad L_meta(theta'), and at eps = 0
 //! theta' does not depend on the costs at all. The vector of all <v, grad c_i> is the
-//! Jacobian-vector product J_c v, taken here as the derivative with respect to u of
-//! <grad_theta sum(u c), v> (linear in u): a backward pass recorded once, then differentiated with
-//! respect to u only, which touches just the part of that backward that is linear in u. The meta
-//! network is differentiated to first order only, and nothing is recorded through theta'.
+//! Jacobian-vector product J_c v, taken in forward mode ([`jvp`]): tangents pushed through the
+//! costs' recorded forward graph, about the cost of one more forward pass. The meta network is
+//! differentiated to first order only; no backward pass of the inner network is computed or kept.
 
-use metaseg_autograd::{grad, no_grad, Backend, Error, Result, Var};
+use metaseg_autograd::{grad, jvp, no_grad, Backend, Error, Result, Var};
 
 /// Parameters after a step, and the momentum buffers of that step.
 pub type Stepped<B> = (Vec<Var<B>>, Vec<Var<B>>);
@@ -136,14 +135,9 @@ impl<B: Backend> MetaStep<'_, B> {
         .collect::<Vec<_>>();
         let meta = (self.meta_loss)(&ahead)?;
         let v = grad(&meta, &ahead.iter().collect::<Vec<_>>(), None, false)?;
-        // J_c v = d/du <grad_theta sum(u c), v>.
-        let u = Var::parameter(&backend, backend.fill(c.shape(), 0.0)?);
-        let gu = grad(&u.mul(&c)?.sum()?, &wrt, None, true)?;
-        let mut dot = Var::zeros(&backend, &metaseg_autograd::Shape::scalar())?;
-        for (a, b) in gu.iter().zip(&v) {
-            dot = dot.add(&a.mul(b)?.sum()?)?;
-        }
-        let jv = grad(&dot, &[&u], None, false)?.remove(0);
+        // J_c v in forward mode along the recorded graph of the costs.
+        let tangents: Vec<(&Var<B>, &Var<B>)> = self.theta.iter().zip(&v).collect();
+        let jv = jvp(&c, &tangents, false)?;
         no_grad(|| jv.scale(-self.sgd.lr))
     }
 }
