@@ -7,4 +7,5 @@ pub mod error;
 pub mod meta;
 pub mod nn;
 pub mod npy;
+pub mod optim;
 pub mod runner;

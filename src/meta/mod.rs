@@ -13,50 +13,13 @@
 //! costs' recorded forward graph, about the cost of one more forward pass. The meta network is
 //! differentiated to first order only; no backward pass of the inner network is computed or kept.
 
+pub use crate::optim::Sgd;
 use metaseg_autograd::{grad, jvp, no_grad, Backend, Error, Result, Var};
 
-/// Parameters after a step, and the momentum buffers of that step.
-pub type Stepped<B> = (Vec<Var<B>>, Vec<Var<B>>);
 /// The costs and other inner-loss terms at some parameters.
 pub type InnerLoss<'a, B> = &'a dyn Fn(&[Var<B>]) -> Result<(Var<B>, Option<Var<B>>)>;
 /// A scalar loss at some parameters.
 pub type Loss<'a, B> = &'a dyn Fn(&[Var<B>]) -> Result<Var<B>>;
-
-/// SGD with momentum and weight decay as PyTorch applies it (dampening 0, no Nesterov).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Sgd {
-    pub lr: f64,
-    pub momentum: f64,
-    pub weight_decay: f64,
-}
-
-impl Sgd {
-    /// d = g + wd theta; buf = mu buf + d (buf = d on the first step); theta' = theta - lr buf.
-    /// Returns theta' and the new buffers; recorded like any op, so it can be differentiated.
-    pub fn step<B: Backend>(
-        &self,
-        theta: &[Var<B>],
-        grads: &[Var<B>],
-        buffers: Option<&[Var<B>]>,
-    ) -> Result<Stepped<B>> {
-        let mut next = Vec::with_capacity(theta.len());
-        let mut bufs = Vec::with_capacity(theta.len());
-        for (k, (t, g)) in theta.iter().zip(grads).enumerate() {
-            let d = if self.weight_decay == 0.0 {
-                g.clone()
-            } else {
-                g.add(&t.scale(self.weight_decay)?)?
-            };
-            let buf = match buffers {
-                Some(b) if self.momentum != 0.0 => b[k].scale(self.momentum)?.add(&d)?,
-                _ => d,
-            };
-            next.push(t.sub(&buf.scale(self.lr)?)?);
-            bufs.push(buf);
-        }
-        Ok((next, bufs))
-    }
-}
 
 /// Which exact method computes the meta-gradient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
