@@ -4,6 +4,7 @@
 pub mod gpu;
 
 pub mod error;
+pub mod eval;
 pub mod meta;
 pub mod nn;
 pub mod npy;
