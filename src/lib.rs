@@ -10,3 +10,4 @@ pub mod nn;
 pub mod npy;
 pub mod optim;
 pub mod runner;
+pub mod train;

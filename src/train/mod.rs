@@ -1,0 +1,3 @@
+//! Training: checkpoints now; the loop, batches and methods build on them.
+
+pub mod checkpoint;
