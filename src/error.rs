@@ -25,6 +25,8 @@ pub enum Error {
     #[error("setting '{setting}': {message}")]
     Setting { setting: String, message: String },
     #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
     Autograd(#[from] metaseg_autograd::Error),
 }
 

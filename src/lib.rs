@@ -3,6 +3,8 @@
 
 pub mod gpu;
 
+pub mod data;
+
 pub mod error;
 pub mod eval;
 pub mod meta;

@@ -1,6 +1,8 @@
-//! The `metaseg` command: run any op on `.npy` arrays (`kernel`), describe the GPU (`info`).
+//! The `metaseg` command: run any op on `.npy` arrays (`kernel`), describe the GPU (`info`), write the
+//! embedded data set (`dataset default`).
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use metaseg::data::synthetic::{self, SyntheticConfig};
 use metaseg::gpu::{Context, Gpu};
 use metaseg::npy::{self, Dtype};
 use metaseg::runner::{self, Call, Settings};
@@ -29,6 +31,49 @@ enum Command {
     Kernel(KernelArgs),
     /// Describe the GPU.
     Info,
+    /// Data sets.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Write the embedded procedural data set (synthetic atria with exact labels) as a Medical
+    /// Segmentation Decathlon folder: imagesTr/, labelsTr/, dataset.json and split.json.
+    Default(DefaultDatasetArgs),
+}
+
+#[derive(clap::Args)]
+struct DefaultDatasetArgs {
+    /// The folder to write (created if needed).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Number of cases.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    cases: u64,
+    /// The seed every case is made from.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Volume size in voxels.
+    #[arg(long, value_name = "D,H,W", default_value = "48,48,48", value_parser = parse_size)]
+    size: [usize; 3],
+    /// The first N cases are labeled (split.json).
+    #[arg(long, default_value_t = 4)]
+    labeled: usize,
+    /// The last N cases are the test set; the rest are unlabeled (split.json).
+    #[arg(long, default_value_t = 8)]
+    test: usize,
+}
+
+fn parse_size(text: &str) -> Result<[usize; 3], String> {
+    let sizes: Vec<usize> = text
+        .split(',')
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("expected D,H,W (three integers): {e}"))?;
+    sizes
+        .try_into()
+        .map_err(|_| "expected D,H,W (three integers)".to_string())
 }
 
 #[derive(clap::Args)]
@@ -90,6 +135,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Kernel(args) => kernel(&args),
         Command::Info => info(),
+        Command::Dataset(DatasetCommand::Default(args)) => default_dataset(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -222,6 +268,26 @@ fn timed_forward<B: KernelBackend>(backend: &B, call: &Call<B>, run: u32) -> Any
         println!("    {:.3} ms  {kernel}", ms(*time));
     }
     Ok(output)
+}
+
+fn default_dataset(args: &DefaultDatasetArgs) -> AnyResult<()> {
+    let config = SyntheticConfig {
+        seed: args.seed,
+        cases: args.cases as usize,
+        size: args.size,
+        ..SyntheticConfig::default()
+    };
+    synthetic::write_msd(&args.out, &config, args.labeled, args.test)?;
+    let [d, h, w] = args.size;
+    println!(
+        "wrote {} cases of {d}x{h}x{w} voxels ({} labeled, {} unlabeled, {} test) to {}",
+        config.cases,
+        args.labeled,
+        config.cases - args.labeled - args.test,
+        args.test,
+        args.out.display()
+    );
+    Ok(())
 }
 
 /// `metaseg info`: the adapter, its backend and driver, the limits that bound kernel sizes, and

@@ -467,3 +467,64 @@ fn conv3d_with_and_without_its_optional_bias() {
     kernel_on("cpu64", no_bias.to_str().unwrap(), &args);
     assert!(no_bias.join("grad_w.npy").exists() && !no_bias.join("grad_b.npy").exists());
 }
+
+#[test]
+fn dataset_default_writes_an_msd_folder_the_reader_opens() {
+    use metaseg::data::{synthetic, Msd, SplitSpec, SyntheticConfig};
+    let dir = Dir::new();
+    let out = dir.out();
+    let args = [
+        "dataset", "default", "--out", &out, "--cases", "3", "--seed", "2",
+    ];
+    let output = metaseg(
+        &[
+            &args[..],
+            &["--size", "16,20,24", "--labeled", "1", "--test", "1"],
+        ]
+        .concat(),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("3 cases of 16x20x24 voxels (1 labeled, 1 unlabeled, 1 test)"),
+        "{stdout}"
+    );
+    let msd = Msd::open(Path::new(&out)).unwrap();
+    let split = msd
+        .split(&SplitSpec::File(dir.path("out/split.json")))
+        .unwrap();
+    let (image, _) = msd.load(&split.unlabeled[0]).unwrap();
+    let config = SyntheticConfig {
+        seed: 2,
+        cases: 3,
+        size: [16, 20, 24],
+        ..SyntheticConfig::default()
+    };
+    assert_eq!(image.data, synthetic::case(&config, 1).unwrap().image.data);
+}
+
+#[test]
+fn dataset_default_rejects_a_bad_size_and_split() {
+    let dir = Dir::new();
+    let out = dir.out();
+    let output = metaseg(&["dataset", "default", "--out", &out, "--size", "16,20"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("D,H,W"));
+    let output = metaseg(&[
+        "dataset",
+        "default",
+        "--out",
+        &out,
+        "--cases",
+        "4",
+        "--labeled",
+        "3",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("3 labeled + 8 test of 4 cases"), "{stderr}");
+}
