@@ -34,6 +34,30 @@ enum Command {
     /// Data sets.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Train a segmentation network (a preset, with any key overridden by --set).
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// A preset shipped with metaseg (default, la-vnet) or a .toml file.
+    #[arg(long, default_value = "default")]
+    preset: String,
+    /// Override a key of the preset, like --set optimizer.lr=0.005 or --set method=supervised.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Directory for config.toml, log.jsonl and the checkpoint.
+    #[arg(long, default_value = "runs/default")]
+    out: PathBuf,
+    /// Continue from the checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Stop after this many iterations with a checkpoint (continue later with --resume).
+    #[arg(long, value_name = "N")]
+    stop_after: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -128,6 +152,47 @@ fn ops_help() -> String {
     help
 }
 
+fn train(args: &TrainArgs) -> AnyResult<()> {
+    use metaseg::train::{config::TrainConfig, run};
+    let config = TrainConfig::load(&args.preset, &args.overrides)?;
+    let gpu = Gpu::new()?;
+    let info = &gpu.context().adapter.info;
+    eprintln!(
+        "{} on {} ({:?}): {} iterations, writing to {}",
+        config.method,
+        info.name,
+        info.backend,
+        config.iterations,
+        args.out.display()
+    );
+    let data = run::load_data(&config)?;
+    eprintln!(
+        "data: {} labeled, {} unlabeled, {} test cases",
+        data.labeled.len(),
+        data.unlabeled.len(),
+        data.test.len()
+    );
+    let paths = run::RunPaths {
+        dir: args.out.clone(),
+    };
+    let options = run::RunOptions {
+        resume: args.resume,
+        progress: !args.quiet,
+        stop_after: args.stop_after,
+    };
+    let summary = run::train(&gpu, &config, &data, &paths, options)?;
+    let dice = summary
+        .validation_dice
+        .map_or("no test cases".to_string(), |d| format!("{d:.4}"));
+    println!(
+        "done in {:.1} s: final loss {:.4}, test Dice {dice}; log in {}",
+        summary.seconds,
+        summary.final_loss,
+        paths.log().display()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let command = Cli::command().mut_subcommand("kernel", |c| c.after_help(ops_help()));
     // Usage errors exit with clap's code 2; errors while running exit with 1.
@@ -136,6 +201,7 @@ fn main() -> ExitCode {
         Command::Kernel(args) => kernel(&args),
         Command::Info => info(),
         Command::Dataset(DatasetCommand::Default(args)) => default_dataset(&args),
+        Command::Train(args) => train(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

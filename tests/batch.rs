@@ -1,20 +1,19 @@
 //! Two-stream batches: reproducible per iteration, images and labels augmented alike, crops centred
 //! on foreground when asked, and augmentation a permutation of the voxels.
 
-use metaseg::train::batch::{sample, Case, Sampling};
+use metaseg::data::Volume;
+use metaseg::train::batch::{sample, LoadedCase, Sampling};
 
 /// A case whose image equals its label (0 or 1), so any misalignment between the two shows.
-fn case(name: &str, dims: [usize; 3], seed: u64) -> Case {
+fn case(name: &str, dims: [usize; 3], seed: u64) -> LoadedCase {
     let n: usize = dims.iter().product();
     let label: Vec<u8> = (0..n)
         .map(|i| u8::from(metaseg_autograd::random::uniform(seed, i as u64) < 0.2))
         .collect();
-    Case {
+    let image = label.iter().map(|&l| f32::from(l)).collect();
+    LoadedCase {
         name: name.into(),
-        image: label.iter().map(|&l| f32::from(l)).collect(),
-        channels: 1,
-        dims,
-        spacing: [1.0; 3],
+        image: Volume::new(image, dims, [1.0; 3]).unwrap(),
         label: Some(label),
     }
 }
@@ -60,7 +59,7 @@ fn foreground_crops_are_centred_on_foreground() {
     let label: Vec<u8> = (0..729)
         .map(|i| u8::from([100, 364, 600].contains(&i)))
         .collect();
-    sparse.image = label.iter().map(|&l| f32::from(l)).collect();
+    sparse.image.data = label.iter().map(|&l| f32::from(l)).collect();
     sparse.label = Some(label);
     let cases = [sparse];
     let mut s = sampling([3, 3, 3], 1.0);
@@ -81,7 +80,7 @@ fn augmentation_permutes_the_voxels_of_a_whole_volume_crop() {
         rotate_flip: false,
         ..sampling([4, 6, 6], 0.0)
     };
-    let reference: Vec<f64> = cases[0].image.iter().map(|&v| f64::from(v)).collect();
+    let reference: Vec<f64> = cases[0].image.data.iter().map(|&v| f64::from(v)).collect();
     assert_eq!(
         sample(&cases, &[], (1, 0), 2, &plain, 1, 0).images,
         reference

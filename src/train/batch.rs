@@ -6,16 +6,14 @@
 //! iteration, so the batch of iteration t is the same in a resumed run as in an uninterrupted one.
 //! Crops and flips are gathers done once per patch on the host while the device trains.
 
+use crate::data::Volume;
 use metaseg_autograd::random::{normal, uniform};
 
-/// One volume in memory: image [C, D, H, W] (normalised), label [D, H, W] (class per voxel).
+/// One case in memory: its image (normalised) and, if labeled, its class per voxel [D, H, W].
 #[derive(Clone, Debug)]
-pub struct Case {
+pub struct LoadedCase {
     pub name: String,
-    pub image: Vec<f32>,
-    pub channels: usize,
-    pub dims: [usize; 3],
-    pub spacing: [f64; 3],
+    pub image: Volume,
     pub label: Option<Vec<u8>>,
 }
 
@@ -61,8 +59,8 @@ struct Placement {
     flip: usize,
 }
 
-fn place(case: &Case, s: &Sampling, seed: u64, k: u64, labeled: bool) -> Placement {
-    let dims = case.dims;
+fn place(case: &LoadedCase, s: &Sampling, seed: u64, k: u64, labeled: bool) -> Placement {
+    let dims = case.image.dims;
     let centre = labeled
         .then_some(())
         .filter(|_| uniform(seed, k + 1) < s.foreground)
@@ -119,8 +117,8 @@ fn source(p: &Placement, patch: [usize; 3], dims: [usize; 3], at: [usize; 3]) ->
 /// The batch of `iteration`: `labeled` patches from labeled cases (with one-hot labels of
 /// `classes`) then `unlabeled` from unlabeled ones, cases drawn with replacement.
 pub fn sample(
-    labeled_cases: &[Case],
-    unlabeled_cases: &[Case],
+    labeled_cases: &[LoadedCase],
+    unlabeled_cases: &[LoadedCase],
     counts: (usize, usize),
     classes: usize,
     s: &Sampling,
@@ -144,7 +142,7 @@ pub fn sample(
         let p = place(case, s, seed, k, is_labeled);
         let gain = 1.0 + s.intensity * (2.0 * uniform(seed, k + 8) - 1.0);
         let shift = s.intensity * (2.0 * uniform(seed, k + 9) - 1.0);
-        let case_voxels: usize = case.dims.iter().product();
+        let case_voxels: usize = case.image.dims.iter().product();
         let sources: Vec<Option<usize>> = (0..voxels)
             .map(|v| {
                 let at = [
@@ -152,13 +150,13 @@ pub fn sample(
                     v / s.patch[2] % s.patch[1],
                     v % s.patch[2],
                 ];
-                source(&p, s.patch, case.dims, at)
+                source(&p, s.patch, case.image.dims, at)
             })
             .collect();
-        for c in 0..case.channels {
+        for c in 0..case.image.channels {
             let noise_stream = (k + 10 + c as u64) << 32;
             for (v, src) in sources.iter().enumerate() {
-                let value = src.map_or(0.0, |i| f64::from(case.image[c * case_voxels + i]));
+                let value = src.map_or(0.0, |i| f64::from(case.image.data[c * case_voxels + i]));
                 let noise = if s.noise > 0.0 {
                     s.noise * normal(seed, noise_stream + v as u64)
                 } else {

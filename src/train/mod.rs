@@ -1,4 +1,8 @@
-//! Training: checkpoints now; the loop, batches and methods build on them.
+//! Training: configurations and presets, two-stream batches, the methods' steps, the run loop
+//! with its log and checkpoints.
 
 pub mod batch;
 pub mod checkpoint;
+pub mod config;
+pub mod run;
+pub mod trainer;

@@ -1,0 +1,230 @@
+//! A training run's configuration: TOML presets shipped with the project (`presets/*.toml`), any
+//! key overridable from the command line as `--set section.key=value` (the value in TOML syntax;
+//! a bare word is taken as a string).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// supervised, full or mean-teacher.
+    pub method: String,
+    pub seed: u64,
+    pub iterations: u64,
+    pub data: DataConfig,
+    pub network: NetworkConfig,
+    pub batch: BatchConfig,
+    pub optimizer: OptimizerConfig,
+    pub mean_teacher: MeanTeacherConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// "default" for the embedded procedural data set, or a Medical Segmentation Decathlon folder.
+    pub source: String,
+    /// Cases of the embedded data set (training and test together).
+    pub cases: usize,
+    /// Volume size [D, H, W] of the embedded data set.
+    pub size: [usize; 3],
+    /// The first `labeled` training cases are labeled (unless `split` names a split file).
+    pub labeled: usize,
+    /// Cases held out for validation and testing.
+    pub test: usize,
+    /// A JSON split file with lists `labeled`, `unlabeled`, `test` (empty: use the counts).
+    pub split: String,
+    pub classes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// vnet or unet.
+    pub kind: String,
+    pub base_width: usize,
+    pub levels: usize,
+    pub dropout: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    pub patch: [usize; 3],
+    pub labeled: usize,
+    pub unlabeled: usize,
+    /// Probability that a labeled crop is centred on foreground.
+    pub foreground: f64,
+    pub rotate_flip: bool,
+    pub intensity: f64,
+    pub noise: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// sgd or adam.
+    pub kind: String,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// constant, step, poly or lambda.
+    pub schedule: String,
+    /// step: multiply by `gamma` every `step_every` iterations.
+    pub step_every: u64,
+    pub gamma: f64,
+    /// poly: (1 - t / iterations)^power.
+    pub power: f64,
+    /// lambda: 20 / (epoch + 20) with epochs of this many iterations.
+    pub epoch: u64,
+    /// Global L2 norm the gradients are clipped to (0: no clipping).
+    pub clip: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeanTeacherConfig {
+    pub ema_decay: f64,
+    /// Weight of the consistency term at the end of the ramp-up.
+    pub consistency: f64,
+    /// Ramp-up length in units of `rampup_unit` iterations (40 x 150 in the LA recipes).
+    pub rampup: f64,
+    pub rampup_unit: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Iterations between validations (Dice on the held-out cases) and checkpoints.
+    pub validate_every: u64,
+    pub checkpoint_every: u64,
+    /// Sliding-window stride for validation, as a fraction of the patch.
+    pub stride_fraction: f64,
+}
+
+/// The presets shipped with metaseg, by name.
+pub const PRESETS: [(&str, &str); 2] = [
+    ("default", include_str!("../../presets/default.toml")),
+    ("la-vnet", include_str!("../../presets/la-vnet.toml")),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown preset '{0}'; the presets are default, la-vnet (or give a .toml file)")]
+    UnknownPreset(String),
+    #[error("reading {path}: {message}")]
+    File { path: String, message: String },
+    #[error("--set {0}: expected KEY=VALUE with a dotted key, like optimizer.lr=0.01")]
+    Override(String),
+    #[error("--set {key}: no such key in the configuration")]
+    UnknownKey { key: String },
+    #[error("the configuration is invalid: {0}")]
+    Invalid(String),
+}
+
+impl TrainConfig {
+    /// A preset by name, or a TOML file by path, with `overrides` applied in order.
+    pub fn load(preset: &str, overrides: &[String]) -> Result<TrainConfig, ConfigError> {
+        let text = match PRESETS.iter().find(|(n, _)| *n == preset) {
+            Some((_, text)) => text.to_string(),
+            None if preset.ends_with(".toml") => {
+                std::fs::read_to_string(preset).map_err(|e| ConfigError::File {
+                    path: preset.into(),
+                    message: e.to_string(),
+                })?
+            }
+            None => return Err(ConfigError::UnknownPreset(preset.into())),
+        };
+        let mut value: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::File {
+                    path: preset.into(),
+                    message: e.to_string(),
+                })?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let config: TrainConfig = toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot: names from their lists, sizes that fit together.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let one_of = |what: &str, v: &str, names: &[&str]| {
+            if names.contains(&v) {
+                Ok(())
+            } else {
+                bad(format!("{what} '{v}' is not one of {}", names.join(", ")))
+            }
+        };
+        one_of(
+            "method",
+            &self.method,
+            &["supervised", "full", "mean-teacher"],
+        )?;
+        one_of("network.kind", &self.network.kind, &["vnet", "unet"])?;
+        one_of("optimizer.kind", &self.optimizer.kind, &["sgd", "adam"])?;
+        one_of(
+            "optimizer.schedule",
+            &self.optimizer.schedule,
+            &["constant", "step", "poly", "lambda"],
+        )?;
+        let multiple = 1usize << self.network.levels.saturating_sub(1);
+        if self
+            .batch
+            .patch
+            .iter()
+            .any(|&p| p == 0 || p % multiple != 0)
+        {
+            return bad(format!(
+                "batch.patch {:?} must divide by {multiple} (2^(levels - 1))",
+                self.batch.patch
+            ));
+        }
+        if self.batch.labeled == 0 || self.data.labeled == 0 {
+            return bad("a run needs at least one labeled case and patch per batch".into());
+        }
+        if self.method == "mean-teacher" && self.batch.unlabeled == 0 {
+            return bad("mean-teacher needs unlabeled patches (batch.unlabeled > 0)".into());
+        }
+        if !self.optimizer.lr.is_finite() || self.optimizer.lr <= 0.0 {
+            return bad(format!(
+                "optimizer.lr {} must be positive",
+                self.optimizer.lr
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Sets `a.b.c=value` in the table; the key must already exist (so a typo is an error, not a
+/// silently ignored setting).
+fn apply_override(table: &mut toml::Table, text: &str) -> Result<(), ConfigError> {
+    let (key, raw) = text
+        .split_once('=')
+        .ok_or_else(|| ConfigError::Override(text.into()))?;
+    let value: toml::Value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.split('.').collect();
+    let unknown = || ConfigError::UnknownKey { key: key.into() };
+    let mut current = table;
+    for part in &parts[..parts.len() - 1] {
+        current = current
+            .get_mut(*part)
+            .and_then(toml::Value::as_table_mut)
+            .ok_or_else(unknown)?;
+    }
+    let last = parts[parts.len() - 1];
+    if !current.contains_key(last) {
+        return Err(unknown());
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
+}

@@ -1,0 +1,493 @@
+//! A training run: the data of its configuration loaded and normalised, the loop over iterations
+//! with a progress bar, a JSON-lines log of every step, periodic validation Dice, checkpoints
+//! (atomic; `resume` continues from the last one exactly as an uninterrupted run would), and a stop
+//! with a clear message at the first non-finite loss, keeping the last good checkpoint.
+
+use super::batch::{sample, LoadedCase, Sampling};
+use super::checkpoint::{self, HostTensor, Sidecar};
+use super::config::TrainConfig;
+use super::trainer::{DeviceBatch, Teacher, Trainer};
+use crate::data::{self, preprocess, synthetic, Msd, SplitSpec, SyntheticConfig, Volume};
+use crate::eval::inference::HostVolume;
+use crate::eval::{argmax, predict_probabilities, SlidingWindow};
+use crate::nn::{NetBackend, ParamStore};
+use indicatif::{ProgressBar, ProgressStyle};
+use metaseg_autograd::{Shape, Var};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    #[error(transparent)]
+    Compute(#[from] metaseg_autograd::Error),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the loss became {value} at iteration {step}; stopped. The last good checkpoint ({}) is \
+         kept: lower optimizer.lr or enable optimizer.clip, then --resume",
+        .checkpoint
+    )]
+    NonFinite {
+        step: u64,
+        value: f64,
+        checkpoint: String,
+    },
+    #[error("--resume: {0}")]
+    Resume(String),
+}
+
+pub type Result<T> = std::result::Result<T, RunError>;
+
+/// The cases of a run, normalised (z-score per volume), in memory.
+pub struct RunData {
+    pub labeled: Vec<LoadedCase>,
+    pub unlabeled: Vec<LoadedCase>,
+    pub test: Vec<LoadedCase>,
+}
+
+fn normalised(name: String, mut image: Volume, label: Option<&Volume>) -> Result<LoadedCase> {
+    preprocess::zscore(&mut image, preprocess::Clip::None)?;
+    let label = label.map(|l| l.data.iter().map(|&v| v.round() as u8).collect());
+    Ok(LoadedCase { name, image, label })
+}
+
+/// Loads the configuration's data: the embedded set, or an MSD folder with its split. `full`
+/// labels every training case.
+pub fn load_data(config: &TrainConfig) -> Result<RunData> {
+    let d = &config.data;
+    let full = config.method == "full";
+    let cases = if d.source == "default" {
+        let synth = SyntheticConfig {
+            seed: config.seed,
+            cases: d.cases,
+            size: d.size,
+            ..SyntheticConfig::default()
+        };
+        let mut all = Vec::with_capacity(d.cases);
+        for i in 0..d.cases {
+            let c = synthetic::case(&synth, i)?;
+            all.push(normalised(
+                synthetic::case_name(i),
+                c.image,
+                Some(&c.label),
+            )?);
+        }
+        if d.labeled + d.test > d.cases {
+            return Err(RunError::Data(data::DataError::invalid(
+                "split",
+                format!(
+                    "{} labeled + {} test of {} cases",
+                    d.labeled, d.test, d.cases
+                ),
+            )));
+        }
+        let test = all.split_off(d.cases - d.test);
+        let unlabeled = all.split_off(d.labeled);
+        RunData {
+            labeled: all,
+            unlabeled,
+            test,
+        }
+    } else {
+        let msd = Msd::open(Path::new(&d.source))?;
+        let spec = if d.split.is_empty() {
+            SplitSpec::FirstN {
+                labeled: d.labeled,
+                test: Some(d.test),
+            }
+        } else {
+            SplitSpec::File(PathBuf::from(&d.split))
+        };
+        let split = msd.split(&spec)?;
+        let load = |cases: &[data::Case]| -> Result<Vec<LoadedCase>> {
+            cases
+                .iter()
+                .map(|c| {
+                    let (image, label) = msd.load(c)?;
+                    normalised(c.name.clone(), image, label.as_ref())
+                })
+                .collect()
+        };
+        RunData {
+            labeled: load(&split.labeled)?,
+            unlabeled: load(&split.unlabeled)?,
+            test: load(&split.test)?,
+        }
+    };
+    if full {
+        // The ceiling: the unlabeled cases with their labels (the embedded set has them all).
+        let (mut labeled, unlabeled) = (cases.labeled, cases.unlabeled);
+        if unlabeled.iter().any(|c| c.label.is_none()) {
+            return Err(RunError::Resume(
+                "method full needs labels for every training case".into(),
+            ));
+        }
+        labeled.extend(unlabeled);
+        return Ok(RunData {
+            labeled,
+            unlabeled: Vec::new(),
+            test: cases.test,
+        });
+    }
+    Ok(cases)
+}
+
+/// Where a run writes: its resolved configuration, log, checkpoint and summary.
+pub struct RunPaths {
+    pub dir: PathBuf,
+}
+
+impl RunPaths {
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("log.jsonl")
+    }
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+    move |source| RunError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Mean foreground Dice over the cases (class >= 1 against background), sliding-window
+/// predictions of the student in eval mode.
+pub fn validation_dice<B: NetBackend>(
+    backend: &B,
+    trainer: &Trainer<B>,
+    cases: &[LoadedCase],
+) -> Result<f64> {
+    let patch = trainer.config.batch.patch;
+    let fraction = trainer.config.log.stride_fraction;
+    let window = SlidingWindow {
+        patch,
+        stride: patch.map(|p| ((p as f64 * fraction).round() as usize).max(1)),
+    };
+    let mut total = 0.0;
+    for case in cases {
+        let volume = HostVolume {
+            data: &case.image.data,
+            channels: case.image.channels,
+            dims: case.image.dims,
+        };
+        let probs = predict_probabilities(
+            backend,
+            &trainer.net,
+            &trainer.params,
+            &trainer.stats,
+            &volume,
+            window,
+        )?;
+        let pred = argmax(&probs, trainer.config.data.classes);
+        let label = case.label.as_ref().expect("test cases are labeled");
+        let (mut both, mut sizes) = (0usize, 0usize);
+        for (p, l) in pred.iter().zip(label) {
+            both += usize::from(*p > 0 && *l > 0);
+            sizes += usize::from(*p > 0) + usize::from(*l > 0);
+        }
+        total += if sizes == 0 {
+            1.0
+        } else {
+            2.0 * both as f64 / sizes as f64
+        };
+    }
+    Ok(total / cases.len().max(1) as f64)
+}
+
+fn host(
+    store: &ParamStore<impl NetBackend>,
+    prefix: &str,
+    out: &mut BTreeMap<String, HostTensor>,
+) -> Result<()> {
+    for (spec, v) in store.specs().iter().zip(store.values()) {
+        let data = v.to_f64()?.iter().map(|&x| x as f32).collect();
+        out.insert(
+            format!("{prefix}/{}", spec.name),
+            HostTensor {
+                shape: spec.shape.dims().to_vec(),
+                data,
+            },
+        );
+    }
+    Ok(())
+}
+
+fn restore<B: NetBackend>(
+    store: &ParamStore<B>,
+    prefix: &str,
+    tensors: &BTreeMap<String, HostTensor>,
+    backend: &B,
+) -> Result<ParamStore<B>> {
+    let values = store
+        .specs()
+        .iter()
+        .map(|spec| {
+            let name = format!("{prefix}/{}", spec.name);
+            let t = tensors
+                .get(&name)
+                .filter(|t| t.shape == spec.shape.dims())
+                .ok_or_else(|| {
+                    RunError::Resume(format!(
+                        "the checkpoint has no tensor {name} of shape {}: it is from another \
+                         network",
+                        spec.shape
+                    ))
+                })?;
+            let values: Vec<f64> = t.data.iter().map(|&x| f64::from(x)).collect();
+            Ok(backend.tensor(&values, &spec.shape)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(store.with_values(values)?)
+}
+
+/// Saves the trainer's whole state after `step` iterations.
+pub fn save_checkpoint<B: NetBackend>(trainer: &Trainer<B>, step: u64, stem: &Path) -> Result<()> {
+    let mut tensors = BTreeMap::new();
+    host(&trainer.params, "params", &mut tensors)?;
+    host(&trainer.stats, "stats", &mut tensors)?;
+    if let Some(t) = &trainer.teacher {
+        host(&t.params, "teacher/params", &mut tensors)?;
+        host(&t.stats, "teacher/stats", &mut tensors)?;
+    }
+    for (k, m) in trainer.optimizer.state.iter().enumerate() {
+        let data = m.to_f64()?.iter().map(|&x| x as f32).collect();
+        tensors.insert(
+            format!("optimizer/{k}"),
+            HostTensor {
+                shape: m.shape().dims().to_vec(),
+                data,
+            },
+        );
+    }
+    let sidecar = Sidecar {
+        step,
+        seed: trainer.config.seed,
+        config: serde_json::to_value(&trainer.config).expect("a configuration serialises"),
+        counters: BTreeMap::from([("optimizer_steps".to_string(), trainer.optimizer.steps)]),
+    };
+    Ok(checkpoint::save(stem, &tensors, &sidecar)?)
+}
+
+/// Restores a trainer saved by [`save_checkpoint`]; returns the step to continue from.
+pub fn load_checkpoint<B: NetBackend>(
+    backend: &B,
+    trainer: &mut Trainer<B>,
+    stem: &Path,
+) -> Result<u64> {
+    let (tensors, sidecar) = checkpoint::load(stem)?;
+    let saved: TrainConfig = serde_json::from_value(sidecar.config.clone())
+        .map_err(|e| RunError::Resume(format!("its configuration does not read: {e}")))?;
+    let mut now = trainer.config.clone();
+    now.iterations = saved.iterations;
+    if saved != now {
+        return Err(RunError::Resume(
+            "the checkpoint was written with another configuration (only iterations may change)"
+                .into(),
+        ));
+    }
+    trainer.params = restore(&trainer.params, "params", &tensors, backend)?;
+    trainer.stats = restore(&trainer.stats, "stats", &tensors, backend)?;
+    if let Some(t) = trainer.teacher.as_ref() {
+        trainer.teacher = Some(Teacher {
+            params: restore(&t.params, "teacher/params", &tensors, backend)?,
+            stats: restore(&t.stats, "teacher/stats", &tensors, backend)?,
+        });
+    }
+    let mut state = Vec::new();
+    while let Some(t) = tensors.get(&format!("optimizer/{}", state.len())) {
+        let values: Vec<f64> = t.data.iter().map(|&x| f64::from(x)).collect();
+        let shape = Shape(t.shape.clone());
+        state.push(Var::constant(backend, backend.tensor(&values, &shape)?));
+    }
+    trainer.optimizer.state = state;
+    trainer.optimizer.steps = sidecar
+        .counters
+        .get("optimizer_steps")
+        .copied()
+        .unwrap_or(0);
+    Ok(sidecar.step)
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub final_loss: f64,
+    pub validation_dice: Option<f64>,
+    pub seconds: f64,
+}
+
+/// The batch of iteration `t` on the device.
+fn device_batch<B: NetBackend>(
+    backend: &B,
+    trainer: &Trainer<B>,
+    data: &RunData,
+    t: u64,
+) -> Result<DeviceBatch<B>> {
+    let c = &trainer.config;
+    let unlabeled = if data.unlabeled.is_empty() {
+        0
+    } else {
+        c.batch.unlabeled
+    };
+    let s = Sampling {
+        patch: c.batch.patch,
+        foreground: c.batch.foreground,
+        rotate_flip: c.batch.rotate_flip,
+        intensity: c.batch.intensity,
+        noise: c.batch.noise,
+    };
+    let counts = (c.batch.labeled, unlabeled);
+    let b = sample(
+        &data.labeled,
+        &data.unlabeled,
+        counts,
+        c.data.classes,
+        &s,
+        c.seed,
+        t,
+    );
+    let channels = data.labeled[0].image.channels;
+    let [d, h, w] = c.batch.patch;
+    let x = Shape::from([b.labeled + b.unlabeled, channels, d, h, w]);
+    let y = Shape::from([b.labeled, c.data.classes, d, h, w]);
+    Ok(DeviceBatch {
+        x: Var::from_f64(backend, &b.images, &x, false)?,
+        y: Var::from_f64(backend, &b.labels, &y, false)?,
+        labeled: b.labeled,
+    })
+}
+
+/// Keeps the log's lines of steps up to `step` (a resumed run rewrites what came after).
+fn truncate_log(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    std::fs::write(path, out).map_err(io(path))
+}
+
+/// How a run is carried out (not part of its configuration).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Continue from the checkpoint in the run's directory.
+    pub resume: bool,
+    pub progress: bool,
+    /// Stop (with a checkpoint) after this many iterations, as an interruption would.
+    pub stop_after: Option<u64>,
+}
+
+/// Trains to the configured number of iterations, writing into `paths.dir`.
+pub fn train<B: NetBackend>(
+    backend: &B,
+    config: &TrainConfig,
+    data: &RunData,
+    paths: &RunPaths,
+    options: RunOptions,
+) -> Result<Summary> {
+    let (resume, show_progress) = (options.resume, options.progress);
+    std::fs::create_dir_all(&paths.dir).map_err(io(&paths.dir))?;
+    let channels = data.labeled[0].image.channels;
+    let mut trainer = Trainer::new(backend, config, channels)?;
+    let start = if resume {
+        let step = load_checkpoint(backend, &mut trainer, &paths.checkpoint())?;
+        truncate_log(&paths.log(), step)?;
+        step
+    } else {
+        let _ = std::fs::remove_file(paths.log());
+        0
+    };
+    let config_text = toml::to_string_pretty(config).expect("a configuration serialises");
+    std::fs::write(paths.config(), config_text).map_err(io(&paths.config()))?;
+    let log_path = paths.log();
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(&log_path))?;
+    let bar = if show_progress {
+        ProgressBar::new(config.iterations)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}, {per_sec}] {msg}",
+        )
+        .expect("a valid template"),
+    );
+    bar.set_position(start);
+    let began = Instant::now();
+    let mut summary = Summary {
+        final_loss: f64::NAN,
+        validation_dice: None,
+        seconds: 0.0,
+    };
+    for t in start..config.iterations {
+        let batch = device_batch(backend, &trainer, data, t)?;
+        let terms = trainer.step(&batch, t)?;
+        let loss = terms[0].1;
+        if !loss.is_finite() {
+            bar.abandon();
+            return Err(RunError::NonFinite {
+                step: t,
+                value: loss,
+                checkpoint: paths.checkpoint().display().to_string(),
+            });
+        }
+        let done = t + 1;
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), done.into());
+        for (name, v) in &terms {
+            line.insert((*name).into(), (*v).into());
+        }
+        line.insert("seconds".into(), began.elapsed().as_secs_f64().into());
+        let last = done == config.iterations;
+        if (done % config.log.validate_every.max(1) == 0 || last) && !data.test.is_empty() {
+            let dice = validation_dice(backend, &trainer, &data.test)?;
+            line.insert("validation_dice".into(), dice.into());
+            summary.validation_dice = Some(dice);
+        }
+        writeln!(log, "{}", serde_json::Value::Object(line)).map_err(io(&log_path))?;
+        let stop = options.stop_after == Some(done);
+        if done % config.log.checkpoint_every.max(1) == 0 || last || stop {
+            save_checkpoint(&trainer, done, &paths.checkpoint())?;
+        }
+        let message: Vec<String> = terms.iter().map(|(n, v)| format!("{n} {v:.4}")).collect();
+        bar.set_message(message.join(" "));
+        bar.inc(1);
+        summary.final_loss = loss;
+        if stop {
+            break;
+        }
+    }
+    bar.finish();
+    summary.seconds = began.elapsed().as_secs_f64();
+    Ok(summary)
+}

@@ -1,0 +1,254 @@
+//! One training step of each method over a two-stream batch. A method is a step function over
+//! the trainer's state (student, optimiser, teacher); the seed methods of later issues add theirs
+//! in the same mould.
+//!
+//! - supervised: 0.5 (CE + Dice) on the labeled patches (`full` is the same step with every case
+//!   labeled, the ceiling of the tables).
+//! - mean-teacher: the supervised loss plus consistency * ramp(t) * mean (softmax(student) -
+//!   softmax(teacher(x + noise)))^2 on the unlabeled patches; after the update the teacher's
+//!   parameters follow the student by EMA (min(1 - 1/(t+1), decay)), its batch-norm statistics
+//!   follow its own training-mode passes, as in the SSL4MIS code.
+
+use super::config::TrainConfig;
+use crate::nn::layers::{updated_stats, BN_MOMENTUM};
+use crate::nn::{
+    Declarations, Forward, Mode, NetBackend, Network, Outputs, ParamStore, UNet, UNetConfig, VNet,
+    VNetConfig,
+};
+use crate::optim::{
+    clip_grad_norm, sigmoid_rampup, teacher_decay, Adam, Optimizer, Rule, Schedule, Sgd,
+};
+use metaseg_autograd::{
+    grad, no_grad, DiceOptions, Distribution, Reduction, Result, Shape, Upsample, Var,
+};
+
+/// The network a configuration names.
+pub enum Net {
+    VNet(Box<VNet>),
+    UNet(Box<UNet>),
+}
+
+impl Net {
+    pub fn new(config: &TrainConfig, in_channels: usize) -> Result<Net> {
+        let n = &config.network;
+        let dropout = (n.dropout > 0.0).then_some(n.dropout);
+        Ok(match n.kind.as_str() {
+            "unet" => Net::UNet(Box::new(UNet::new(UNetConfig {
+                in_channels,
+                classes: config.data.classes,
+                features: (0..n.levels).map(|l| n.base_width << l).collect(),
+                three_d: true,
+                upsample: Upsample::Trilinear,
+                dropout,
+            })?)),
+            _ => Net::VNet(Box::new(VNet::new(VNetConfig {
+                in_channels,
+                classes: config.data.classes,
+                base_width: n.base_width,
+                levels: n.levels,
+                dropout,
+                sdf_head: false,
+                projection: None,
+            })?)),
+        })
+    }
+}
+
+impl Network for Net {
+    fn params(&self) -> &Declarations {
+        match self {
+            Net::VNet(n) => n.params(),
+            Net::UNet(n) => n.params(),
+        }
+    }
+    fn stats(&self) -> &Declarations {
+        match self {
+            Net::VNet(n) => n.stats(),
+            Net::UNet(n) => n.stats(),
+        }
+    }
+    fn forward<B: NetBackend>(&self, f: &Forward<B>, x: &Var<B>) -> Result<Outputs<B>> {
+        match self {
+            Net::VNet(n) => n.forward(f, x),
+            Net::UNet(n) => n.forward(f, x),
+        }
+    }
+}
+
+/// A mean teacher: parameters and running statistics.
+pub struct Teacher<B: NetBackend> {
+    pub params: ParamStore<B>,
+    pub stats: ParamStore<B>,
+}
+
+/// Everything a run updates: the student, its optimiser, the teacher if the method has one.
+pub struct Trainer<B: NetBackend> {
+    pub config: TrainConfig,
+    pub net: Net,
+    pub params: ParamStore<B>,
+    pub stats: ParamStore<B>,
+    pub optimizer: Optimizer<B>,
+    pub teacher: Option<Teacher<B>>,
+}
+
+/// A batch on the device: images [N, C, patch], one-hot labels of the first `labeled` [L, K, patch].
+pub struct DeviceBatch<B: NetBackend> {
+    pub x: Var<B>,
+    pub y: Var<B>,
+    pub labeled: usize,
+}
+
+/// The loss terms of one step, as read back (the total first).
+pub type StepLog = Vec<(&'static str, f64)>;
+
+/// Samples `start .. start + len` of a [N, ...] tensor (rank 5).
+fn slice_batch<B: NetBackend>(x: &Var<B>, start: usize, len: usize) -> Result<Var<B>> {
+    let d = x.shape().dims().to_vec();
+    let per_sample: usize = d[1..].iter().product();
+    let as_channels = Shape::from([1, d[0], per_sample, 1, 1]);
+    let mut out = d.clone();
+    out[0] = len;
+    x.reshape(&as_channels)?
+        .slice_channels(start, len)?
+        .reshape(&Shape(out))
+}
+
+impl<B: NetBackend> Trainer<B> {
+    pub fn new(backend: &B, config: &TrainConfig, in_channels: usize) -> Result<Self> {
+        let net = Net::new(config, in_channels)?;
+        let params = net.init_params(backend, config.seed)?;
+        let stats = net.init_stats(backend)?;
+        let o = &config.optimizer;
+        let rule = match o.kind.as_str() {
+            "adam" => Rule::Adam(Adam {
+                lr: o.lr,
+                weight_decay: o.weight_decay,
+                ..Adam::default()
+            }),
+            _ => Rule::Sgd(Sgd {
+                lr: o.lr,
+                momentum: o.momentum,
+                weight_decay: o.weight_decay,
+            }),
+        };
+        let teacher = (config.method == "mean-teacher").then(|| Teacher {
+            params: params.clone(),
+            stats: stats.clone(),
+        });
+        Ok(Trainer {
+            config: config.clone(),
+            net,
+            params,
+            stats,
+            optimizer: Optimizer::new(rule),
+            teacher,
+        })
+    }
+
+    pub fn schedule(&self) -> Schedule {
+        let o = &self.config.optimizer;
+        match o.schedule.as_str() {
+            "step" => Schedule::Step {
+                every: o.step_every,
+                gamma: o.gamma,
+            },
+            "poly" => Schedule::Poly {
+                total: self.config.iterations,
+                power: o.power,
+            },
+            "lambda" => Schedule::Lambda { epoch: o.epoch },
+            _ => Schedule::Constant,
+        }
+    }
+
+    /// One step of the configured method at iteration `t` (from 0).
+    pub fn step(&mut self, batch: &DeviceBatch<B>, t: u64) -> Result<StepLog> {
+        let seed = self.config.seed;
+        let mode = Mode::Train {
+            seed,
+            step: t as u32,
+        };
+        let out = self.net.run(&self.params, &self.stats, &batch.x, mode)?;
+        let labeled = slice_batch(&out.logits, 0, batch.labeled)?;
+        let ce = labeled.cross_entropy(&batch.y, None, Reduction::Mean)?;
+        let dice = labeled.softmax_dice(
+            &batch.y,
+            DiceOptions {
+                include_background: false,
+                ..DiceOptions::default()
+            },
+        )?;
+        let supervised = ce.add(&dice)?.scale(0.5)?;
+        let mut terms = vec![("ce", ce), ("dice", dice)];
+        let mut total = supervised;
+        if let Some(teacher) = &self.teacher {
+            let (consistency, teacher_stats) = self.consistency(teacher, batch, &out.logits, t)?;
+            let mt = &self.config.mean_teacher;
+            let weight =
+                mt.consistency * sigmoid_rampup((t / mt.rampup_unit.max(1)) as f64, mt.rampup);
+            total = total.add(&consistency.scale(weight)?)?;
+            terms.push(("consistency", consistency));
+            self.teacher.as_mut().expect("checked").stats = teacher_stats;
+        }
+        let wrt: Vec<&Var<B>> = self.params.values().iter().collect();
+        let mut grads = grad(&total, &wrt, None, false)?;
+        if self.config.optimizer.clip > 0.0 {
+            grads = clip_grad_norm(&grads, self.config.optimizer.clip)?;
+        }
+        let lr = self.schedule().lr(self.config.optimizer.lr, t);
+        let stats = updated_stats(self.stats.values(), &out.batch_stats, BN_MOMENTUM)?;
+        self.stats = self
+            .stats
+            .with_values(stats.iter().map(|v| v.value().clone()).collect())?;
+        self.params = self.optimizer.step(&self.params, &grads, lr)?;
+        if let Some(teacher) = self.teacher.as_mut() {
+            let decay = teacher_decay(t, self.config.mean_teacher.ema_decay);
+            teacher.params = teacher.params.ema(&self.params, decay)?;
+        }
+        let mut log = vec![("loss", total.item()?), ("lr", lr)];
+        for (name, v) in terms {
+            log.push((name, v.item()?));
+        }
+        Ok(log)
+    }
+
+    /// The mean-teacher consistency on the unlabeled patches, and the teacher's new statistics.
+    fn consistency(
+        &self,
+        teacher: &Teacher<B>,
+        batch: &DeviceBatch<B>,
+        student: &Var<B>,
+        t: u64,
+    ) -> Result<(Var<B>, ParamStore<B>)> {
+        let n = batch.x.shape().dims()[0];
+        let unlabeled = n - batch.labeled;
+        let x_u = slice_batch(&batch.x, batch.labeled, unlabeled)?;
+        // Teacher input noise clamp(0.1 N(0, 1), -0.2, 0.2), its own stream per iteration.
+        let noise = Var::random(
+            x_u.backend(),
+            x_u.shape(),
+            Distribution::Normal,
+            self.config.seed ^ 0x7eac_4e00,
+            t << 32,
+        )?
+        .scale(0.1)?
+        .clamp(-0.2, 0.2)?;
+        let (logits_t, stats) = no_grad(|| -> Result<_> {
+            let mode = Mode::Train {
+                seed: self.config.seed ^ 0x7eac_4e00,
+                step: t as u32,
+            };
+            let out = self
+                .net
+                .run(&teacher.params, &teacher.stats, &x_u.add(&noise)?, mode)?;
+            let stats = updated_stats(teacher.stats.values(), &out.batch_stats, BN_MOMENTUM)?;
+            Ok((out.logits, stats))
+        })?;
+        let stats = teacher
+            .stats
+            .with_values(stats.iter().map(|v| v.value().clone()).collect())?;
+        let student_u = slice_batch(student, batch.labeled, unlabeled)?;
+        let consistency = student_u.softmax_mse(&logits_t.detach())?;
+        Ok((consistency, stats))
+    }
+}
