@@ -3,9 +3,10 @@
 //! The command line, the GPU-vs-Cpu64 tests and the benches all go through this one table.
 
 use crate::error::{Error, Result};
+use metaseg_autograd::contrastive::DEFAULT_TAU;
 use metaseg_autograd::{
-    grad, Backend, BinaryOp, ConvBackend, ConvSpec, DiceOptions, LayerBackend, LossBackend,
-    MatmulSpec, Reduction, Shape, UnaryOp, Upsample, Var, Window3d,
+    grad, Backend, BinaryOp, ContrastiveBackend, ConvBackend, ConvSpec, DiceOptions, LayerBackend,
+    LossBackend, MatmulSpec, Reduction, Shape, UnaryOp, Upsample, Var, Window3d,
 };
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -48,6 +49,9 @@ enum Forward {
     Slice,
     Conv3d,
     ConvTranspose3d,
+    LocalContrastive,
+    DenseInfonce,
+    SampleAnchors,
 }
 
 const X: &[&str] = &["x"];
@@ -146,6 +150,24 @@ const OPS: &[OpSpec] = &[
         &["stride", "padding", "dilation", "output_padding"],
         Forward::ConvTranspose3d,
     ),
+    op(
+        "local_contrastive",
+        &["emb", "labels", "anchors?"],
+        &["tau"],
+        Forward::LocalContrastive,
+    ),
+    op(
+        "dense_infonce",
+        &["q", "k"],
+        &["tau"],
+        Forward::DenseInfonce,
+    ),
+    op(
+        "sample_anchors",
+        &["labels"],
+        &["per_class", "seed"],
+        Forward::SampleAnchors,
+    ),
 ];
 
 /// PyTorch's default, so results compare with it unchanged.
@@ -160,6 +182,8 @@ const SHARPEN_TEMPERATURE: f64 = 0.5;
 const ENTROPY_EPS: f64 = 1e-6;
 /// The mean-teacher decay of METHODS.md.
 const EMA_DECAY: f64 = 0.99;
+/// Anchors per foreground class of the local contrastive loss (Chaitanya et al.).
+const ANCHORS_PER_CLASS: u64 = 3;
 
 static NAMES: LazyLock<Vec<&'static str>> = LazyLock::new(|| OPS.iter().map(|o| o.name).collect());
 
@@ -287,7 +311,7 @@ impl Settings {
 }
 
 /// Applies op `name` to `inputs`, given in the order its spec names them.
-pub fn apply_op<B: Backend + LossBackend + LayerBackend + ConvBackend>(
+pub fn apply_op<B: Backend + LossBackend + LayerBackend + ConvBackend + ContrastiveBackend>(
     name: &str,
     inputs: &[Var<B>],
     settings: &Settings,
@@ -393,6 +417,18 @@ pub fn apply_op<B: Backend + LossBackend + LayerBackend + ConvBackend>(
             let s = conv_spec(&spec, settings)?;
             x.conv_transpose3d(&inputs[1], inputs.get(2), s, output_padding)?
         }
+        Forward::LocalContrastive => {
+            let tau = settings.f64("tau")?.unwrap_or(DEFAULT_TAU);
+            x.local_contrastive(&inputs[1], inputs.get(2), tau)?
+        }
+        Forward::DenseInfonce => {
+            x.dense_infonce(&inputs[1], settings.f64("tau")?.unwrap_or(DEFAULT_TAU))?
+        }
+        Forward::SampleAnchors => {
+            let per_class = whole(&spec, settings, "per_class")?.unwrap_or(ANCHORS_PER_CLASS);
+            let seed = whole(&spec, settings, "seed")?.unwrap_or(0);
+            x.sample_anchors(per_class as usize, seed)?
+        }
     };
     Ok(y)
 }
@@ -466,7 +502,7 @@ pub struct Call<B: Backend> {
     settings: Settings,
 }
 
-impl<B: Backend + LossBackend + LayerBackend + ConvBackend> Call<B> {
+impl<B: Backend + LossBackend + LayerBackend + ConvBackend + ContrastiveBackend> Call<B> {
     /// Checks the inputs by name (each one named by the spec, once) and uploads them in the
     /// spec's order.
     pub fn new(
@@ -561,7 +597,7 @@ impl<B: Backend + LossBackend + LayerBackend + ConvBackend> Call<B> {
 }
 
 /// Runs op `op` once on `backend`: the output and, given `grad_output`, every input's gradient.
-pub fn run<B: Backend + LossBackend + LayerBackend + ConvBackend>(
+pub fn run<B: Backend + LossBackend + LayerBackend + ConvBackend + ContrastiveBackend>(
     backend: &B,
     op: &str,
     inputs: Vec<(String, Vec<f64>, Shape)>,
@@ -598,6 +634,17 @@ mod tests {
             let shape = probe.unwrap_or_else(|e| panic!("{name}: {e}")).output.1;
             let grad_output = Some((vec![1.0; shape.numel()], shape));
             let out = run(&Cpu64, name, inputs, &settings, grad_output);
+            // A mask has no gradient: asking for one is a typed error, not zeros.
+            if name == "sample_anchors" {
+                let Err(err) = out else {
+                    panic!("{name}: a gradient of sampled anchors was computed");
+                };
+                assert!(
+                    err.to_string().contains("no backward rule"),
+                    "{name}: {err}"
+                );
+                continue;
+            }
             let out = out.unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(out.output.0.iter().all(|v| v.is_finite()), "{name}");
         }

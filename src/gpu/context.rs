@@ -325,6 +325,11 @@ impl Context {
     pub fn pool_stats(&self) -> PoolStats {
         self.storage.stats()
     }
+
+    /// Starts a new peak of the storage pool's bytes in use (see [`PoolStats::peak_bytes`]).
+    pub fn reset_pool_peak(&self) {
+        self.storage.reset_peak();
+    }
 }
 
 fn request_adapter(backends: wgpu::Backends) -> Result<wgpu::Adapter, DeviceError> {
