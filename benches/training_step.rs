@@ -69,7 +69,7 @@ fn report(gpu: &Gpu, label: &str, mut step: impl FnMut()) {
     let ctx = gpu.context();
     step(); // pipelines compiled, buffers pooled
     ctx.synchronize().unwrap();
-    ctx.reset_peak_bytes();
+    ctx.reset_pool_peak();
     let start = Instant::now();
     for _ in 0..STEPS {
         step();

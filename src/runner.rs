@@ -4,10 +4,11 @@
 
 use crate::error::{Error, Result};
 use crate::meta::{MetaPath, MetaStep, Sgd};
+use metaseg_autograd::contrastive::DEFAULT_TAU;
 use metaseg_autograd::{
-    grad, Backend, BinaryOp, ConvBackend, ConvSpec, DiceOptions, LayerBackend, LossBackend,
-    MatmulSpec, MetaBackend, Normalization, Reduction, Rule, Shape, UnaryOp, Upsample, Var,
-    Window3d,
+    grad, Backend, BinaryOp, ContrastiveBackend, ConvBackend, ConvSpec, DiceOptions, LayerBackend,
+    LossBackend, MatmulSpec, MetaBackend, Normalization, Reduction, Rule, Shape, UnaryOp, Upsample,
+    Var, Window3d,
 };
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -51,6 +52,9 @@ enum Forward {
     Conv3d,
     ConvTranspose3d,
     MetaGradient,
+    LocalContrastive,
+    DenseInfonce,
+    SampleAnchors,
 }
 
 const X: &[&str] = &["x"];
@@ -155,11 +159,35 @@ const OPS: &[OpSpec] = &[
         &["lr", "path", "normalization"],
         Forward::MetaGradient,
     ),
+    op(
+        "local_contrastive",
+        &["emb", "labels", "anchors?"],
+        &["tau"],
+        Forward::LocalContrastive,
+    ),
+    op(
+        "dense_infonce",
+        &["q", "k"],
+        &["tau"],
+        Forward::DenseInfonce,
+    ),
+    op(
+        "sample_anchors",
+        &["labels"],
+        &["per_class", "seed"],
+        Forward::SampleAnchors,
+    ),
 ];
 
 /// What every op of the table needs of a backend.
-pub trait OpBackend: Backend + LossBackend + LayerBackend + ConvBackend + MetaBackend {}
-impl<B: Backend + LossBackend + LayerBackend + ConvBackend + MetaBackend> OpBackend for B {}
+pub trait OpBackend:
+    Backend + LossBackend + LayerBackend + ConvBackend + ContrastiveBackend + MetaBackend
+{
+}
+impl<B> OpBackend for B where
+    B: Backend + LossBackend + LayerBackend + ConvBackend + ContrastiveBackend + MetaBackend
+{
+}
 
 /// PyTorch's default, so results compare with it unchanged.
 const LEAKY_RELU_SLOPE: f64 = 0.01;
@@ -173,6 +201,8 @@ const SHARPEN_TEMPERATURE: f64 = 0.5;
 const ENTROPY_EPS: f64 = 1e-6;
 /// The mean-teacher decay of METHODS.md.
 const EMA_DECAY: f64 = 0.99;
+/// Anchors per foreground class of the local contrastive loss (Chaitanya et al.).
+const ANCHORS_PER_CLASS: u64 = 3;
 
 static NAMES: LazyLock<Vec<&'static str>> = LazyLock::new(|| OPS.iter().map(|o| o.name).collect());
 
@@ -407,6 +437,18 @@ pub fn apply_op<B: OpBackend>(
             x.conv_transpose3d(&inputs[1], inputs.get(2), s, output_padding)?
         }
         Forward::MetaGradient => meta_gradient(&spec, inputs, settings)?,
+        Forward::LocalContrastive => {
+            let tau = settings.f64("tau")?.unwrap_or(DEFAULT_TAU);
+            x.local_contrastive(&inputs[1], inputs.get(2), tau)?
+        }
+        Forward::DenseInfonce => {
+            x.dense_infonce(&inputs[1], settings.f64("tau")?.unwrap_or(DEFAULT_TAU))?
+        }
+        Forward::SampleAnchors => {
+            let per_class = whole(&spec, settings, "per_class")?.unwrap_or(ANCHORS_PER_CLASS);
+            let seed = whole(&spec, settings, "seed")?.unwrap_or(0);
+            x.sample_anchors(per_class as usize, seed)?
+        }
     };
     Ok(y)
 }
@@ -691,6 +733,17 @@ mod tests {
             // The meta-gradient is a gradient already; it has none of its own.
             let grad_output = (name != "meta_gradient").then(|| (vec![1.0; shape.numel()], shape));
             let out = run(&Cpu64, name, inputs, &settings, grad_output);
+            // A mask has no gradient: asking for one is a typed error, not zeros.
+            if name == "sample_anchors" {
+                let Err(err) = out else {
+                    panic!("{name}: a gradient of sampled anchors was computed");
+                };
+                assert!(
+                    err.to_string().contains("no backward rule"),
+                    "{name}: {err}"
+                );
+                continue;
+            }
             let out = out.unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(out.output.0.iter().all(|v| v.is_finite()), "{name}");
         }

@@ -170,6 +170,10 @@ fn every_op_of_the_runner_table_is_covered_here() {
         "ema",
         // tests/meta.rs
         "meta_gradient",
+        // tests/gpu_contrastive.rs
+        "local_contrastive",
+        "dense_infonce",
+        "sample_anchors",
     ];
     for op in op_names() {
         assert!(covered.contains(op), "op {op} has no GPU-vs-Cpu64 test");

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod check;
+pub mod contrastive;
 pub mod conv;
 pub mod cpu64;
 mod error;
@@ -18,6 +19,7 @@ mod var;
 
 pub use backend::{Backend, BinaryOp, Distribution, MatmulDims, MatmulSpec, TensorShape, UnaryOp};
 pub use check::Tolerance;
+pub use contrastive::ContrastiveBackend;
 pub use conv::{Conv3dGeometry, ConvBackend, ConvSpec};
 pub use cpu64::{Cpu64, CpuTensor};
 pub use error::{Error, Result};

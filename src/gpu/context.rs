@@ -352,8 +352,8 @@ impl Context {
         self.storage.stats()
     }
 
-    /// Starts measuring the peak of live tensor bytes afresh (see [`PoolStats::peak_bytes`]).
-    pub fn reset_peak_bytes(&self) {
+    /// Starts a new peak of the storage pool's bytes in use (see [`PoolStats::peak_bytes`]).
+    pub fn reset_pool_peak(&self) {
         self.storage.reset_peak();
     }
 }

@@ -18,10 +18,11 @@ pub enum KernelFile {
     Channels,
     ChannelAffine,
     MetaWeights,
+    Contrastive,
 }
 
 impl KernelFile {
-    pub const ALL: [KernelFile; 11] = [
+    pub const ALL: [KernelFile; 12] = [
         KernelFile::Elementwise,
         KernelFile::Reduce,
         KernelFile::Matmul,
@@ -33,6 +34,7 @@ impl KernelFile {
         KernelFile::Channels,
         KernelFile::ChannelAffine,
         KernelFile::MetaWeights,
+        KernelFile::Contrastive,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +50,7 @@ impl KernelFile {
             KernelFile::MetaWeights => "meta_weights.wgsl",
             KernelFile::Conv => "conv.wgsl",
             KernelFile::Losses => "losses.wgsl",
+            KernelFile::Contrastive => "contrastive.wgsl",
         }
     }
 
@@ -64,6 +67,7 @@ impl KernelFile {
             KernelFile::MetaWeights => include_str!("../../kernels/meta_weights.wgsl"),
             KernelFile::Conv => include_str!("../../kernels/conv.wgsl"),
             KernelFile::Losses => include_str!("../../kernels/losses.wgsl"),
+            KernelFile::Contrastive => include_str!("../../kernels/contrastive.wgsl"),
         }
     }
 }

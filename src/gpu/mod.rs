@@ -6,6 +6,7 @@
 
 mod backend;
 mod context;
+mod contrastive;
 mod conv;
 pub mod kernels;
 mod layers;

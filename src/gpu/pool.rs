@@ -1,6 +1,7 @@
 //! Buffer reuse: a tensor's buffer goes back to the pool when the tensor is dropped, and the next
 //! request of the same size class takes it, so a training step stops allocating after its first
-//! iteration.
+//! iteration. The pool also counts the bytes handed out and not yet given back, and their peak,
+//! so a test or a bench can show how much memory an op needed at most.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,8 +20,7 @@ struct Free {
     bytes: u64,
     created: u64,
     reused: u64,
-    /// Bytes of buffers handed out and not yet given back, and the most there have been.
-    live: u64,
+    in_use: u64,
     peak: u64,
 }
 
@@ -30,9 +30,9 @@ pub struct PoolStats {
     pub created: u64,
     pub reused: u64,
     pub pooled_bytes: u64,
-    /// Bytes in buffers held by tensors now, and the most since the last [`BufferPool::reset_peak`]:
-    /// the device memory a computation needs, as the pool sees it.
-    pub live_bytes: u64,
+    /// Bytes of the buffers handed out and not yet released (size classes, not requests).
+    pub in_use_bytes: u64,
+    /// The most `in_use_bytes` has been since the pool was created or [`BufferPool::reset_peak`].
     pub peak_bytes: u64,
 }
 
@@ -60,8 +60,8 @@ impl BufferPool {
     pub fn acquire(&self, device: &wgpu::Device, bytes: u64) -> wgpu::Buffer {
         let size = size_class(bytes);
         let mut free = self.free.lock().unwrap();
-        free.live += size;
-        free.peak = free.peak.max(free.live);
+        free.in_use += size;
+        free.peak = free.peak.max(free.in_use);
         if let Some(buffer) = free.by_size.get_mut(&size).and_then(Vec::pop) {
             free.bytes -= size;
             free.reused += 1;
@@ -82,7 +82,7 @@ impl BufferPool {
     pub fn release(&self, buffer: wgpu::Buffer) {
         let size = buffer.size();
         let mut free = self.free.lock().unwrap();
-        free.live -= size;
+        free.in_use = free.in_use.saturating_sub(size);
         if free.bytes + size > MAX_POOLED_BYTES {
             // Dropping defers the actual free until submitted work that uses it is done.
             return;
@@ -97,21 +97,48 @@ impl BufferPool {
             created: free.created,
             reused: free.reused,
             pooled_bytes: free.bytes,
-            live_bytes: free.live,
+            in_use_bytes: free.in_use,
             peak_bytes: free.peak,
         }
     }
 
-    /// Starts a new peak from the bytes live now.
+    /// Starts a new peak from the bytes in use now.
     pub fn reset_peak(&self) {
         let mut free = self.free.lock().unwrap();
-        free.peak = free.live;
+        free.peak = free.in_use;
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::size_class;
+    use super::{size_class, BufferPool};
+    use crate::gpu::Context;
+
+    #[test]
+    fn peak_bytes_are_the_most_bytes_in_use_at_once() {
+        let ctx = Context::new().unwrap_or_else(|e| panic!("{e}"));
+        // A pool of its own, so no other test's buffers count.
+        let pool = BufferPool::new(wgpu::BufferUsages::STORAGE);
+        let (small, large) = (size_class(1000), size_class(70_000));
+        let in_use = |p: &BufferPool| (p.stats().in_use_bytes, p.stats().peak_bytes);
+        let a = pool.acquire(&ctx.device, 1000);
+        let b = pool.acquire(&ctx.device, 70_000);
+        assert_eq!(in_use(&pool), (small + large, small + large));
+        pool.release(a);
+        assert_eq!(in_use(&pool), (large, small + large));
+        // A reused buffer counts as in use again.
+        let c = pool.acquire(&ctx.device, 900);
+        assert_eq!(pool.stats().reused, 1);
+        assert_eq!(in_use(&pool), (small + large, small + large));
+        pool.release(b);
+        pool.release(c);
+        assert_eq!(in_use(&pool), (0, small + large));
+        pool.reset_peak();
+        assert_eq!(in_use(&pool), (0, 0));
+        let d = pool.acquire(&ctx.device, 300);
+        assert_eq!(in_use(&pool), (512, 512));
+        pool.release(d);
+    }
 
     #[test]
     fn size_classes_round_up_by_at_most_a_quarter() {
