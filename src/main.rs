@@ -115,6 +115,7 @@ trait KernelBackend:
     + metaseg_autograd::LossBackend
     + metaseg_autograd::LayerBackend
     + metaseg_autograd::ConvBackend
+    + metaseg_autograd::DistanceBackend
 {
     const DTYPE: Dtype;
     /// Runs `forward` to completion and measures it: the total, and what measured it (shown next

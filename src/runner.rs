@@ -4,8 +4,8 @@
 
 use crate::error::{Error, Result};
 use metaseg_autograd::{
-    grad, Backend, BinaryOp, ConvBackend, ConvSpec, DiceOptions, LayerBackend, LossBackend,
-    MatmulSpec, Reduction, Shape, UnaryOp, Upsample, Var, Window3d,
+    grad, Backend, BinaryOp, ConvBackend, ConvSpec, DiceOptions, DistanceBackend, LayerBackend,
+    LossBackend, MatmulSpec, Reduction, Shape, UnaryOp, Upsample, Var, Window3d,
 };
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -48,6 +48,9 @@ enum Forward {
     Slice,
     Conv3d,
     ConvTranspose3d,
+    Edt,
+    Sdf,
+    SdfProbability,
 }
 
 const X: &[&str] = &["x"];
@@ -61,6 +64,8 @@ const LOGITS_TARGET: &[&str] = &["logits", "target"];
 const WEIGHTED: &[&str] = &["logits", "target", "weight?"];
 const DICE: &[&str] = &["squared", "smooth", "include_background"];
 const CONV: &[&str] = &["x", "w", "b?"];
+const MASK: &[&str] = &["mask"];
+const SPACING: &[&str] = &["spacing"];
 
 const fn op(
     name: &'static str,
@@ -146,6 +151,9 @@ const OPS: &[OpSpec] = &[
         &["stride", "padding", "dilation", "output_padding"],
         Forward::ConvTranspose3d,
     ),
+    op("edt", MASK, SPACING, Forward::Edt),
+    op("sdf", MASK, SPACING, Forward::Sdf),
+    op("sdf_probability", X, &["k"], Forward::SdfProbability),
 ];
 
 /// PyTorch's default, so results compare with it unchanged.
@@ -160,6 +168,8 @@ const SHARPEN_TEMPERATURE: f64 = 0.5;
 const ENTROPY_EPS: f64 = 1e-6;
 /// The mean-teacher decay of METHODS.md.
 const EMA_DECAY: f64 = 0.99;
+/// DTML's sharpness of the SDF-to-probability map sigmoid(-k sdf) (METHODS.md).
+const SDF_PROBABILITY_K: f64 = 1500.0;
 
 static NAMES: LazyLock<Vec<&'static str>> = LazyLock::new(|| OPS.iter().map(|o| o.name).collect());
 
@@ -198,6 +208,12 @@ impl OpSpec {
 
     fn missing_setting(&self, key: &str) -> Error {
         self.error(format!("setting '{key}' is required"))
+    }
+
+    /// Whether a gradient can flow through the op (ops of masks have none: asking for one is
+    /// the typed NoGradient error).
+    pub fn has_gradient(&self) -> bool {
+        !matches!(self.forward, Forward::Edt | Forward::Sdf)
     }
 
     /// Inputs that must be given (those before the optional ones).
@@ -270,6 +286,13 @@ impl Settings {
         )
     }
 
+    /// Comma-separated numbers, like `1.5,0.8,0.8`.
+    pub fn f64_list(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        self.get(key, "numbers separated by commas, like 1.5,0.8,0.8", |v| {
+            v.split(',').map(|x| x.trim().parse().ok()).collect()
+        })
+    }
+
     fn get<T>(
         &self,
         key: &str,
@@ -287,7 +310,7 @@ impl Settings {
 }
 
 /// Applies op `name` to `inputs`, given in the order its spec names them.
-pub fn apply_op<B: Backend + LossBackend + LayerBackend + ConvBackend>(
+pub fn apply_op<B: Backend + LossBackend + LayerBackend + ConvBackend + DistanceBackend>(
     name: &str,
     inputs: &[Var<B>],
     settings: &Settings,
@@ -393,6 +416,11 @@ pub fn apply_op<B: Backend + LossBackend + LayerBackend + ConvBackend>(
             let s = conv_spec(&spec, settings)?;
             x.conv_transpose3d(&inputs[1], inputs.get(2), s, output_padding)?
         }
+        Forward::Edt => x.edt(spacing(&spec, settings)?)?,
+        Forward::Sdf => x.sdf(spacing(&spec, settings)?)?,
+        Forward::SdfProbability => {
+            x.sdf_probability(settings.f64("k")?.unwrap_or(SDF_PROBABILITY_K))?
+        }
     };
     Ok(y)
 }
@@ -441,6 +469,16 @@ fn conv_spec(spec: &OpSpec, settings: &Settings) -> Result<ConvSpec> {
     })
 }
 
+/// The voxel size along (D, H, W), `spacing=1.5,0.8,0.8`; default 1,1,1 (voxel units).
+/// Three positive finite values (the ops check the values).
+fn spacing(spec: &OpSpec, settings: &Settings) -> Result<[f64; 3]> {
+    match settings.f64_list("spacing")? {
+        None => Ok([1.0; 3]),
+        Some(v) => <[f64; 3]>::try_from(v.as_slice())
+            .map_err(|_| spec.error("setting 'spacing' takes three values (D, H, W)".into())),
+    }
+}
+
 /// A setting that is one non-negative integer, if given.
 fn whole(spec: &OpSpec, settings: &Settings, key: &str) -> Result<Option<u64>> {
     match settings.usize_list(key)?.as_deref() {
@@ -466,7 +504,7 @@ pub struct Call<B: Backend> {
     settings: Settings,
 }
 
-impl<B: Backend + LossBackend + LayerBackend + ConvBackend> Call<B> {
+impl<B: Backend + LossBackend + LayerBackend + ConvBackend + DistanceBackend> Call<B> {
     /// Checks the inputs by name (each one named by the spec, once) and uploads them in the
     /// spec's order.
     pub fn new(
@@ -561,7 +599,7 @@ impl<B: Backend + LossBackend + LayerBackend + ConvBackend> Call<B> {
 }
 
 /// Runs op `op` once on `backend`: the output and, given `grad_output`, every input's gradient.
-pub fn run<B: Backend + LossBackend + LayerBackend + ConvBackend>(
+pub fn run<B: Backend + LossBackend + LayerBackend + ConvBackend + DistanceBackend>(
     backend: &B,
     op: &str,
     inputs: Vec<(String, Vec<f64>, Shape)>,
@@ -585,7 +623,9 @@ mod tests {
         for &name in op_names() {
             let spec = op_spec(name).unwrap();
             let inputs = spec.inputs.iter().filter(|n| !n.ends_with('?')).map(|n| {
-                layer_input(name, n).unwrap_or_else(|| (n.to_string(), x.0.clone(), x.1.clone()))
+                layer_input(name, n)
+                    .or_else(|| mask_input(n))
+                    .unwrap_or_else(|| (n.to_string(), x.0.clone(), x.1.clone()))
             });
             let required = match name {
                 "clamp" => &["min=0", "max=1"][..],
@@ -598,9 +638,26 @@ mod tests {
             let shape = probe.unwrap_or_else(|e| panic!("{name}: {e}")).output.1;
             let grad_output = Some((vec![1.0; shape.numel()], shape));
             let out = run(&Cpu64, name, inputs, &settings, grad_output);
+            if !spec.has_gradient() {
+                // A mask function: asking for a gradient is the typed error, never zeros.
+                let Err(Error::Autograd(metaseg_autograd::Error::NoGradient { .. })) = out else {
+                    panic!("{name}: a gradient was asked of an op without one: {out:?}");
+                };
+                continue;
+            }
             let out = out.unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(out.output.0.iter().all(|v| v.is_finite()), "{name}");
         }
+    }
+
+    /// A mask [1, 1, 3, 3, 3] whose centre and one corner are background, so every distance is
+    /// finite and the SDF has inside, outside and boundary voxels.
+    fn mask_input(input: &str) -> Option<(String, Vec<f64>, Shape)> {
+        (input == "mask").then(|| {
+            let mut m = vec![1.0; 27];
+            (m[0], m[13]) = (0.0, 0.0);
+            (input.to_string(), m, Shape::from([1, 1, 3, 3, 3]))
+        })
     }
 
     /// The layer ops take [N, C, D, H, W] tensors and per-channel [C] parameters.

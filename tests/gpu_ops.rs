@@ -168,6 +168,10 @@ fn every_op_of_the_runner_table_is_covered_here() {
         "sharpen",
         "entropy",
         "ema",
+        // tests/gpu_distance.rs
+        "edt",
+        "sdf",
+        "sdf_probability",
     ];
     for op in op_names() {
         assert!(covered.contains(op), "op {op} has no GPU-vs-Cpu64 test");

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod check;
 pub mod conv;
 pub mod cpu64;
+pub mod distance;
 mod error;
 pub mod layers;
 pub mod losses;
@@ -19,6 +20,7 @@ pub use backend::{Backend, BinaryOp, Distribution, MatmulDims, MatmulSpec, Tenso
 pub use check::Tolerance;
 pub use conv::{Conv3dGeometry, ConvBackend, ConvSpec};
 pub use cpu64::{Cpu64, CpuTensor};
+pub use distance::DistanceBackend;
 pub use error::{Error, Result};
 pub use layers::{LayerBackend, Upsample, Window3d};
 pub use losses::{DiceOptions, LossBackend, Reduction};

@@ -17,10 +17,11 @@ pub enum KernelFile {
     Pool,
     Channels,
     ChannelAffine,
+    Distance,
 }
 
 impl KernelFile {
-    pub const ALL: [KernelFile; 10] = [
+    pub const ALL: [KernelFile; 11] = [
         KernelFile::Elementwise,
         KernelFile::Reduce,
         KernelFile::Matmul,
@@ -31,6 +32,7 @@ impl KernelFile {
         KernelFile::Pool,
         KernelFile::Channels,
         KernelFile::ChannelAffine,
+        KernelFile::Distance,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +47,7 @@ impl KernelFile {
             KernelFile::ChannelAffine => "channel_affine.wgsl",
             KernelFile::Conv => "conv.wgsl",
             KernelFile::Losses => "losses.wgsl",
+            KernelFile::Distance => "distance.wgsl",
         }
     }
 
@@ -60,6 +63,7 @@ impl KernelFile {
             KernelFile::ChannelAffine => include_str!("../../kernels/channel_affine.wgsl"),
             KernelFile::Conv => include_str!("../../kernels/conv.wgsl"),
             KernelFile::Losses => include_str!("../../kernels/losses.wgsl"),
+            KernelFile::Distance => include_str!("../../kernels/distance.wgsl"),
         }
     }
 }

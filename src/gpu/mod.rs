@@ -7,6 +7,7 @@
 mod backend;
 mod context;
 mod conv;
+mod distance;
 pub mod kernels;
 mod layers;
 mod losses;
@@ -16,5 +17,6 @@ pub mod profiler;
 pub use backend::{Gpu, GpuTensor};
 pub use context::{AdapterSummary, Binding, Context, DeviceError};
 pub use conv::ConvVariant;
+pub use distance::MAX_LINE;
 pub use kernels::{Access, Kernel, KernelFile};
 pub use profiler::{Clock, KernelTime};
