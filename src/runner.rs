@@ -6,9 +6,9 @@ use crate::error::{Error, Result};
 use crate::meta::{MetaPath, MetaStep, Sgd};
 use metaseg_autograd::contrastive::DEFAULT_TAU;
 use metaseg_autograd::{
-    grad, Backend, BinaryOp, ContrastiveBackend, ConvBackend, ConvSpec, DiceOptions, LayerBackend,
-    LossBackend, MatmulSpec, MetaBackend, Normalization, Reduction, Rule, Shape, UnaryOp, Upsample,
-    Var, Window3d,
+    grad, Backend, BinaryOp, ContrastiveBackend, ConvBackend, ConvSpec, DiceOptions,
+    DistanceBackend, LayerBackend, LossBackend, MatmulSpec, MetaBackend, Normalization, Reduction,
+    Rule, Shape, UnaryOp, Upsample, Var, Window3d,
 };
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -55,6 +55,9 @@ enum Forward {
     LocalContrastive,
     DenseInfonce,
     SampleAnchors,
+    Edt,
+    Sdf,
+    SdfProbability,
 }
 
 const X: &[&str] = &["x"];
@@ -68,6 +71,8 @@ const LOGITS_TARGET: &[&str] = &["logits", "target"];
 const WEIGHTED: &[&str] = &["logits", "target", "weight?"];
 const DICE: &[&str] = &["squared", "smooth", "include_background"];
 const CONV: &[&str] = &["x", "w", "b?"];
+const MASK: &[&str] = &["mask"];
+const SPACING: &[&str] = &["spacing"];
 
 const fn op(
     name: &'static str,
@@ -177,15 +182,30 @@ const OPS: &[OpSpec] = &[
         &["per_class", "seed"],
         Forward::SampleAnchors,
     ),
+    op("edt", MASK, SPACING, Forward::Edt),
+    op("sdf", MASK, SPACING, Forward::Sdf),
+    op("sdf_probability", X, &["k"], Forward::SdfProbability),
 ];
 
 /// What every op of the table needs of a backend.
 pub trait OpBackend:
-    Backend + LossBackend + LayerBackend + ConvBackend + ContrastiveBackend + MetaBackend
+    Backend
+    + LossBackend
+    + LayerBackend
+    + ConvBackend
+    + ContrastiveBackend
+    + DistanceBackend
+    + MetaBackend
 {
 }
 impl<B> OpBackend for B where
-    B: Backend + LossBackend + LayerBackend + ConvBackend + ContrastiveBackend + MetaBackend
+    B: Backend
+        + LossBackend
+        + LayerBackend
+        + ConvBackend
+        + ContrastiveBackend
+        + DistanceBackend
+        + MetaBackend
 {
 }
 
@@ -203,6 +223,8 @@ const ENTROPY_EPS: f64 = 1e-6;
 const EMA_DECAY: f64 = 0.99;
 /// Anchors per foreground class of the local contrastive loss (Chaitanya et al.).
 const ANCHORS_PER_CLASS: u64 = 3;
+/// DTML's sharpness of the SDF-to-probability map sigmoid(-k sdf) (METHODS.md).
+const SDF_PROBABILITY_K: f64 = 1500.0;
 
 static NAMES: LazyLock<Vec<&'static str>> = LazyLock::new(|| OPS.iter().map(|o| o.name).collect());
 
@@ -241,6 +263,15 @@ impl OpSpec {
 
     fn missing_setting(&self, key: &str) -> Error {
         self.error(format!("setting '{key}' is required"))
+    }
+
+    /// Whether a gradient can flow through the op (ops of masks have none: asking for one is
+    /// the typed NoGradient error).
+    pub fn has_gradient(&self) -> bool {
+        !matches!(
+            self.forward,
+            Forward::Edt | Forward::Sdf | Forward::SampleAnchors | Forward::MetaGradient
+        )
     }
 
     /// Inputs that must be given (those before the optional ones).
@@ -311,6 +342,13 @@ impl Settings {
             "non-negative integers separated by commas, like 1,2",
             |v| v.split(',').map(|x| x.trim().parse().ok()).collect(),
         )
+    }
+
+    /// Comma-separated numbers, like `1.5,0.8,0.8`.
+    pub fn f64_list(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        self.get(key, "numbers separated by commas, like 1.5,0.8,0.8", |v| {
+            v.split(',').map(|x| x.trim().parse().ok()).collect()
+        })
     }
 
     fn get<T>(
@@ -449,6 +487,11 @@ pub fn apply_op<B: OpBackend>(
             let seed = whole(&spec, settings, "seed")?.unwrap_or(0);
             x.sample_anchors(per_class as usize, seed)?
         }
+        Forward::Edt => x.edt(spacing(&spec, settings)?)?,
+        Forward::Sdf => x.sdf(spacing(&spec, settings)?)?,
+        Forward::SdfProbability => {
+            x.sdf_probability(settings.f64("k")?.unwrap_or(SDF_PROBABILITY_K))?
+        }
     };
     Ok(y)
 }
@@ -564,6 +607,16 @@ fn conv_spec(spec: &OpSpec, settings: &Settings) -> Result<ConvSpec> {
         padding: triple(spec, settings, "padding")?.unwrap_or(d.padding),
         dilation: triple(spec, settings, "dilation")?.unwrap_or(d.dilation),
     })
+}
+
+/// The voxel size along (D, H, W), `spacing=1.5,0.8,0.8`; default 1,1,1 (voxel units).
+/// Three positive finite values (the ops check the values).
+fn spacing(spec: &OpSpec, settings: &Settings) -> Result<[f64; 3]> {
+    match settings.f64_list("spacing")? {
+        None => Ok([1.0; 3]),
+        Some(v) => <[f64; 3]>::try_from(v.as_slice())
+            .map_err(|_| spec.error("setting 'spacing' takes three values (D, H, W)".into())),
+    }
 }
 
 /// A setting that is one non-negative integer, if given.
@@ -719,6 +772,7 @@ mod tests {
             let inputs = spec.inputs.iter().filter(|n| !n.ends_with('?')).map(|n| {
                 layer_input(name, n)
                     .or_else(|| meta_input(name, n))
+                    .or_else(|| mask_input(n))
                     .unwrap_or_else(|| (n.to_string(), x.0.clone(), x.1.clone()))
             });
             let required = match name {
@@ -730,23 +784,29 @@ mod tests {
             let inputs: Vec<_> = inputs.collect();
             let probe = run(&Cpu64, name, inputs.clone(), &settings, None);
             let shape = probe.unwrap_or_else(|e| panic!("{name}: {e}")).output.1;
-            // The meta-gradient is a gradient already; it has none of its own.
-            let grad_output = (name != "meta_gradient").then(|| (vec![1.0; shape.numel()], shape));
+            let grad_output = Some((vec![1.0; shape.numel()], shape));
             let out = run(&Cpu64, name, inputs, &settings, grad_output);
-            // A mask has no gradient: asking for one is a typed error, not zeros.
-            if name == "sample_anchors" {
-                let Err(err) = out else {
-                    panic!("{name}: a gradient of sampled anchors was computed");
+            if !spec.has_gradient() {
+                // A mask function or a meta-gradient: asking for a gradient is the typed error,
+                // never zeros.
+                let Err(Error::Autograd(metaseg_autograd::Error::NoGradient { .. })) = out else {
+                    panic!("{name}: a gradient was asked of an op without one: {out:?}");
                 };
-                assert!(
-                    err.to_string().contains("no backward rule"),
-                    "{name}: {err}"
-                );
                 continue;
             }
             let out = out.unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(out.output.0.iter().all(|v| v.is_finite()), "{name}");
         }
+    }
+
+    /// A mask [1, 1, 3, 3, 3] whose centre and one corner are background, so every distance is
+    /// finite and the SDF has inside, outside and boundary voxels.
+    fn mask_input(input: &str) -> Option<(String, Vec<f64>, Shape)> {
+        (input == "mask").then(|| {
+            let mut m = vec![1.0; 27];
+            (m[0], m[13]) = (0.0, 0.0);
+            (input.to_string(), m, Shape::from([1, 1, 3, 3, 3]))
+        })
     }
 
     /// The layer ops take [N, C, D, H, W] tensors and per-channel [C] parameters.

@@ -174,6 +174,10 @@ fn every_op_of_the_runner_table_is_covered_here() {
         "local_contrastive",
         "dense_infonce",
         "sample_anchors",
+        // tests/gpu_distance.rs
+        "edt",
+        "sdf",
+        "sdf_probability",
     ];
     for op in op_names() {
         assert!(covered.contains(op), "op {op} has no GPU-vs-Cpu64 test");

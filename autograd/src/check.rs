@@ -318,3 +318,44 @@ pub fn assert_gradients(
         tol.assert(&format!("{what}: (H v) for input {k}"), &hvp[k], &fd);
     }
 }
+
+/// A mask of `shape`: 1 where the seeded uniform is below `density`, else 0.
+pub fn seeded_mask(shape: &Shape, seed: u64, density: f64) -> Vec<f64> {
+    seeded(shape.numel(), seed, 0.0, 1.0)
+        .into_iter()
+        .map(|u| f64::from(u8::from(u < density)))
+        .collect()
+}
+
+/// The EDT of one (D, H, W) volume over all voxel pairs, the definition the fast transforms are
+/// tested against: for each voxel whose mask is nonzero (zero, with `invert`), the least
+/// Euclidean distance in physical units to a voxel that is not; 0 on those, +infinity if there
+/// are none.
+pub fn edt_brute_force(
+    mask: &[f64],
+    dims: [usize; 3],
+    spacing: [f64; 3],
+    invert: bool,
+) -> Vec<f64> {
+    let [_, h, w] = dims;
+    let at = |i: usize| [i / (h * w), i / w % h, i % w];
+    let inside = |i: usize| (mask[i] != 0.0) != invert;
+    (0..mask.len())
+        .map(|i| {
+            if !inside(i) {
+                return 0.0;
+            }
+            let a = at(i);
+            (0..mask.len())
+                .filter(|&j| !inside(j))
+                .map(|j| {
+                    let b = at(j);
+                    (0..3)
+                        .map(|k| (spacing[k] * (a[k] as f64 - b[k] as f64)).powi(2))
+                        .sum::<f64>()
+                        .sqrt()
+                })
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect()
+}

@@ -19,10 +19,11 @@ pub enum KernelFile {
     ChannelAffine,
     MetaWeights,
     Contrastive,
+    Distance,
 }
 
 impl KernelFile {
-    pub const ALL: [KernelFile; 12] = [
+    pub const ALL: [KernelFile; 13] = [
         KernelFile::Elementwise,
         KernelFile::Reduce,
         KernelFile::Matmul,
@@ -35,6 +36,7 @@ impl KernelFile {
         KernelFile::ChannelAffine,
         KernelFile::MetaWeights,
         KernelFile::Contrastive,
+        KernelFile::Distance,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +53,7 @@ impl KernelFile {
             KernelFile::Conv => "conv.wgsl",
             KernelFile::Losses => "losses.wgsl",
             KernelFile::Contrastive => "contrastive.wgsl",
+            KernelFile::Distance => "distance.wgsl",
         }
     }
 
@@ -68,6 +71,7 @@ impl KernelFile {
             KernelFile::Conv => include_str!("../../kernels/conv.wgsl"),
             KernelFile::Losses => include_str!("../../kernels/losses.wgsl"),
             KernelFile::Contrastive => include_str!("../../kernels/contrastive.wgsl"),
+            KernelFile::Distance => include_str!("../../kernels/distance.wgsl"),
         }
     }
 }

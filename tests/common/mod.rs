@@ -95,3 +95,47 @@ pub fn assert_gpu_matches_cpu64(
         );
     }
 }
+
+/// Op `op` of the runner's table on the GPU against Cpu64, the value only: for ops without a
+/// gradient (functions of masks). Infinite values must be at the same elements with the same sign
+/// on both; the finite ones agree within `tol`.
+pub fn assert_gpu_forward_matches_cpu64(
+    op: &str,
+    settings: &[&str],
+    inputs: &[(Vec<f64>, Shape)],
+    tol: Tolerance,
+) {
+    let settings = Settings::parse(settings).unwrap();
+    let cpu = value(&Cpu64, |xs| apply_op(op, xs, &settings), inputs);
+    let gpu = value(&gpu(), |xs| apply_op(op, xs, &settings), inputs);
+    let infinities = |x: &[f64]| -> Vec<f64> {
+        x.iter()
+            .map(|v| if v.is_infinite() { v.signum() } else { 0.0 })
+            .collect()
+    };
+    let exact = Tolerance::new(0.0, 0.0);
+    exact.assert(
+        &format!("{op} forward: where it is infinite"),
+        &infinities(&gpu),
+        &infinities(&cpu),
+    );
+    let finite = |x: &[f64]| -> Vec<f64> {
+        x.iter()
+            .map(|v| if v.is_infinite() { 0.0 } else { *v })
+            .collect()
+    };
+    tol.assert(&format!("{op} forward"), &finite(&gpu), &finite(&cpu));
+}
+
+/// The value of `f` at `inputs` on `backend`, as constants (no graph recorded).
+pub fn value<B: Backend>(
+    backend: &B,
+    f: impl Fn(&[Var<B>]) -> metaseg::error::Result<Var<B>>,
+    inputs: &[(Vec<f64>, Shape)],
+) -> Vec<f64> {
+    let xs: Vec<Var<B>> = inputs
+        .iter()
+        .map(|(v, s)| Var::from_f64(backend, v, s, false).unwrap())
+        .collect();
+    f(&xs).unwrap().to_f64().unwrap()
+}
