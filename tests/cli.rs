@@ -528,3 +528,50 @@ fn dataset_default_rejects_a_bad_size_and_split() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("3 labeled + 8 test of 4 cases"), "{stderr}");
 }
+
+#[test]
+fn meta_gradient_writes_the_gradient_and_weights_that_sum_to_one() {
+    let dir = Dir::new();
+    let seeded = |n: usize, seed: u64| metaseg_autograd::check::seeded(n, seed, -1.0, 1.0);
+    let label = |seed| metaseg_autograd::check::one_hot(&Shape::new(&[1, 2, 2, 3, 3]), seed, None);
+    let x = [1, 1, 2, 3, 3];
+    let args = [
+        format!("x_u={}", dir.array("xu.npy", &seeded(18, 1), &x)),
+        format!("y_u={}", dir.array("yu.npy", &label(2), &[1, 2, 2, 3, 3])),
+        format!("x_m={}", dir.array("xm.npy", &seeded(18, 3), &x)),
+        format!("y_m={}", dir.array("ym.npy", &label(4), &[1, 2, 2, 3, 3])),
+        format!(
+            "w1={}",
+            dir.array("w1.npy", &seeded(54, 5), &[2, 1, 3, 3, 3])
+        ),
+        format!("b1={}", dir.array("b1.npy", &seeded(2, 6), &[2])),
+        format!(
+            "w2={}",
+            dir.array("w2.npy", &seeded(4, 7), &[2, 2, 1, 1, 1])
+        ),
+        format!("b2={}", dir.array("b2.npy", &seeded(2, 8), &[2])),
+    ];
+    let mut cli: Vec<&str> = vec!["meta_gradient"];
+    for a in &args {
+        cli.extend(["--in", a.as_str()]);
+    }
+    let out = dir.out();
+    cli.extend(["--set", "lr=0.1", "path=reverse", "--out", &out]);
+    kernel(&cli);
+    let (g, shape) = dir.read("out/out.npy");
+    assert_eq!(shape.dims(), [1, 1, 2, 3, 3]);
+    assert!(
+        g.iter().any(|&v| v < 0.0),
+        "no voxel would gain weight: {g:?}"
+    );
+    let (w, _) = dir.read("out/weights.npy");
+    let total: f64 = w.iter().sum();
+    assert!(
+        (total - 1.0).abs() < 1e-9 && w.iter().all(|&v| v >= 0.0),
+        "{w:?}"
+    );
+    // A meta-gradient has no gradient of its own: a typed error, not zeros.
+    let g_out = dir.array("g.npy", &[1.0; 18], &[1, 1, 2, 3, 3]);
+    cli.extend(["--grad-output", &g_out]);
+    kernel_fails(&cli, &["meta_gradient", "no backward rule"]);
+}
