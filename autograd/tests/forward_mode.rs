@@ -163,7 +163,7 @@ fn layers() {
     check(
         "max_pool3d",
         &move |v| v[0].max_pool3d(pool),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         -1.0,
         1.0,
     );
@@ -178,13 +178,13 @@ fn layers() {
     check(
         "avg_pool3d",
         &move |v| v[0].avg_pool3d(pool),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         -1.0,
         1.0,
     );
     for mode in [Upsample::Nearest, Upsample::Trilinear] {
         let f: &CpuFn = &move |v| v[0].upsample3d(mode, [2, 1, 3]);
-        check(mode.name(), f, &[x.clone()], -1.0, 1.0);
+        check(mode.name(), f, std::slice::from_ref(&x), -1.0, 1.0);
         let f: &CpuFn = &move |v| v[0].upsample3d_backward(mode, [2, 1, 2], &s(&[2, 3, 2, 5, 2]));
         check("upsample3d_backward", f, &[s(&[2, 3, 4, 5, 4])], -1.0, 1.0);
     }
@@ -220,14 +220,14 @@ fn classification_losses() {
     check(
         "softmax",
         &|v| v[0].softmax_channels(),
-        &[z.clone()],
+        std::slice::from_ref(&z),
         -3.0,
         3.0,
     );
     check(
         "log_softmax",
         &|v| v[0].log_softmax_channels(),
-        &[z.clone()],
+        std::slice::from_ref(&z),
         -3.0,
         3.0,
     );
