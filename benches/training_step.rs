@@ -149,6 +149,8 @@ fn main() {
     training(&gpu, 4, 3, 16);
     meta(&gpu, 4, 3, 16);
     if !small_only {
+        // The default preset's network and patch.
+        training(&gpu, 8, 4, 32);
         meta(&gpu, 8, 4, 32);
         training(&gpu, 16, 5, 64);
     }
