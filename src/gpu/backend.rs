@@ -229,6 +229,33 @@ impl Gpu {
             .map_err(backend_error)
     }
 
+    /// Copies each part to its consecutive piece of `flat` (`into_flat`) or back, in one
+    /// submission of buffer copies.
+    fn copy_pieces(&self, flat: &GpuTensor, parts: &[&GpuTensor], into_flat: bool) -> Result<()> {
+        let mut offset = 0;
+        let copies: Vec<BufferCopy> = parts
+            .iter()
+            .filter(|p| p.shape.numel() > 0)
+            .map(|p| {
+                let bytes = 4 * p.shape.numel() as u64;
+                let (from, from_offset, to, to_offset) = if into_flat {
+                    (p.buffer(), 0, flat.buffer(), offset)
+                } else {
+                    (flat.buffer(), offset, p.buffer(), 0)
+                };
+                offset += bytes;
+                BufferCopy {
+                    from,
+                    from_offset,
+                    to,
+                    to_offset,
+                    bytes,
+                }
+            })
+            .collect();
+        self.ctx.copy_regions(&copies).map_err(backend_error)
+    }
+
     /// The 2D grid for `groups` workgroups (see `Context::grid`).
     pub(crate) fn grid(&self, groups: usize) -> [u32; 3] {
         self.ctx.grid(groups as u32)
@@ -361,24 +388,7 @@ impl Backend for Gpu {
     fn concat_flat(&self, parts: &[&GpuTensor]) -> Result<GpuTensor> {
         let total: usize = parts.iter().map(|p| p.shape.numel()).sum();
         let flat = self.empty(&Shape::from([total]))?;
-        let mut offset = 0;
-        let copies: Vec<BufferCopy> = parts
-            .iter()
-            .filter(|p| p.shape.numel() > 0)
-            .map(|p| {
-                let bytes = 4 * p.shape.numel() as u64;
-                let copy = BufferCopy {
-                    from: p.buffer(),
-                    from_offset: 0,
-                    to: flat.buffer(),
-                    to_offset: offset,
-                    bytes,
-                };
-                offset += bytes;
-                copy
-            })
-            .collect();
-        self.ctx.copy_regions(&copies).map_err(backend_error)?;
+        self.copy_pieces(&flat, parts, true)?;
         Ok(flat)
     }
 
@@ -388,24 +398,7 @@ impl Backend for Gpu {
             .iter()
             .map(|s| self.empty(s))
             .collect::<Result<Vec<_>>>()?;
-        let mut offset = 0;
-        let copies: Vec<BufferCopy> = parts
-            .iter()
-            .filter(|p| p.shape.numel() > 0)
-            .map(|p| {
-                let bytes = 4 * p.shape.numel() as u64;
-                let copy = BufferCopy {
-                    from: flat.buffer(),
-                    from_offset: offset,
-                    to: p.buffer(),
-                    to_offset: 0,
-                    bytes,
-                };
-                offset += bytes;
-                copy
-            })
-            .collect();
-        self.ctx.copy_regions(&copies).map_err(backend_error)?;
+        self.copy_pieces(flat, &parts.iter().collect::<Vec<_>>(), false)?;
         Ok(parts)
     }
 

@@ -60,26 +60,7 @@ impl Conv {
         kernel: [usize; 3],
         spec: ConvSpec,
     ) -> Conv {
-        let [c_in, c_out] = channels;
-        let taps: usize = kernel.iter().product();
-        let weight = d.declare(
-            format!("{name}.weight"),
-            Shape::from([c_out, c_in, kernel[0], kernel[1], kernel[2]]),
-            Init::KaimingNormal {
-                fan_in: c_in * taps,
-            },
-        );
-        let bias = d.declare(
-            format!("{name}.bias"),
-            Shape::from([c_out]),
-            Init::Constant(0.0),
-        );
-        Conv {
-            weight,
-            bias,
-            spec,
-            transposed: false,
-        }
+        Self::declare(d, name, channels, kernel, spec, false)
     }
 
     /// conv_transpose3d from `c_in` to `c_out` channels (weight [c_in, c_out, k], whose fan-in
@@ -91,13 +72,30 @@ impl Conv {
         kernel: [usize; 3],
         spec: ConvSpec,
     ) -> Conv {
+        Self::declare(d, name, channels, kernel, spec, true)
+    }
+
+    fn declare(
+        d: &mut Declarations,
+        name: &str,
+        channels: [usize; 2],
+        kernel: [usize; 3],
+        spec: ConvSpec,
+        transposed: bool,
+    ) -> Conv {
         let [c_in, c_out] = channels;
         let taps: usize = kernel.iter().product();
+        // PyTorch's fan-in is the weight's dimension 1 times the taps.
+        let (rows, cols) = if transposed {
+            (c_in, c_out)
+        } else {
+            (c_out, c_in)
+        };
         let weight = d.declare(
             format!("{name}.weight"),
-            Shape::from([c_in, c_out, kernel[0], kernel[1], kernel[2]]),
+            Shape::from([rows, cols, kernel[0], kernel[1], kernel[2]]),
             Init::KaimingNormal {
-                fan_in: c_out * taps,
+                fan_in: cols * taps,
             },
         );
         let bias = d.declare(
@@ -109,7 +107,7 @@ impl Conv {
             weight,
             bias,
             spec,
-            transposed: true,
+            transposed,
         }
     }
 
