@@ -205,10 +205,13 @@ impl<B: NetBackend> Trainer<B> {
             let decay = teacher_decay(t, self.config.mean_teacher.ema_decay);
             teacher.params = teacher.params.ema(&self.params, decay)?;
         }
-        let mut log = vec![("loss", total.item()?), ("lr", lr)];
-        for (name, v) in terms {
-            log.push((name, v.item()?));
-        }
+        // One readback for every logged term.
+        terms.insert(0, ("loss", total));
+        let scalars: Vec<&B::Tensor> = terms.iter().map(|(_, v)| v.value()).collect();
+        let values = self.params.values()[0].backend().concat_flat(&scalars)?;
+        let values = self.params.values()[0].backend().to_f64(&values)?;
+        let mut log: StepLog = terms.iter().map(|(n, _)| *n).zip(values).collect();
+        log.insert(1, ("lr", lr));
         Ok(log)
     }
 
