@@ -40,16 +40,29 @@ enum Command {
 
 #[derive(clap::Args)]
 struct TrainArgs {
+    /// The method, or several separated by commas to compare them on the same split. Without it,
+    /// the baselines are compared: supervised, mean-teacher and full.
+    #[arg(long, value_delimiter = ',', value_parser = ["supervised", "mean-teacher", "full"])]
+    method: Vec<String>,
     /// A preset shipped with metaseg (default, la-vnet) or a .toml file.
     #[arg(long, default_value = "default")]
     preset: String,
-    /// Override a key of the preset, like --set optimizer.lr=0.005 or --set method=supervised.
+    /// A Medical Segmentation Decathlon folder (imagesTr/, labelsTr/, dataset.json) to train on
+    /// instead of the embedded data set.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Override a key of the preset, like --set optimizer.lr=0.005 or --set iterations=100.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// Directory for config.toml, log.jsonl and the checkpoint.
+    /// Run every method with this many seeds (the preset's and the next ones): a comparison then
+    /// reports mean ± standard deviation over them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    seeds: u64,
+    /// Directory for config.toml, log.jsonl and the checkpoint (one directory per method and
+    /// seed inside it when there are several runs, with results.md and results.csv).
     #[arg(long, default_value = "runs/default")]
     out: PathBuf,
-    /// Continue from the checkpoint in --out.
+    /// Continue from the checkpoints in --out.
     #[arg(long)]
     resume: bool,
     /// No progress bar.
@@ -58,6 +71,9 @@ struct TrainArgs {
     /// Stop after this many iterations with a checkpoint (continue later with --resume).
     #[arg(long, value_name = "N")]
     stop_after: Option<u64>,
+    /// After one warm-up step, profile N steps and print every kernel's share of their time.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    profile: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -153,42 +169,136 @@ fn ops_help() -> String {
 }
 
 fn train(args: &TrainArgs) -> AnyResult<()> {
-    use metaseg::train::{config::TrainConfig, run};
-    let config = TrainConfig::load(&args.preset, &args.overrides)?;
+    use metaseg::train::{compare, config::TrainConfig, run};
+    let mut overrides = args.overrides.clone();
+    if overrides
+        .iter()
+        .any(|o| o.trim_start().starts_with("method="))
+    {
+        return Err("choose the method with --method, not --set method=...".into());
+    }
+    if let Some(dir) = &args.data {
+        let source = toml::Value::String(dir.display().to_string());
+        overrides.push(format!("data.source={source}"));
+    }
+    let preset = TrainConfig::load(&args.preset, &overrides)?;
+    let methods = if args.method.is_empty() {
+        compare::BASELINES.map(String::from).to_vec()
+    } else {
+        args.method.clone()
+    };
+    let runs = compare::plan(&methods, preset.seed, args.seeds, &args.out);
+    if args.profile.is_some() && runs.len() > 1 {
+        return Err("--profile runs one method with one seed: give --method NAME".into());
+    }
     let gpu = Gpu::new()?;
     let info = &gpu.context().adapter.info;
-    eprintln!(
-        "{} on {} ({:?}): {} iterations, writing to {}",
-        config.method,
-        info.name,
-        info.backend,
-        config.iterations,
-        args.out.display()
-    );
-    let data = run::load_data(&config)?;
-    eprintln!(
-        "data: {} labeled, {} unlabeled, {} test cases",
-        data.labeled.len(),
-        data.unlabeled.len(),
-        data.test.len()
-    );
-    let paths = run::RunPaths {
-        dir: args.out.clone(),
+    eprintln!("{} ({:?})", info.name, info.backend);
+    let mut results = Vec::new();
+    for (i, spec) in runs.iter().enumerate() {
+        let mut run_overrides = overrides.clone();
+        run_overrides.push(format!(
+            "method={}",
+            toml::Value::String(spec.method.clone())
+        ));
+        run_overrides.push(format!("seed={}", spec.seed));
+        let config = TrainConfig::load(&args.preset, &run_overrides)?;
+        eprintln!(
+            "[{}/{}] {}, seed {}: {} iterations, writing to {}",
+            i + 1,
+            runs.len(),
+            config.method,
+            config.seed,
+            config.iterations,
+            spec.dir.display()
+        );
+        let data = run::load_data(&config)?;
+        eprintln!(
+            "data: {} labeled, {} unlabeled, {} test cases",
+            data.labeled.len(),
+            data.unlabeled.len(),
+            data.test.len()
+        );
+        let paths = run::RunPaths {
+            dir: spec.dir.clone(),
+        };
+        if let Some(steps) = args.profile {
+            return profile(&gpu, &config, &data, &paths, steps);
+        }
+        let options = run::RunOptions {
+            resume: args.resume,
+            progress: !args.quiet,
+            stop_after: args.stop_after,
+        };
+        let summary = run::train(&gpu, &config, &data, &paths, options)?;
+        let dice = summary
+            .validation_dice
+            .map_or("no test cases".to_string(), |d| format!("{d:.4}"));
+        println!(
+            "{}, seed {}: done in {:.1} s, final loss {:.4}, test Dice {dice}; log in {}",
+            config.method,
+            config.seed,
+            summary.seconds,
+            summary.final_loss,
+            paths.log().display()
+        );
+        if args.stop_after.is_none() && !data.test.is_empty() {
+            results.push(run::test_results(&gpu, &config, &data, &paths, &summary)?);
+        }
+    }
+    if runs.len() > 1 && !results.is_empty() {
+        let table = compare::markdown(&results);
+        println!(
+            "\nTest cases, means over cases{}:\n{table}",
+            if args.seeds > 1 {
+                " (± std over seeds)"
+            } else {
+                ""
+            }
+        );
+        let write = |name: &str, text: &str| -> AnyResult<()> {
+            let path = args.out.join(name);
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(())
+        };
+        write("results.md", &table)?;
+        write("results.csv", &compare::csv(&results))?;
+    }
+    Ok(())
+}
+
+/// `train --profile N`: one step compiles the pipelines, then N steps run with every dispatch
+/// timed; the run stops there, with its checkpoint, so `--resume` can carry it on.
+fn profile(
+    gpu: &Gpu,
+    config: &metaseg::train::config::TrainConfig,
+    data: &metaseg::train::run::RunData,
+    paths: &metaseg::train::run::RunPaths,
+    steps: u64,
+) -> AnyResult<()> {
+    use metaseg::train::{profile, run};
+    if steps + 1 > config.iterations {
+        return Err(format!(
+            "--profile {steps} needs {} iterations (one to warm up); the run has {}",
+            steps + 1,
+            config.iterations
+        )
+        .into());
+    }
+    let options = |resume, stop| run::RunOptions {
+        resume,
+        progress: false,
+        stop_after: Some(stop),
     };
-    let options = run::RunOptions {
-        resume: args.resume,
-        progress: !args.quiet,
-        stop_after: args.stop_after,
-    };
-    let summary = run::train(&gpu, &config, &data, &paths, options)?;
-    let dice = summary
-        .validation_dice
-        .map_or("no test cases".to_string(), |d| format!("{d:.4}"));
-    println!(
-        "done in {:.1} s: final loss {:.4}, test Dice {dice}; log in {}",
-        summary.seconds,
-        summary.final_loss,
-        paths.log().display()
+    run::train(gpu, config, data, paths, options(false, 1))?;
+    gpu.context().start_profiling();
+    let summary = run::train(gpu, config, data, paths, options(true, steps + 1));
+    let (times, clock) = gpu.context().take_kernel_times()?;
+    let summary = summary?;
+    let wall = Duration::from_secs_f64(summary.seconds);
+    print!(
+        "{}",
+        profile::table(&profile::rows(&times), steps, wall, clock)
     );
     Ok(())
 }

@@ -93,11 +93,13 @@ fn a_kernel_that_fails_validation_is_reported_by_name() {
             binding: 1,
             access: metaseg::gpu::Access::Read,
             buffer: x.buffer(),
+            bytes: 32,
         },
         metaseg::gpu::Binding {
             binding: 3,
             access: metaseg::gpu::Access::ReadWrite,
             buffer: out.buffer(),
+            bytes: 32,
         },
     ];
     let err = g

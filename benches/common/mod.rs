@@ -74,6 +74,7 @@ impl Bench {
                 binding: 3,
                 access: Access::ReadWrite,
                 buffer: out.buffer(),
+                bytes: 4 * out.shape().numel() as u64,
             };
             ctx.dispatch(&kernel, None, &[binding], ctx.grid(groups as u32))
                 .map_err(|message| Error::Backend {

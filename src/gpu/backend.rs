@@ -217,12 +217,14 @@ impl Gpu {
                 binding,
                 access: Access::Read,
                 buffer: t.buffer(),
+                bytes: 4 * t.shape().numel() as u64,
             })
             .collect();
         bindings.push(Binding {
             binding: 3,
             access: Access::ReadWrite,
             buffer: output.buffer(),
+            bytes: 4 * output.shape().numel() as u64,
         });
         self.ctx
             .dispatch(kernel, Some(params), &bindings, workgroups)

@@ -48,6 +48,9 @@ pub struct Binding<'a> {
     pub binding: u32,
     pub access: Access,
     pub buffer: &'a wgpu::Buffer,
+    /// The bytes of the buffer that hold the tensor (a pooled buffer may be larger): the
+    /// profiler's traffic count.
+    pub bytes: u64,
 }
 
 /// One region of [`Context::copy_regions`].
@@ -175,13 +178,14 @@ impl Context {
             layout: &pipeline.layout,
             entries: &entries,
         });
+        let traffic = buffers.iter().map(|b| b.bytes).sum();
         let mut profiler = self.profiler.lock().unwrap();
         if profiler.as_ref().is_some_and(Profiler::is_full) {
             self.resolve_timestamps(profiler.as_mut().unwrap())?;
         }
         let slot = match profiler.as_mut() {
             Some(p) if p.clock == Clock::Timestamps => {
-                p.pending.push(kernel.label());
+                p.pending.push((kernel.label(), traffic));
                 Some(2 * (p.pending.len() as u32 - 1))
             }
             _ => None,
@@ -208,6 +212,7 @@ impl Context {
             p.done.push(KernelTime {
                 kernel: kernel.label(),
                 time: start.elapsed(),
+                bytes: traffic,
             });
         }
         drop(profiler);
@@ -320,11 +325,12 @@ impl Context {
         let bytes = self.read(&resolved, 8 * count as u64)?;
         let ticks: &[u64] = bytemuck::cast_slice(&bytes);
         let period = self.queue.get_timestamp_period() as f64;
-        for (i, kernel) in p.pending.drain(..).enumerate() {
+        for (i, (kernel, bytes)) in p.pending.drain(..).enumerate() {
             let ns = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
             p.done.push(KernelTime {
                 kernel,
                 time: Duration::from_nanos(ns as u64),
+                bytes,
             });
         }
         Ok(())

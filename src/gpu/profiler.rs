@@ -11,6 +11,8 @@ pub const CAPACITY: u32 = 2048;
 pub struct KernelTime {
     pub kernel: String,
     pub time: Duration,
+    /// The bytes of the tensors bound to the dispatch: what it reads and writes at least once.
+    pub bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,8 +35,8 @@ impl std::fmt::Display for Clock {
 pub struct Profiler {
     pub clock: Clock,
     pub query_set: Option<wgpu::QuerySet>,
-    /// Kernels whose timestamp pairs are pending, in query-slot order.
-    pub pending: Vec<String>,
+    /// Kernels (with their bytes bound) whose timestamp pairs are pending, in query-slot order.
+    pub pending: Vec<(String, u64)>,
     pub done: Vec<KernelTime>,
 }
 

@@ -174,15 +174,18 @@ impl TrainConfig {
             &["constant", "step", "poly", "lambda"],
         )?;
         let multiple = 1usize << self.network.levels.saturating_sub(1);
-        if self
-            .batch
-            .patch
-            .iter()
-            .any(|&p| p == 0 || p % multiple != 0)
-        {
+        // A U-Net with a depth-1 patch is 2D: it pools H and W only.
+        let two_d = self.network.kind == "unet" && self.batch.patch[0] == 1;
+        let pooled = if two_d {
+            &self.batch.patch[1..]
+        } else {
+            &self.batch.patch[..]
+        };
+        if self.batch.patch.contains(&0) || pooled.iter().any(|&p| p % multiple != 0) {
             return bad(format!(
-                "batch.patch {:?} must divide by {multiple} (2^(levels - 1))",
-                self.batch.patch
+                "batch.patch {:?} must divide by {multiple} (2^(levels - 1)){}",
+                self.batch.patch,
+                if two_d { " along H and W" } else { "" }
             ));
         }
         if self.batch.labeled == 0 || self.data.labeled == 0 {

@@ -3,6 +3,8 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
+pub mod profile;
 pub mod run;
 pub mod trainer;

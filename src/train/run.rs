@@ -5,6 +5,7 @@
 
 use super::batch::{sample, LoadedCase, Sampling};
 use super::checkpoint::{self, HostTensor, Sidecar};
+use super::compare::RunResult;
 use super::config::TrainConfig;
 use super::trainer::{DeviceBatch, Teacher, Trainer};
 use crate::data::{self, preprocess, synthetic, Msd, SplitSpec, SyntheticConfig, Volume};
@@ -165,35 +166,44 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
     }
 }
 
-/// Mean foreground Dice over the cases (class >= 1 against background), sliding-window
-/// predictions of the student in eval mode.
-pub fn validation_dice<B: NetBackend>(
+/// The label map of one case: sliding-window probabilities of the student in eval mode (windows
+/// of the training patch, overlapping by `log.stride_fraction`), then the argmax.
+pub fn predict_case<B: NetBackend>(
     backend: &B,
     trainer: &Trainer<B>,
-    cases: &[LoadedCase],
-) -> Result<f64> {
+    case: &LoadedCase,
+) -> Result<Vec<u8>> {
     let patch = trainer.config.batch.patch;
     let fraction = trainer.config.log.stride_fraction;
     let window = SlidingWindow {
         patch,
         stride: patch.map(|p| ((p as f64 * fraction).round() as usize).max(1)),
     };
+    let volume = HostVolume {
+        data: &case.image.data,
+        channels: case.image.channels,
+        dims: case.image.dims,
+    };
+    let probs = predict_probabilities(
+        backend,
+        &trainer.net,
+        &trainer.params,
+        &trainer.stats,
+        &volume,
+        window,
+    )?;
+    Ok(argmax(&probs, trainer.config.data.classes))
+}
+
+/// Mean foreground Dice over the cases (class >= 1 against background).
+pub fn validation_dice<B: NetBackend>(
+    backend: &B,
+    trainer: &Trainer<B>,
+    cases: &[LoadedCase],
+) -> Result<f64> {
     let mut total = 0.0;
     for case in cases {
-        let volume = HostVolume {
-            data: &case.image.data,
-            channels: case.image.channels,
-            dims: case.image.dims,
-        };
-        let probs = predict_probabilities(
-            backend,
-            &trainer.net,
-            &trainer.params,
-            &trainer.stats,
-            &volume,
-            window,
-        )?;
-        let pred = argmax(&probs, trainer.config.data.classes);
+        let pred = predict_case(backend, trainer, case)?;
         let label = case.label.as_ref().expect("test cases are labeled");
         let (mut both, mut sizes) = (0usize, 0usize);
         for (p, l) in pred.iter().zip(label) {
@@ -207,6 +217,18 @@ pub fn validation_dice<B: NetBackend>(
         };
     }
     Ok(total / cases.len().max(1) as f64)
+}
+
+/// The trainer of a finished (or interrupted) run, restored from its checkpoint.
+pub fn restore_trainer<B: NetBackend>(
+    backend: &B,
+    config: &TrainConfig,
+    channels: usize,
+    paths: &RunPaths,
+) -> Result<Trainer<B>> {
+    let mut trainer = Trainer::new(backend, config, channels)?;
+    load_checkpoint(backend, &mut trainer, &paths.checkpoint())?;
+    Ok(trainer)
 }
 
 fn host(
@@ -329,6 +351,9 @@ pub struct Summary {
     pub final_loss: f64,
     pub validation_dice: Option<f64>,
     pub seconds: f64,
+    /// Iterations this call ran, and their time alone (no validation or checkpoints).
+    pub iterations: u64,
+    pub step_seconds: f64,
 }
 
 /// The batch of iteration `t` on the device.
@@ -448,10 +473,15 @@ pub fn train<B: NetBackend>(
         final_loss: f64::NAN,
         validation_dice: None,
         seconds: 0.0,
+        iterations: 0,
+        step_seconds: 0.0,
     };
     for t in start..config.iterations {
+        let step_began = Instant::now();
         let batch = device_batch(backend, &trainer, data, t)?;
         let terms = trainer.step(&batch, t)?;
+        summary.step_seconds += step_began.elapsed().as_secs_f64();
+        summary.iterations += 1;
         let loss = terms[0].1;
         if !loss.is_finite() {
             bar.abandon();
@@ -490,4 +520,43 @@ pub fn train<B: NetBackend>(
     bar.finish();
     summary.seconds = began.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// The test figures of a finished run, from its checkpoint: each test case predicted and scored.
+pub fn test_results<B: NetBackend>(
+    backend: &B,
+    config: &TrainConfig,
+    data: &RunData,
+    paths: &RunPaths,
+    summary: &Summary,
+) -> Result<RunResult> {
+    let channels = data.test[0].image.channels;
+    let trainer = restore_trainer(backend, config, channels, paths)?;
+    let (mut dice, mut jaccard) = (Vec::new(), Vec::new());
+    for case in &data.test {
+        let pred = predict_case(backend, &trainer, case)?;
+        let label = case.label.as_ref().expect("test cases are labeled");
+        let (mut both, mut sizes) = (0usize, 0usize);
+        for (p, l) in pred.iter().zip(label) {
+            both += usize::from(*p > 0 && *l > 0);
+            sizes += usize::from(*p > 0) + usize::from(*l > 0);
+        }
+        let d = if sizes == 0 {
+            1.0
+        } else {
+            2.0 * both as f64 / sizes as f64
+        };
+        dice.push(d);
+        jaccard.push(d / (2.0 - d));
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    Ok(RunResult {
+        method: config.method.clone(),
+        seed: config.seed,
+        dice: mean(&dice),
+        jaccard: mean(&jaccard),
+        hd95: None,
+        asd: None,
+        seconds_per_iteration: summary.step_seconds / summary.iterations.max(1) as f64,
+    })
 }

@@ -37,7 +37,7 @@ impl Net {
                 in_channels,
                 classes: config.data.classes,
                 features: (0..n.levels).map(|l| n.base_width << l).collect(),
-                three_d: true,
+                three_d: config.batch.patch[0] > 1,
                 upsample: Upsample::Trilinear,
                 dropout,
             })?)),
