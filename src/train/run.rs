@@ -9,7 +9,7 @@ use super::config::TrainConfig;
 use super::trainer::{DeviceBatch, Teacher, Trainer};
 use crate::data::{self, preprocess, synthetic, Msd, SplitSpec, SyntheticConfig, Volume};
 use crate::eval::inference::HostVolume;
-use crate::eval::{argmax, predict_probabilities, SlidingWindow};
+use crate::eval::{argmax, metrics, predict_probabilities, SlidingWindow};
 use crate::nn::{NetBackend, ParamStore};
 use indicatif::{ProgressBar, ProgressStyle};
 use metaseg_autograd::{Shape, Var};
@@ -54,7 +54,9 @@ pub struct RunData {
     pub test: Vec<LoadedCase>,
 }
 
-fn normalised(name: String, mut image: Volume, label: Option<&Volume>) -> Result<LoadedCase> {
+/// A case as training sees it: the image z-scored per volume (each channel on its own), the label
+/// rounded to class indices. Prediction prepares its inputs with this too.
+pub fn normalised(name: String, mut image: Volume, label: Option<&Volume>) -> Result<LoadedCase> {
     preprocess::zscore(&mut image, preprocess::Clip::None)?;
     let label = label.map(|l| l.data.iter().map(|&v| v.round() as u8).collect());
     Ok(LoadedCase { name, image, label })
@@ -174,10 +176,7 @@ pub fn validation_dice<B: NetBackend>(
 ) -> Result<f64> {
     let patch = trainer.config.batch.patch;
     let fraction = trainer.config.log.stride_fraction;
-    let window = SlidingWindow {
-        patch,
-        stride: patch.map(|p| ((p as f64 * fraction).round() as usize).max(1)),
-    };
+    let window = SlidingWindow::with_stride_fraction(patch, fraction);
     let mut total = 0.0;
     for case in cases {
         let volume = HostVolume {
@@ -195,16 +194,7 @@ pub fn validation_dice<B: NetBackend>(
         )?;
         let pred = argmax(&probs, trainer.config.data.classes);
         let label = case.label.as_ref().expect("test cases are labeled");
-        let (mut both, mut sizes) = (0usize, 0usize);
-        for (p, l) in pred.iter().zip(label) {
-            both += usize::from(*p > 0 && *l > 0);
-            sizes += usize::from(*p > 0) + usize::from(*l > 0);
-        }
-        total += if sizes == 0 {
-            1.0
-        } else {
-            2.0 * both as f64 / sizes as f64
-        };
+        total += metrics::overlap(&pred, label, |v| v > 0).dice();
     }
     Ok(total / cases.len().max(1) as f64)
 }
@@ -227,7 +217,9 @@ fn host(
     Ok(())
 }
 
-fn restore<B: NetBackend>(
+/// A store like `store` holding the tensors `prefix/NAME` of a checkpoint (an error if one is
+/// missing or of another shape).
+pub fn restore<B: NetBackend>(
     store: &ParamStore<B>,
     prefix: &str,
     tensors: &BTreeMap<String, HostTensor>,
