@@ -1,5 +1,6 @@
 //! The `metaseg` command: run any op on `.npy` arrays (`kernel`), describe the GPU (`info`), write the
-//! embedded data set (`dataset default`).
+//! embedded data set (`dataset default`), train, predict with a trained network, evaluate
+//! predictions.
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use metaseg::data::synthetic::{self, SyntheticConfig};
@@ -36,6 +37,10 @@ enum Command {
     Dataset(DatasetCommand),
     /// Train a segmentation network (a preset, with any key overridden by --set).
     Train(TrainArgs),
+    /// Segment volumes with a trained network: label volumes (uint8) on each input's grid.
+    Predict(metaseg::cli::predict::PredictArgs),
+    /// Dice, Jaccard, HD95, ASD and ASSD of predicted labels against reference labels.
+    Evaluate(metaseg::cli::evaluate::EvaluateArgs),
 }
 
 #[derive(clap::Args)]
@@ -312,6 +317,8 @@ fn main() -> ExitCode {
         Command::Info => info(),
         Command::Dataset(DatasetCommand::Default(args)) => default_dataset(&args),
         Command::Train(args) => train(&args),
+        Command::Predict(args) => metaseg::cli::predict::run(&args).map_err(Into::into),
+        Command::Evaluate(args) => metaseg::cli::evaluate::run(&args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -575,3 +575,426 @@ fn meta_gradient_writes_the_gradient_and_weights_that_sum_to_one() {
     cli.extend(["--grad-output", &g_out]);
     kernel_fails(&cli, &["meta_gradient", "no backward rule"]);
 }
+
+// ---- metaseg evaluate and metaseg predict ----
+
+/// Writes a uint8 label volume on an axis-aligned grid.
+fn write_labels(path: &Path, labels: &[u8], dims: [usize; 3], spacing: [f64; 3]) {
+    use metaseg::data::{nifti, Volume};
+    let data = labels.iter().map(|&v| f32::from(v)).collect();
+    let volume = Volume::new(data, dims, spacing).unwrap();
+    nifti::write(path, &volume, metaseg::data::Dtype::U8).unwrap();
+}
+
+/// Seeded labels 0 to `classes` - 1; class `absent`, if given, replaced by 0.
+fn seeded_labels(n: usize, seed: u64, classes: u8, absent: Option<u8>) -> Vec<u8> {
+    metaseg_autograd::check::seeded(n, seed, 0.0, f64::from(classes))
+        .into_iter()
+        .map(|u| u as u8)
+        .map(|v| if Some(v) == absent { 0 } else { v })
+        .collect()
+}
+
+/// Runs metaseg expecting success; returns stdout.
+fn metaseg_ok(args: &[&str]) -> String {
+    let output = metaseg(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "metaseg {args:?} failed: {stderr}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs metaseg expecting exit code 1 with a one-line message holding each of `expected`.
+fn metaseg_fails(args: &[&str], expected: &[&str]) {
+    let output = metaseg(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
+    for e in expected {
+        assert!(stderr.contains(e), "{stderr:?} does not contain {e:?}");
+    }
+}
+
+/// Two cases in pred/ and labels/: case_a with classes 1 and 2 in both; case_b whose prediction
+/// has no class 2 (an empty prediction for that class). Returns the label arrays by case.
+fn evaluation_folders(dir: &Dir) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    let (dims, spacing) = ([5, 7, 9], [2.5, 0.7, 1.3]);
+    std::fs::create_dir_all(dir.path("pred")).unwrap();
+    std::fs::create_dir_all(dir.path("labels")).unwrap();
+    let cases = vec![
+        (
+            "case_a".to_string(),
+            seeded_labels(315, 1, 3, None),
+            seeded_labels(315, 2, 3, None),
+        ),
+        (
+            "case_b".to_string(),
+            seeded_labels(315, 3, 3, Some(2)),
+            seeded_labels(315, 4, 3, None),
+        ),
+    ];
+    for (case, pred, label) in &cases {
+        let name = format!("{case}.nii.gz");
+        write_labels(&dir.path("pred").join(&name), pred, dims, spacing);
+        write_labels(&dir.path("labels").join(&name), label, dims, spacing);
+    }
+    cases
+}
+
+fn json_f64(v: &serde_json::Value) -> Option<f64> {
+    if v.is_null() {
+        None
+    } else {
+        Some(v.as_f64().expect("a number or null"))
+    }
+}
+
+#[test]
+fn evaluate_prints_a_table_and_json_lines_with_nulls_and_means() {
+    use metaseg::eval::metrics::{class_metrics, summarize, Grid};
+    let dir = Dir::new();
+    let cases = evaluation_folders(&dir);
+    let (pred, labels) = (dir.path("pred"), dir.path("labels"));
+    let (pred, labels) = (pred.to_str().unwrap(), labels.to_str().unwrap());
+
+    let table = metaseg_ok(&["evaluate", "--pred", pred, "--label", labels]);
+    assert!(table.contains("distances in mm"), "{table}");
+    assert!(
+        table.contains("case_a") && table.contains("case_b"),
+        "{table}"
+    );
+    assert!(table.contains("empty prediction"), "{table}");
+    assert!(table.contains("mean ± std over 2 case(s)"), "{table}");
+
+    // The header stores the spacing as f32: the metrics use what it reads back.
+    let stored = metaseg::data::nifti::read(&dir.path("labels/case_a.nii.gz"))
+        .unwrap()
+        .spacing;
+    for (voxel_units, spacing) in [(false, stored), (true, [1.0; 3])] {
+        let mut args = vec!["evaluate", "--pred", pred, "--label", labels, "--json"];
+        if voxel_units {
+            args.push("--voxel-units");
+        }
+        let out = metaseg_ok(&args);
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // 2 cases x 2 classes, then a mean line per class.
+        assert_eq!(lines.len(), 6, "{out}");
+        let grid = Grid {
+            dims: [5, 7, 9],
+            spacing,
+        };
+        let mut per_class = [Vec::new(), Vec::new()];
+        for (k, (case, p, l)) in cases.iter().enumerate() {
+            for class in [1u8, 2] {
+                let line = &lines[2 * k + usize::from(class) - 1];
+                let want = class_metrics(p, l, class, grid).unwrap();
+                per_class[usize::from(class) - 1].push(want);
+                assert_eq!(line["case"], case.as_str());
+                assert_eq!(line["class"], class);
+                for (name, value) in ["dice", "jaccard", "hd95", "asd", "assd"]
+                    .iter()
+                    .zip(want.values())
+                {
+                    let got = json_f64(&line[*name]);
+                    match (got, value) {
+                        (Some(g), Some(w)) => assert!((g - w).abs() <= 1e-12 * (1.0 + w)),
+                        (None, None) => {}
+                        _ => panic!("{case} class {class} {name}: {got:?} vs {value:?}"),
+                    }
+                }
+            }
+        }
+        // case_b has no class 2 in its prediction: distances null (present, not missing).
+        let empty = &lines[3];
+        assert_eq!(empty["pred_voxels"], 0);
+        for name in ["hd95", "asd", "assd"] {
+            assert!(empty.get(name).is_some_and(|v| v.is_null()), "{empty}");
+        }
+        assert_eq!(empty["dice"], 0.0);
+        for class in [1u8, 2] {
+            let mean = &lines[4 + usize::from(class) - 1];
+            assert_eq!(mean["case"], "mean");
+            assert_eq!(mean["class"], class);
+            let stats = summarize(&per_class[usize::from(class) - 1]);
+            for (name, s) in ["dice", "jaccard", "hd95", "asd", "assd"].iter().zip(stats) {
+                let got = json_f64(&mean[*name]).unwrap();
+                assert!(
+                    (got - s.mean.unwrap()).abs() <= 1e-12 * (1.0 + got),
+                    "{name}"
+                );
+                assert_eq!(mean["n"][*name], s.defined);
+            }
+        }
+        // Class 2's distances are over case_a only.
+        assert_eq!(lines[5]["n"]["hd95"], 1);
+        assert_eq!(lines[5]["n"]["dice"], 2);
+    }
+
+    // One pair of files, one class asked for.
+    let one = metaseg_ok(&[
+        "evaluate",
+        "--pred",
+        &format!("{pred}/case_a.nii.gz"),
+        "--label",
+        &format!("{labels}/case_a.nii.gz"),
+        "--json",
+        "--classes",
+        "2",
+    ]);
+    let classes: Vec<u64> = one
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["class"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(classes, vec![2, 2]);
+}
+
+#[test]
+fn evaluate_refuses_mismatched_grids_unpaired_cases_and_non_labels() {
+    let dir = Dir::new();
+    evaluation_folders(&dir);
+    let path = |name: &str| dir.path(name).to_str().unwrap().to_string();
+    write_labels(
+        &dir.path("small.nii.gz"),
+        &[0; 60],
+        [3, 4, 5],
+        [2.5, 0.7, 1.3],
+    );
+    let a = path("labels/case_a.nii.gz");
+    metaseg_fails(
+        &["evaluate", "--pred", &path("small.nii.gz"), "--label", &a],
+        &[
+            "small.nii.gz",
+            "case_a.nii.gz",
+            "not on the same grid",
+            "[3, 4, 5]",
+            "[5, 7, 9]",
+        ],
+    );
+    write_labels(
+        &dir.path("spaced.nii.gz"),
+        &[0; 315],
+        [5, 7, 9],
+        [2.5, 0.7, 1.0],
+    );
+    metaseg_fails(
+        &["evaluate", "--pred", &path("spaced.nii.gz"), "--label", &a],
+        &["spaced.nii.gz", "case_a.nii.gz", "spacing"],
+    );
+
+    // A prediction without a label and a label without a prediction, both listed.
+    std::fs::rename(
+        dir.path("pred/case_b.nii.gz"),
+        dir.path("pred/case_c.nii.gz"),
+    )
+    .unwrap();
+    metaseg_fails(
+        &[
+            "evaluate",
+            "--pred",
+            &path("pred"),
+            "--label",
+            &path("labels"),
+        ],
+        &[
+            "unpaired",
+            "without a label",
+            "case_c",
+            "without a prediction",
+            "case_b",
+        ],
+    );
+    metaseg_fails(
+        &["evaluate", "--pred", &path("pred"), "--label", &a],
+        &["both be files or both be folders"],
+    );
+
+    // Nothing to evaluate is said, not printed as an empty table.
+    write_labels(
+        &dir.path("zeros.nii.gz"),
+        &[0; 315],
+        [5, 7, 9],
+        [2.5, 0.7, 1.3],
+    );
+    let zeros = path("zeros.nii.gz");
+    metaseg_fails(
+        &["evaluate", "--pred", &zeros, "--label", &zeros],
+        &["no foreground class", "--classes"],
+    );
+
+    // Probabilities are not labels.
+    let volume = metaseg::data::Volume::new(vec![0.5; 315], [5, 7, 9], [2.5, 0.7, 1.3]).unwrap();
+    let probs = dir.path("probs.nii");
+    metaseg::data::nifti::write(&probs, &volume, metaseg::data::Dtype::F32).unwrap();
+    metaseg_fails(
+        &["evaluate", "--pred", probs.to_str().unwrap(), "--label", &a],
+        &["probs.nii", "value 0.5", "not a class index"],
+    );
+}
+
+/// An image with an oblique, offset geometry (sform and qform), anisotropic spacing and sizes
+/// that are not multiples of the patch.
+fn oblique_image(path: &Path, dims: [usize; 3], seed: u64) -> metaseg::data::Volume {
+    let n = dims.iter().product();
+    let data = metaseg_autograd::check::seeded(n, seed, 20.0, 180.0)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    let mut volume = metaseg::data::Volume::new(data, dims, [2.0, 0.9, 1.1]).unwrap();
+    let h = &mut volume.header;
+    h.srow_x = [0.0, 0.9, 0.0, -30.5];
+    h.srow_y = [-1.1, 0.0, 0.0, 12.25];
+    h.srow_z = [0.0, 0.0, 2.0, 5.5];
+    h.quatern_d = std::f32::consts::FRAC_1_SQRT_2;
+    h.quatern_x = -30.5;
+    h.quatern_y = 12.25;
+    h.quatern_z = 5.5;
+    metaseg::data::nifti::write(path, &volume, metaseg::data::Dtype::I16).unwrap();
+    metaseg::data::nifti::read(path).unwrap()
+}
+
+/// Files (recursively) under `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn predict_writes_labels_on_the_inputs_grid_from_a_trained_run() {
+    let dir = Dir::new();
+    let run = dir.path("run");
+    let run_s = run.to_str().unwrap();
+    // The smallest run: 2 iterations of a 2-level V-Net of width 2 on 8^3 patches, no test cases.
+    let sets = [
+        "method=supervised",
+        "iterations=2",
+        "data.cases=2",
+        "data.size=[16, 16, 16]",
+        "data.labeled=1",
+        "data.test=0",
+        "network.base_width=2",
+        "network.levels=2",
+        "batch.patch=[8, 8, 8]",
+        "batch.labeled=1",
+        "batch.unlabeled=0",
+    ];
+    let mut args = vec!["train", "--quiet", "--out", run_s];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    metaseg_ok(&args);
+
+    std::fs::create_dir_all(dir.path("images")).unwrap();
+    let inputs = [
+        oblique_image(&dir.path("images/one.nii.gz"), [9, 13, 11], 1),
+        oblique_image(&dir.path("images/two.nii"), [5, 8, 7], 2),
+    ];
+    let images = dir.path("images");
+    let before = files_under(dir.0.path());
+
+    // An output folder under a regular file: refused before any work, nothing written.
+    std::fs::write(dir.path("a_file"), b"x").unwrap();
+    let blocked = dir.path("a_file/predictions");
+    let stem = run.join("checkpoint");
+    metaseg_fails(
+        &[
+            "predict",
+            "--checkpoint",
+            stem.to_str().unwrap(),
+            "--input",
+            images.to_str().unwrap(),
+            "--output",
+            blocked.to_str().unwrap(),
+            "--quiet",
+        ],
+        &["cannot write predictions to", "a_file"],
+    );
+    let mut expected = before.clone();
+    expected.push(dir.path("a_file"));
+    expected.sort();
+    assert_eq!(files_under(dir.0.path()), expected);
+
+    let out = dir.path("predictions");
+    let stdout = metaseg_ok(&[
+        "predict",
+        "--checkpoint",
+        run_s,
+        "--input",
+        images.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--probabilities",
+        "--quiet",
+    ]);
+    assert!(stdout.contains("wrote 2 label volume(s)"), "{stdout}");
+    for (name, input) in ["one.nii.gz", "two.nii"].iter().zip(&inputs) {
+        let labels = metaseg::data::nifti::read(&out.join(name)).unwrap();
+        assert_eq!(labels.header.datatype, 2, "{name}: uint8");
+        assert_eq!((labels.dims, labels.channels), (input.dims, 1), "{name}");
+        assert_eq!(labels.spacing, input.spacing, "{name}");
+        assert_eq!(labels.affine(), input.affine(), "{name}");
+        let (h, i) = (&labels.header, &input.header);
+        assert_eq!(
+            (h.sform_code, h.qform_code, h.quatern_d, h.quatern_x),
+            (i.sform_code, i.qform_code, i.quatern_d, i.quatern_x),
+            "{name}"
+        );
+        assert!(labels.data.iter().all(|&v| v == 0.0 || v == 1.0), "{name}");
+        // The labels are the argmax of the probabilities written beside them.
+        let probs = metaseg::data::nifti::read(&out.join("probabilities").join(name)).unwrap();
+        assert_eq!((probs.channels, probs.dims), (2, input.dims));
+        let n = input.voxels();
+        for v in 0..n {
+            let (p0, p1) = (probs.data[v], probs.data[n + v]);
+            assert!(
+                (p0 + p1 - 1.0).abs() < 1e-5,
+                "{name} voxel {v}: {p0} + {p1}"
+            );
+            assert_eq!(
+                labels.data[v],
+                f32::from(u8::from(p1 > p0)),
+                "{name} voxel {v}"
+            );
+        }
+    }
+}
+
+#[test]
+fn predict_says_where_it_looked_for_a_missing_checkpoint() {
+    let dir = Dir::new();
+    let image = dir.path("image.nii.gz");
+    oblique_image(&image, [3, 4, 5], 3);
+    let missing = dir.path("no_run");
+    std::fs::create_dir_all(&missing).unwrap();
+    metaseg_fails(
+        &[
+            "predict",
+            "--checkpoint",
+            missing.to_str().unwrap(),
+            "--input",
+            image.to_str().unwrap(),
+            "--output",
+            dir.path("out.nii.gz").to_str().unwrap(),
+        ],
+        &[
+            "no checkpoint at",
+            "no_run/checkpoint.safetensors",
+            "no_run/checkpoint.json",
+        ],
+    );
+    assert!(!dir.path("out.nii.gz").exists());
+}

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{gpu, seeded};
+use metaseg::eval::inference::keep_largest_components;
 use metaseg::eval::inference::{window_starts, HostVolume};
 use metaseg::eval::{argmax, largest_component, predict_probabilities, SlidingWindow};
 use metaseg::nn::layers::Conv;
@@ -120,4 +121,25 @@ fn the_largest_component_is_kept_with_diagonal_neighbours_connected() {
     let got: Vec<usize> = (0..48).filter(|&i| kept[i]).collect();
     assert_eq!(got, expected);
     assert!(largest_component(&[false; 48], dims).iter().all(|&v| !v));
+}
+
+#[test]
+fn each_class_keeps_its_own_largest_component() {
+    let dims = [1, 3, 7];
+    // Row 0: class 1 in runs of 3 and 1; row 1: class 2 in runs of 1 and 2; row 2: background
+    // and a class-2 voxel diagonal to row 1's pair (so that pair becomes a component of 3).
+    #[rustfmt::skip]
+    let mut labels = vec![
+        1, 1, 1, 0, 1, 0, 0,
+        2, 0, 0, 0, 0, 2, 2,
+        0, 0, 0, 0, 2, 0, 0,
+    ];
+    keep_largest_components(&mut labels, dims, 3);
+    #[rustfmt::skip]
+    let expected = vec![
+        1, 1, 1, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 2, 2,
+        0, 0, 0, 0, 2, 0, 0,
+    ];
+    assert_eq!(labels, expected);
 }

@@ -11,6 +11,16 @@ pub struct SlidingWindow {
     pub stride: [usize; 3],
 }
 
+impl SlidingWindow {
+    /// Windows of `patch` at a stride of `fraction` of it (rounded, at least 1 voxel).
+    pub fn with_stride_fraction(patch: [usize; 3], fraction: f64) -> SlidingWindow {
+        SlidingWindow {
+            patch,
+            stride: patch.map(|p| ((p as f64 * fraction).round() as usize).max(1)),
+        }
+    }
+}
+
 /// Window starts along an axis of `size`: every `stride` from 0, and one flush with the end. An
 /// axis shorter than the patch has one window (the volume is zero-padded to the patch).
 pub fn window_starts(size: usize, patch: usize, stride: usize) -> Vec<usize> {
@@ -208,4 +218,18 @@ pub fn largest_component(mask: &[bool], dims: [usize; 3]) -> Vec<bool> {
         return vec![false; mask.len()];
     };
     label.iter().map(|&l| l == best as u32).collect()
+}
+
+/// Per foreground class (1 to `classes` - 1), all but the largest 26-connected component set to
+/// background (nnU-Net's "remove all but the largest component" post-processing, class by class).
+pub fn keep_largest_components(labels: &mut [u8], dims: [usize; 3], classes: usize) {
+    for class in 1..classes.max(2) {
+        let mask: Vec<bool> = labels.iter().map(|&v| usize::from(v) == class).collect();
+        let keep = largest_component(&mask, dims);
+        for ((label, &m), &k) in labels.iter_mut().zip(&mask).zip(&keep) {
+            if m && !k {
+                *label = 0;
+            }
+        }
+    }
 }

@@ -10,7 +10,7 @@ use super::config::TrainConfig;
 use super::trainer::{DeviceBatch, Teacher, Trainer};
 use crate::data::{self, preprocess, synthetic, Msd, SplitSpec, SyntheticConfig, Volume};
 use crate::eval::inference::HostVolume;
-use crate::eval::{argmax, predict_probabilities, SlidingWindow};
+use crate::eval::{argmax, metrics, predict_probabilities, SlidingWindow};
 use crate::nn::{NetBackend, ParamStore};
 use indicatif::{ProgressBar, ProgressStyle};
 use metaseg_autograd::{Shape, Var};
@@ -55,7 +55,9 @@ pub struct RunData {
     pub test: Vec<LoadedCase>,
 }
 
-fn normalised(name: String, mut image: Volume, label: Option<&Volume>) -> Result<LoadedCase> {
+/// A case as training sees it: the image z-scored per volume (each channel on its own), the label
+/// rounded to class indices. Prediction prepares its inputs with this too.
+pub fn normalised(name: String, mut image: Volume, label: Option<&Volume>) -> Result<LoadedCase> {
     preprocess::zscore(&mut image, preprocess::Clip::None)?;
     let label = label.map(|l| l.data.iter().map(|&v| v.round() as u8).collect());
     Ok(LoadedCase { name, image, label })
@@ -175,10 +177,7 @@ pub fn predict_case<B: NetBackend>(
 ) -> Result<Vec<u8>> {
     let patch = trainer.config.batch.patch;
     let fraction = trainer.config.log.stride_fraction;
-    let window = SlidingWindow {
-        patch,
-        stride: patch.map(|p| ((p as f64 * fraction).round() as usize).max(1)),
-    };
+    let window = SlidingWindow::with_stride_fraction(patch, fraction);
     let volume = HostVolume {
         data: &case.image.data,
         channels: case.image.channels,
@@ -205,16 +204,7 @@ pub fn validation_dice<B: NetBackend>(
     for case in cases {
         let pred = predict_case(backend, trainer, case)?;
         let label = case.label.as_ref().expect("test cases are labeled");
-        let (mut both, mut sizes) = (0usize, 0usize);
-        for (p, l) in pred.iter().zip(label) {
-            both += usize::from(*p > 0 && *l > 0);
-            sizes += usize::from(*p > 0) + usize::from(*l > 0);
-        }
-        total += if sizes == 0 {
-            1.0
-        } else {
-            2.0 * both as f64 / sizes as f64
-        };
+        total += metrics::overlap(&pred, label, |v| v > 0).dice();
     }
     Ok(total / cases.len().max(1) as f64)
 }
@@ -249,7 +239,9 @@ fn host(
     Ok(())
 }
 
-fn restore<B: NetBackend>(
+/// A store like `store` holding the tensors `prefix/NAME` of a checkpoint (an error if one is
+/// missing or of another shape).
+pub fn restore<B: NetBackend>(
     store: &ParamStore<B>,
     prefix: &str,
     tensors: &BTreeMap<String, HostTensor>,
@@ -522,7 +514,8 @@ pub fn train<B: NetBackend>(
     Ok(summary)
 }
 
-/// The test figures of a finished run, from its checkpoint: each test case predicted and scored.
+/// The test figures of a finished run, from its checkpoint: each test case predicted and scored
+/// per foreground class (physical units from the case's spacing), then averaged.
 pub fn test_results<B: NetBackend>(
     backend: &B,
     config: &TrainConfig,
@@ -532,31 +525,28 @@ pub fn test_results<B: NetBackend>(
 ) -> Result<RunResult> {
     let channels = data.test[0].image.channels;
     let trainer = restore_trainer(backend, config, channels, paths)?;
-    let (mut dice, mut jaccard) = (Vec::new(), Vec::new());
+    let mut scores: Vec<metrics::Metrics> = Vec::new();
     for case in &data.test {
         let pred = predict_case(backend, &trainer, case)?;
         let label = case.label.as_ref().expect("test cases are labeled");
-        let (mut both, mut sizes) = (0usize, 0usize);
-        for (p, l) in pred.iter().zip(label) {
-            both += usize::from(*p > 0 && *l > 0);
-            sizes += usize::from(*p > 0) + usize::from(*l > 0);
-        }
-        let d = if sizes == 0 {
-            1.0
-        } else {
-            2.0 * both as f64 / sizes as f64
+        let grid = metrics::Grid {
+            dims: case.image.dims,
+            spacing: case.image.spacing,
         };
-        dice.push(d);
-        jaccard.push(d / (2.0 - d));
+        for class in 1..config.data.classes as u8 {
+            scores.push(metrics::class_metrics(&pred, label, class, grid)?);
+        }
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let mean = |get: fn(&metrics::Metrics) -> Option<f64>| {
+        metrics::Stat::of(&scores.iter().map(get).collect::<Vec<_>>()).mean
+    };
     Ok(RunResult {
         method: config.method.clone(),
         seed: config.seed,
-        dice: mean(&dice),
-        jaccard: mean(&jaccard),
-        hd95: None,
-        asd: None,
+        dice: mean(|m| Some(m.dice)).unwrap_or(f64::NAN),
+        jaccard: mean(|m| Some(m.jaccard)).unwrap_or(f64::NAN),
+        hd95: mean(|m| m.hd95),
+        asd: mean(|m| m.asd),
         seconds_per_iteration: summary.step_seconds / summary.iterations.max(1) as f64,
     })
 }
