@@ -22,12 +22,16 @@ override OP: u32 = 0u;
 // Whether x / y of `binary` have the output's shape (then they are read as whole vec4s).
 override X_FULL: bool = true;
 override Y_FULL: bool = true;
+// Dimensions of the collapsed shape. A pipeline constant rather than a uniform so the index loops
+// below unroll and read the shape and strides at constant addresses: on lavapipe a uniform read at
+// a computed index costs tens of cycles, and a gather made those reads for every vec4.
+override RANK: u32 = 1u;
 
 struct Params {
     n: u32,        // elements in the output
     p0: f32,       // first scalar parameter of the op (slope, min, factor, fill value)
     p1: f32,       // second scalar parameter (max)
-    rank: u32,     // dimensions of the collapsed shape
+    unused: u32,
     shape: array<vec4<u32>, 2>,     // collapsed output shape, outermost first
     stride_a: array<vec4<u32>, 2>,  // strides of x over that shape
     stride_b: array<vec4<u32>, 2>,  // strides of y over that shape
@@ -51,7 +55,7 @@ fn vec4_count() -> u32 {
 fn strided_offset(i: u32, strides: array<vec4<u32>, 2>) -> u32 {
     var rest = i;
     var offset = 0u;
-    for (var d = params.rank; d > 0u; d--) {
+    for (var d = RANK; d > 0u; d--) {
         let extent = params.shape[(d - 1u) / 4u][(d - 1u) % 4u];
         offset += (rest % extent) * strides[(d - 1u) / 4u][(d - 1u) % 4u];
         rest /= extent;
@@ -63,7 +67,7 @@ fn strided_offset(i: u32, strides: array<vec4<u32>, 2>) -> u32 {
 // When the 4 elements lie in one row of the innermost dimension (the common case), one index
 // decomposition serves all of them; otherwise each lane is decomposed on its own.
 fn lane_offsets(i: u32, strides: array<vec4<u32>, 2>) -> vec4<u32> {
-    let last = params.rank - 1u;
+    let last = RANK - 1u;
     let extent = params.shape[last / 4u][last % 4u];
     let step = strides[last / 4u][last % 4u];
     let e = 4u * i;

@@ -56,7 +56,7 @@ struct ElementwiseParams {
     n: u32,
     p0: f32,
     p1: f32,
-    rank: u32,
+    unused: u32,
     shape: [u32; MAX_RANK],
     stride_a: [u32; MAX_RANK],
     stride_b: [u32; MAX_RANK],
@@ -283,7 +283,7 @@ impl Gpu {
             n: n as u32,
             p0: 0.0,
             p1: 0.0,
-            rank: 0,
+            unused: 0,
             shape: [1; MAX_RANK],
             stride_a: [0; MAX_RANK],
             stride_b: [0; MAX_RANK],
@@ -428,9 +428,9 @@ impl Backend for Gpu {
             ))
         })?;
         let mut p = Self::elementwise_params(shape.numel());
-        (p.rank, p.shape, p.stride_a) = (rank, dims, stride_a);
+        (p.shape, p.stride_a) = (dims, stride_a);
         self.elementwise(
-            Kernel::new(KernelFile::Elementwise, "broadcast"),
+            Kernel::new(KernelFile::Elementwise, "broadcast").with("RANK", rank as f64),
             p,
             &[(1, x)],
             shape,
@@ -450,12 +450,13 @@ impl Backend for Gpu {
         let out = Shape::broadcast(op.name(), &a.shape, &b.shape)?;
         let (x_full, y_full) = (a.shape == out, b.shape == out);
         let mut p = Self::elementwise_params(out.numel());
+        let mut rank = 1;
         if !(x_full && y_full) {
             let (sa, sb) = (
                 a.shape.broadcast_strides(&out),
                 b.shape.broadcast_strides(&out),
             );
-            (p.rank, [p.shape, p.stride_a, p.stride_b]) =
+            (rank, [p.shape, p.stride_a, p.stride_b]) =
                 collapse(&out, &sa, &sb).ok_or_else(|| Error::Shape {
                     op: op.name(),
                     lhs: a.shape.clone(),
@@ -469,7 +470,8 @@ impl Backend for Gpu {
         let kernel = Kernel::new(KernelFile::Elementwise, "binary")
             .with("OP", binary_code(op) as f64)
             .with("X_FULL", flag(x_full))
-            .with("Y_FULL", flag(y_full));
+            .with("Y_FULL", flag(y_full))
+            .with("RANK", rank as f64);
         self.elementwise(kernel, p, &[(1, a), (2, b)], &out)
     }
 

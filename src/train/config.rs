@@ -151,6 +151,11 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// Whether the method trains on unlabeled patches.
+    pub fn uses_unlabeled(&self) -> bool {
+        self.method == "mean-teacher"
+    }
+
     /// Checks what the types cannot: names from their lists, sizes that fit together.
     pub fn check(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));

@@ -356,7 +356,8 @@ fn device_batch<B: NetBackend>(
     t: u64,
 ) -> Result<DeviceBatch<B>> {
     let c = &trainer.config;
-    let unlabeled = if data.unlabeled.is_empty() {
+    // Supervised and full see no unlabeled patch: not even through batch-norm statistics.
+    let unlabeled = if data.unlabeled.is_empty() || !c.uses_unlabeled() {
         0
     } else {
         c.batch.unlabeled
