@@ -104,10 +104,7 @@ fn meta(gpu: &Gpu, width: usize, levels: usize, patch: usize) {
         net.forward(&Forward::new(t, stats.values(), mode), x)
             .map(|o| o.logits)
     };
-    let inner = |t: &[Var<Gpu>]| {
-        let c = logits(t, &x_u)?.cross_entropy(&y_u, None, Reduction::None)?;
-        Ok((c, None))
-    };
+    let costs = |t: &[Var<Gpu>]| logits(t, &x_u)?.cross_entropy(&y_u, None, Reduction::None);
     let meta_loss = |t: &[Var<Gpu>]| logits(t, &x_m)?.cross_entropy(&y_m, None, Reduction::Mean);
     let step = MetaStep {
         theta: params.values(),
@@ -117,7 +114,8 @@ fn meta(gpu: &Gpu, width: usize, levels: usize, patch: usize) {
             momentum: 0.9,
             weight_decay: 5e-4,
         },
-        inner: &inner,
+        costs: &costs,
+        other: None,
         meta_loss: &meta_loss,
     };
     for path in [MetaPath::Reverse, MetaPath::Fast] {

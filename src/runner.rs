@@ -521,12 +521,7 @@ fn meta_gradient<B: OpBackend>(
         .iter()
         .map(|t| Var::parameter(t.backend(), t.value().clone()))
         .collect();
-    let inner = |t: &[Var<B>]| {
-        Ok((
-            net(t, &x_u)?.cross_entropy(&y_u, None, Reduction::None)?,
-            None,
-        ))
-    };
+    let costs = |t: &[Var<B>]| net(t, &x_u)?.cross_entropy(&y_u, None, Reduction::None);
     let meta_loss = |t: &[Var<B>]| net(t, &x_m)?.cross_entropy(&y_m, None, Reduction::Mean);
     let step = MetaStep {
         theta: &theta,
@@ -536,7 +531,8 @@ fn meta_gradient<B: OpBackend>(
             momentum: 0.0,
             weight_decay: 0.0,
         },
-        inner: &inner,
+        costs: &costs,
+        other: None,
         meta_loss: &meta_loss,
     };
     let g = step

@@ -185,9 +185,8 @@ fn a_softmax_regression_model_has_the_hand_derived_meta_gradient() {
     let net = |t: &[Var<Cpu64>], x: &[f64]| {
         var(x, &xs, false).conv3d(&t[0], Some(&t[1]), ConvSpec::default())
     };
-    let inner = |t: &[Var<Cpu64>]| {
-        let c = net(t, &x_u)?.cross_entropy(&var(&y_u, &ys, false), None, Reduction::None)?;
-        Ok((c, None))
+    let costs = |t: &[Var<Cpu64>]| {
+        net(t, &x_u)?.cross_entropy(&var(&y_u, &ys, false), None, Reduction::None)
     };
     let meta_loss = |t: &[Var<Cpu64>]| {
         net(t, &x_m)?.cross_entropy(&var(&y_m, &ys, false), None, Reduction::Mean)
@@ -200,7 +199,8 @@ fn a_softmax_regression_model_has_the_hand_derived_meta_gradient() {
             momentum: 0.0,
             weight_decay: 0.0,
         },
-        inner: &inner,
+        costs: &costs,
+        other: None,
         meta_loss: &meta_loss,
     };
     for path in [MetaPath::Reverse, MetaPath::Fast] {
@@ -256,31 +256,32 @@ fn a_vnet_meta_step_with_momentum_matches_finite_differences_on_both_paths() {
         let f = metaseg::nn::Forward::new(t, stats.values(), mode);
         net.forward(&f, x).map(|o| o.logits)
     };
-    let inner = |t: &[Var<Cpu64>]| {
+    let costs = |t: &[Var<Cpu64>]| {
         let z = logits(t, &x_u)?;
         let c_init = z.cross_entropy(&y_init, None, Reduction::None)?;
         let c_ple = z.cross_entropy(&y_ple, None, Reduction::None)?;
-        let other = z.softmax_mse(&y_m.scale(3.0)?)?.scale(0.1)?;
-        Ok((Var::concat_channels(&[&c_init, &c_ple])?, Some(other)))
+        Var::concat_channels(&[&c_init, &c_ple])
     };
+    let other = |t: &[Var<Cpu64>]| logits(t, &x_u)?.softmax_mse(&y_m.scale(3.0)?)?.scale(0.1);
     let meta_loss = |t: &[Var<Cpu64>]| logits(t, &x_m)?.cross_entropy(&y_m, None, Reduction::Mean);
     let step = MetaStep {
         theta,
         buffers: Some(&buffers),
         sgd,
-        inner: &inner,
+        costs: &costs,
+        other: Some(&other),
         meta_loss: &meta_loss,
     };
     // L_meta(theta'(eps)) written out: the real look-ahead on sum(eps c) + other.
     let loss_at = |eps: &[f64]| {
-        let (c, other) = inner(theta).unwrap();
+        let c = costs(theta).unwrap();
         let e = constant(eps.to_vec(), c.shape());
         let total = c
             .mul(&e)
             .unwrap()
             .sum()
             .unwrap()
-            .add(&other.unwrap())
+            .add(&other(theta).unwrap())
             .unwrap();
         let g = grad(&total, &theta.iter().collect::<Vec<_>>(), None, false).unwrap();
         let (ahead, _) = sgd.step(theta, &g, Some(&buffers)).unwrap();

@@ -4,10 +4,14 @@
 //! so sorting by id is a topological order. Backward rules are written with the same differentiable
 //! ops (see `ops.rs`), so with `create_graph` the gradient is itself a `Var` that can be
 //! differentiated again.
+//!
+//! Forward mode ([`jvp`]) needs no record: while it evaluates a function, each op's output carries
+//! its tangent beside its value, computed by the op's forward-mode rule as the op runs, and both
+//! are freed when the function drops the output.
 
 use crate::backend::{Backend, TensorShape};
 use crate::{Error, Result, Shape};
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +20,17 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     static RECORDING: Cell<bool> = const { Cell::new(true) };
+    /// On while [`jvp`] evaluates its function: ops then push tangents forward.
+    static FORWARD_MODE: Cell<bool> = const { Cell::new(false) };
+    /// The first error of a forward-mode rule during [`jvp`], reported when it returns.
+    static FORWARD_ERROR: RefCell<Option<Error>> = const { RefCell::new(None) };
+}
+
+fn with_forward_mode<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    let before = FORWARD_MODE.with(|m| m.replace(on));
+    let out = f();
+    FORWARD_MODE.with(|m| m.set(before));
+    out
 }
 
 /// Runs `f` with recording switched on or off, restoring the previous state afterwards.
@@ -62,7 +77,14 @@ struct Origin<B: Backend> {
     op: &'static str,
     inputs: Vec<Var<B>>,
     rule: Rule<B>,
-    jvp: Option<JvpFn<B>>,
+}
+
+/// What forward mode knows of a value's motion.
+enum Tangent<B: Backend> {
+    Moving(Var<B>),
+    /// It depends on a moving value through this op, which has no forward-mode rule; an error
+    /// only if the output of [`jvp`] is reached this way.
+    Lost(&'static str),
 }
 
 struct Node<B: Backend> {
@@ -71,6 +93,8 @@ struct Node<B: Backend> {
     backend: B,
     requires_grad: bool,
     origin: Option<Origin<B>>,
+    /// Set in forward mode when the value moves (see [`jvp`]).
+    tangent: OnceCell<Tangent<B>>,
 }
 
 /// A tensor on backend `B` that takes part in automatic differentiation. Cloning is cheap.
@@ -90,6 +114,7 @@ impl<B: Backend> Var<B> {
             backend: backend.clone(),
             requires_grad,
             origin: None,
+            tangent: OnceCell::new(),
         }))
     }
 
@@ -117,7 +142,8 @@ impl<B: Backend> Var<B> {
     }
 
     /// The result of an op. Recorded (with its inputs and rule) only when recording is on and some
-    /// input requires a gradient; otherwise a constant.
+    /// input requires a gradient; otherwise a constant. In forward mode ([`jvp`]) never recorded:
+    /// the forward-mode rule is applied at once, and neither rule is kept.
     pub fn from_op(op: &'static str, value: B::Tensor, inputs: &[&Var<B>], rule: Rule<B>) -> Self {
         Self::recorded(op, value, inputs, rule, None)
     }
@@ -145,9 +171,15 @@ impl<B: Backend> Var<B> {
             .expect("an op has at least one input")
             .backend()
             .clone();
-        let record = RECORDING.with(|r| r.get()) && inputs.iter().any(|v| v.requires_grad());
+        let forward = FORWARD_MODE.with(|m| m.get());
+        let record =
+            !forward && RECORDING.with(|r| r.get()) && inputs.iter().any(|v| v.requires_grad());
         if !record {
-            return Self::constant(&backend, value);
+            let out = Self::constant(&backend, value);
+            if forward {
+                out.push_tangent(op, inputs, jvp.as_ref());
+            }
+            return out;
         }
         Var(Rc::new(Node {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -158,9 +190,41 @@ impl<B: Backend> Var<B> {
                 op,
                 inputs: inputs.iter().map(|&v| v.clone()).collect(),
                 rule,
-                jvp,
             }),
+            tangent: OnceCell::new(),
         }))
+    }
+
+    /// Forward mode: this output's tangent from its inputs' by the op's rule, if any input moves.
+    fn push_tangent(&self, op: &'static str, inputs: &[&Var<B>], jvp: Option<&JvpFn<B>>) {
+        let mut d = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            match input.0.tangent.get() {
+                Some(Tangent::Lost(why)) => {
+                    let _ = self.0.tangent.set(Tangent::Lost(why));
+                    return;
+                }
+                Some(Tangent::Moving(t)) => d.push(Some(t.clone())),
+                None => d.push(None),
+            }
+        }
+        if d.iter().all(Option::is_none) {
+            return;
+        }
+        let Some(rule) = jvp else {
+            let _ = self.0.tangent.set(Tangent::Lost(op));
+            return;
+        };
+        let xs: Vec<Var<B>> = inputs.iter().map(|&v| v.clone()).collect();
+        // The rule's own ops are plain: a tangent's tangent is not wanted.
+        match with_forward_mode(false, || rule(&xs, self, &d)) {
+            Ok(t) => {
+                let _ = self.0.tangent.set(Tangent::Moving(t));
+            }
+            Err(e) => FORWARD_ERROR.with(|slot| {
+                slot.borrow_mut().get_or_insert(e);
+            }),
+        }
     }
 
     pub fn value(&self) -> &B::Tensor {
@@ -288,72 +352,55 @@ pub fn grad<B: Backend>(
         .collect()
 }
 
-/// Forward mode: the tangent of `output` when each variable `x` of `tangents` moves along its
-/// `dx` (same shape), through the recorded graph, one rule per op in creation order. An op on the
-/// way without a forward-mode rule is `Error::NoForwardMode`. With `create_graph` the tangent is
-/// recorded and can be differentiated. Unlike reverse over reverse, nothing of a backward pass is
-/// computed or kept: the cost is about one more forward pass.
+/// Forward mode: `f` at `primals` and its tangent (the Jacobian-vector product) when each primal
+/// moves along its tangent (same shape). `f` runs once, without a record: each op computes its
+/// output's tangent by its forward-mode rule as it runs, and an intermediate and its tangent are
+/// freed as soon as `f` drops them, so the memory is that of inference with twice the live
+/// values. Both results are constants. An op without a forward-mode rule between a primal and the
+/// output is `Error::NoForwardMode`; nested calls are an error.
 pub fn jvp<B: Backend>(
-    output: &Var<B>,
-    tangents: &[(&Var<B>, &Var<B>)],
-    create_graph: bool,
-) -> Result<Var<B>> {
-    let mut moving: HashMap<u64, Var<B>> = HashMap::new();
-    for (x, dx) in tangents {
+    f: impl FnOnce(&[Var<B>]) -> Result<Var<B>>,
+    primals: &[Var<B>],
+    tangents: &[Var<B>],
+) -> Result<(Var<B>, Var<B>)> {
+    if FORWARD_MODE.with(|m| m.get()) {
+        return Err(Error::InvalidArgument {
+            op: "jvp",
+            message: "forward mode inside forward mode is not supported".into(),
+        });
+    }
+    if primals.len() != tangents.len() {
+        return Err(Error::InvalidArgument {
+            op: "jvp",
+            message: format!("{} primals but {} tangents", primals.len(), tangents.len()),
+        });
+    }
+    let mut duals = Vec::with_capacity(primals.len());
+    for (x, dx) in primals.iter().zip(tangents) {
         if x.shape() != dx.shape() {
             return Err(Error::Shape {
                 op: "jvp",
                 lhs: x.shape().clone(),
                 rhs: dx.shape().clone(),
-                reason: "a tangent must have its variable's shape".into(),
+                reason: "a tangent must have its primal's shape".into(),
             });
         }
-        moving.insert(x.id(), (*dx).clone());
+        let dual = x.detach();
+        let _ = dual.0.tangent.set(Tangent::Moving(dx.detach()));
+        duals.push(dual);
     }
-    let sources: Vec<&Var<B>> = tangents.iter().map(|t| t.0).collect();
-    let order = nodes_leading_to(output, &sources);
-    // A tangent is dropped after the last op that reads it.
-    let mut last_use: HashMap<u64, usize> = HashMap::new();
-    for (k, node) in order.iter().enumerate() {
-        for input in node.inputs() {
-            last_use.insert(input.id(), k);
-        }
+    let out = with_forward_mode(true, || with_recording(false, || f(&duals)));
+    drop(duals);
+    if let Some(e) = FORWARD_ERROR.with(|slot| slot.borrow_mut().take()) {
+        return Err(e);
     }
-    with_recording(create_graph, || -> Result<()> {
-        for (k, node) in order.iter().enumerate() {
-            let Some(origin) = node.0.origin.as_ref() else {
-                continue;
-            };
-            if moving.contains_key(&node.id()) {
-                continue;
-            }
-            let d: Vec<Option<Var<B>>> = origin
-                .inputs
-                .iter()
-                .map(|i| moving.get(&i.id()).cloned())
-                .collect();
-            if d.iter().all(Option::is_none) {
-                continue;
-            }
-            let rule = origin
-                .jvp
-                .as_ref()
-                .ok_or(Error::NoForwardMode { op: origin.op })?;
-            moving.insert(node.id(), rule(&origin.inputs, node, &d)?);
-            for input in &origin.inputs {
-                if last_use.get(&input.id()) == Some(&k) && input.id() != output.id() {
-                    moving.remove(&input.id());
-                }
-            }
-        }
-        Ok(())
-    })?;
-    let backend = output.backend();
-    match moving.remove(&output.id()) {
-        Some(t) if create_graph => Ok(t),
-        Some(t) => Ok(t.detach()),
-        None => Ok(Var::constant(backend, backend.fill(output.shape(), 0.0)?)),
-    }
+    let out = out?;
+    let tangent = match out.0.tangent.get() {
+        Some(Tangent::Moving(t)) => t.clone(),
+        Some(Tangent::Lost(op)) => return Err(Error::NoForwardMode { op }),
+        None => Var::zeros(out.backend(), out.shape())?,
+    };
+    Ok((out.detach(), tangent))
 }
 
 /// The sum of the tangents that are present, or zeros of `shape` if none is.

@@ -9,16 +9,19 @@
 //! derivative with respect to eps_i is -lr * grad c_i(theta); so
 //! dL_meta/d eps_i = -lr * <v, grad c_i(theta)> with v = grad L_meta(theta'), and at eps = 0
 //! theta' does not depend on the costs at all. The vector of all <v, grad c_i> is the
-//! Jacobian-vector product J_c v, taken in forward mode ([`jvp`]): tangents pushed through the
-//! costs' recorded forward graph, about the cost of one more forward pass. The meta network is
-//! differentiated to first order only; no backward pass of the inner network is computed or kept.
+//! Jacobian-vector product J_c v, taken in forward mode ([`jvp`]): the costs evaluated once more
+//! with tangents carried beside the values. The meta network is differentiated to first order
+//! only; no backward pass of the costs is computed or kept.
+//!
+//! Its memory is that of its largest phase, never two at once: (1) the gradient of the other
+//! terms, if any, for theta'; (2) the meta loss's forward and backward at theta' for v; (3) the
+//! costs in forward mode, which keep no record (each activation and its tangent are freed as the
+//! network moves on). Phase 2 is about a plain training step, so the step's peak is too.
 
 pub use crate::optim::Sgd;
 use metaseg_autograd::{grad, jvp, no_grad, Backend, Error, Result, Var};
 
-/// The costs and other inner-loss terms at some parameters.
-pub type InnerLoss<'a, B> = &'a dyn Fn(&[Var<B>]) -> Result<(Var<B>, Option<Var<B>>)>;
-/// A scalar loss at some parameters.
+/// A loss (a scalar, or per-voxel costs) at some parameters.
 pub type Loss<'a, B> = &'a dyn Fn(&[Var<B>]) -> Result<Var<B>>;
 
 /// Which exact method computes the meta-gradient.
@@ -38,15 +41,19 @@ impl MetaPath {
     }
 }
 
-/// One meta step's problem. `inner(theta)` gives the per-voxel costs c (any shape) and the other
-/// terms of the inner loss (a scalar, or none); `meta_loss(theta')` the loss on the meta batch.
-/// Both must be deterministic (dropout keyed by a fixed seed and step).
+/// One meta step's problem: the inner loss is sum(eps * costs(theta)) + other(theta), and
+/// `meta_loss(theta')` the loss on the meta batch. All must be deterministic (dropout keyed by a
+/// fixed seed and step). Costs and other terms are separate so that the fast path can take the
+/// other terms' gradient and drop their graph before it needs the costs.
 pub struct MetaStep<'a, B: Backend> {
     pub theta: &'a [Var<B>],
     /// The optimiser's momentum buffers, if it has taken a step.
     pub buffers: Option<&'a [Var<B>]>,
     pub sgd: Sgd,
-    pub inner: InnerLoss<'a, B>,
+    /// The per-voxel costs c (any shape).
+    pub costs: Loss<'a, B>,
+    /// The other terms of the inner loss (a scalar), if any.
+    pub other: Option<Loss<'a, B>>,
     pub meta_loss: Loss<'a, B>,
 }
 
@@ -66,11 +73,11 @@ impl<B: Backend> MetaStep<'_, B> {
     }
 
     fn reverse(&self) -> Result<Var<B>> {
-        let (c, other) = (self.inner)(self.theta)?;
+        let c = (self.costs)(self.theta)?;
         let eps = Var::parameter(c.backend(), c.backend().fill(c.shape(), 0.0)?);
         let mut inner = eps.mul(&c)?.sum()?;
-        if let Some(o) = other {
-            inner = inner.add(&o)?;
+        if let Some(other) = self.other {
+            inner = inner.add(&other(self.theta)?)?;
         }
         let wrt: Vec<&Var<B>> = self.theta.iter().collect();
         let g = grad(&inner, &wrt, None, true)?;
@@ -79,32 +86,39 @@ impl<B: Backend> MetaStep<'_, B> {
         Ok(grad(&meta, &[&eps], None, false)?.remove(0))
     }
 
+    /// The phases run one after the other, each one's graph dropped when it ends (see the top).
     fn fast(&self) -> Result<Var<B>> {
-        let (c, other) = (self.inner)(self.theta)?;
-        let wrt: Vec<&Var<B>> = self.theta.iter().collect();
-        let backend = c.backend().clone();
-        // theta' at eps = 0: only the other terms move it. Computed as constants.
-        let g_other = match &other {
-            Some(o) => grad(o, &wrt, None, false)?,
-            None => zeros_like(&backend, self.theta)?,
+        let ahead = self.look_ahead_at_zero()?;
+        let v = {
+            let meta = (self.meta_loss)(&ahead)?;
+            grad(&meta, &ahead.iter().collect::<Vec<_>>(), None, false)?
         };
-        let ahead = no_grad(|| {
+        drop(ahead);
+        let (_, jv) = jvp(self.costs, self.theta, &v)?;
+        jv.scale(-self.sgd.lr)
+    }
+
+    /// theta' at eps = 0, where only the other terms move theta, as fresh parameters: v is the
+    /// meta loss's gradient with respect to theta' itself.
+    fn look_ahead_at_zero(&self) -> Result<Vec<Var<B>>> {
+        let g_other = match self.other {
+            Some(other) => {
+                let wrt: Vec<&Var<B>> = self.theta.iter().collect();
+                grad(&other(self.theta)?, &wrt, None, false)?
+            }
+            None => self
+                .theta
+                .iter()
+                .map(|t| Var::zeros(t.backend(), t.shape()))
+                .collect::<Result<_>>()?,
+        };
+        let (ahead, _) = no_grad(|| {
             let detached: Vec<Var<B>> = self.theta.iter().map(Var::detach).collect();
             self.sgd.step(&detached, &g_other, self.buffers)
-        })?
-        .0
-        .into_iter()
-        .map(|t| Var::parameter(&backend, t.value().clone()))
-        .collect::<Vec<_>>();
-        let meta = (self.meta_loss)(&ahead)?;
-        let v = grad(&meta, &ahead.iter().collect::<Vec<_>>(), None, false)?;
-        // J_c v in forward mode along the recorded graph of the costs.
-        let tangents: Vec<(&Var<B>, &Var<B>)> = self.theta.iter().zip(&v).collect();
-        let jv = jvp(&c, &tangents, false)?;
-        no_grad(|| jv.scale(-self.sgd.lr))
+        })?;
+        Ok(ahead
+            .into_iter()
+            .map(|t| Var::parameter(t.backend(), t.value().clone()))
+            .collect())
     }
-}
-
-fn zeros_like<B: Backend>(backend: &B, xs: &[Var<B>]) -> Result<Vec<Var<B>>> {
-    xs.iter().map(|x| Var::zeros(backend, x.shape())).collect()
 }
