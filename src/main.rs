@@ -196,6 +196,8 @@ fn train(args: &TrainArgs) -> AnyResult<()> {
     if args.profile.is_some() && runs.len() > 1 {
         return Err("--profile runs one method with one seed: give --method NAME".into());
     }
+    metaseg::cli::ensure_writable_dir(&args.out)
+        .map_err(|e| format!("--out {}: cannot write there: {e}", args.out.display()))?;
     let gpu = Gpu::new()?;
     let info = &gpu.context().adapter.info;
     eprintln!("{} ({:?})", info.name, info.backend);

@@ -160,19 +160,10 @@ pub fn prepare_outputs(jobs: &[Job]) -> Result<()> {
     dirs.sort();
     dirs.dedup();
     for dir in dirs {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        let fail = |e: std::io::Error| PredictError::Output {
+        super::ensure_writable_dir(dir).map_err(|e| PredictError::Output {
             path: dir.to_path_buf(),
             reason: e.to_string(),
-        };
-        std::fs::create_dir_all(dir).map_err(fail)?;
-        let probe = dir.join(format!(".metaseg-write-test-{}", std::process::id()));
-        std::fs::write(&probe, b"").map_err(fail)?;
-        let _ = std::fs::remove_file(&probe);
+        })?;
     }
     Ok(())
 }
