@@ -12,5 +12,6 @@ pub mod meta;
 pub mod nn;
 pub mod npy;
 pub mod optim;
+pub mod report;
 pub mod runner;
 pub mod train;

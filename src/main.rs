@@ -174,6 +174,7 @@ fn ops_help() -> String {
 }
 
 fn train(args: &TrainArgs) -> AnyResult<()> {
+    use metaseg::report;
     use metaseg::train::{compare, config::TrainConfig, run};
     let mut overrides = args.overrides.clone();
     if overrides
@@ -186,12 +187,19 @@ fn train(args: &TrainArgs) -> AnyResult<()> {
         let source = toml::Value::String(dir.display().to_string());
         overrides.push(format!("data.source={source}"));
     }
-    let preset = TrainConfig::load(&args.preset, &overrides)?;
     let methods = if args.method.is_empty() {
         compare::BASELINES.map(String::from).to_vec()
     } else {
         args.method.clone()
     };
+    // Read for its seed, checked as the first run will be (the preset's own method may not
+    // accept the overrides, e.g. batch.unlabeled=0 with mean-teacher).
+    let mut first = overrides.clone();
+    first.push(format!(
+        "method={}",
+        toml::Value::String(methods[0].clone())
+    ));
+    let preset = TrainConfig::load(&args.preset, &first)?;
     let runs = compare::plan(&methods, preset.seed, args.seeds, &args.out);
     if args.profile.is_some() && runs.len() > 1 {
         return Err("--profile runs one method with one seed: give --method NAME".into());
@@ -237,7 +245,15 @@ fn train(args: &TrainArgs) -> AnyResult<()> {
             progress: !args.quiet,
             stop_after: args.stop_after,
         };
-        let summary = run::train(&gpu, &config, &data, &paths, options)?;
+        let summary = run::train(&gpu, &config, &data, &paths, options);
+        // A run stopped by a non-finite loss has a log worth seeing too.
+        if matches!(&summary, Ok(_) | Err(run::RunError::NonFinite { .. })) {
+            warn_on(report::loss_curves(
+                &paths.log(),
+                &paths.dir.join("loss.png"),
+            ));
+        }
+        let summary = summary?;
         let dice = summary
             .validation_dice
             .map_or("no test cases".to_string(), |d| format!("{d:.4}"));
@@ -250,7 +266,16 @@ fn train(args: &TrainArgs) -> AnyResult<()> {
             paths.log().display()
         );
         if args.stop_after.is_none() && !data.test.is_empty() {
-            results.push(run::test_results(&gpu, &config, &data, &paths, &summary)?);
+            let overlays = paths.dir.join("overlays");
+            let mut shown = 0;
+            let result =
+                run::test_results(&gpu, &config, &data, &paths, &summary, |case, pred| {
+                    if shown < report::OVERLAY_CASES {
+                        warn_on(report::case_overlay(&overlays, case, pred));
+                        shown += 1;
+                    }
+                })?;
+            results.push(result);
         }
     }
     if runs.len() > 1 && !results.is_empty() {
@@ -270,8 +295,20 @@ fn train(args: &TrainArgs) -> AnyResult<()> {
         };
         write("results.md", &table)?;
         write("results.csv", &compare::csv(&results))?;
+        warn_on(report::comparison_plot(
+            &results,
+            &args.out.join("comparison.png"),
+        ));
     }
     Ok(())
+}
+
+/// Pictures are extras: failing to draw one is reported, but never throws away a finished
+/// training run (its checkpoint and log are already written).
+fn warn_on<T>(picture: metaseg::report::Result<T>) {
+    if let Err(e) = picture {
+        eprintln!("warning: picture not written: {e}");
+    }
 }
 
 /// `train --profile N`: one step compiles the pipelines, then N steps run with every dispatch

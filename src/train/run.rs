@@ -516,13 +516,15 @@ pub fn train<B: NetBackend>(
 }
 
 /// The test figures of a finished run, from its checkpoint: each test case predicted and scored
-/// per foreground class (physical units from the case's spacing), then averaged.
+/// per foreground class (physical units from the case's spacing), then averaged. `each` sees
+/// every case with its prediction (for pictures), so nothing is predicted twice.
 pub fn test_results<B: NetBackend>(
     backend: &B,
     config: &TrainConfig,
     data: &RunData,
     paths: &RunPaths,
     summary: &Summary,
+    mut each: impl FnMut(&LoadedCase, &[u8]),
 ) -> Result<RunResult> {
     let channels = data.test[0].image.channels;
     let trainer = restore_trainer(backend, config, channels, paths)?;
@@ -537,6 +539,7 @@ pub fn test_results<B: NetBackend>(
         for class in 1..config.data.classes as u8 {
             scores.push(metrics::class_metrics(&pred, label, class, grid)?);
         }
+        each(case, &pred);
     }
     let mean = |get: fn(&metrics::Metrics) -> Option<f64>| {
         metrics::Stat::of(&scores.iter().map(get).collect::<Vec<_>>()).mean
