@@ -1005,3 +1005,102 @@ fn predict_says_where_it_looked_for_a_missing_checkpoint() {
     );
     assert!(!dir.path("out.nii.gz").exists());
 }
+
+/// The smallest training configuration: 2 iterations of a 2-level V-Net of width 2 on 8^3 patches.
+const TINY_TRAINING: [&str; 10] = [
+    "iterations=2",
+    "data.cases=4",
+    "data.size=[16, 16, 16]",
+    "data.labeled=1",
+    "data.test=1",
+    "network.base_width=2",
+    "network.levels=2",
+    "batch.patch=[8, 8, 8]",
+    "batch.labeled=1",
+    "batch.unlabeled=1",
+];
+
+fn train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["train", "--quiet", "--out", out];
+    for s in &TINY_TRAINING {
+        args.extend(["--set", s]);
+    }
+    args.extend(extra);
+    args
+}
+
+#[test]
+fn train_without_a_method_compares_the_baselines_in_one_table() {
+    let dir = Dir::new();
+    let out = dir.path("cmp");
+    let stdout = metaseg_ok(&train_args(out.to_str().unwrap(), &[]));
+    let table = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(
+        stdout.contains(&table),
+        "the printed table is the written one"
+    );
+    for method in ["supervised", "mean-teacher", "full"] {
+        assert!(table.contains(&format!("| {method} | 1 |")), "{table}");
+        assert!(out.join(method).join("checkpoint.safetensors").is_file());
+    }
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(out.join("comparison.png").is_file());
+}
+
+#[test]
+fn train_refuses_an_unwritable_output_and_a_method_given_as_a_setting() {
+    let dir = Dir::new();
+    let file = dir.path("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let under_file = file.join("run");
+    metaseg_fails(
+        &train_args(under_file.to_str().unwrap(), &["--method", "full"]),
+        &["--out", "cannot write there"],
+    );
+    let out = dir.path("run");
+    metaseg_fails(
+        &train_args(out.to_str().unwrap(), &["--set", "method=full"]),
+        &["--method"],
+    );
+    assert!(
+        !out.exists(),
+        "nothing is written before the arguments are checked"
+    );
+}
+
+#[test]
+fn train_on_a_folder_with_a_mismatched_label_names_the_file_and_writes_no_checkpoint() {
+    let dir = Dir::new();
+    let data = dir.path("msd");
+    metaseg_ok(&[
+        "dataset",
+        "default",
+        "--out",
+        data.to_str().unwrap(),
+        "--cases",
+        "3",
+        "--size",
+        "16,16,16",
+        "--labeled",
+        "1",
+        "--test",
+        "1",
+    ]);
+    let label = data.join("labelsTr/synth_000.nii.gz");
+    let small = metaseg::data::Volume::new(vec![0.0; 8], [2, 2, 2], [1.0; 3]).unwrap();
+    metaseg::data::nifti::write(&label, &small, metaseg::data::nifti::Dtype::U8).unwrap();
+    let out = dir.path("run");
+    let out_s = out.to_str().unwrap();
+    let data_s = data.to_str().unwrap();
+    let output = metaseg(&train_args(
+        out_s,
+        &["--method", "supervised", "--data", data_s],
+    ));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    // Progress lines come first; the error is the last line.
+    let last = stderr.lines().last().unwrap();
+    assert!(last.contains("labelsTr/synth_000.nii.gz"), "{stderr}");
+    assert!(!out.join("checkpoint.safetensors").exists());
+}
