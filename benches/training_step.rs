@@ -8,7 +8,8 @@
 //! networks' GPU results are checked against Cpu64 in tests/networks.rs and tests/meta.rs, and
 //! here the smallest configuration's loss is checked against Cpu64 before anything is timed.
 //!
-//! `cargo bench --bench training_step` (add `-- small` to skip the LA-size network).
+//! `cargo bench --bench training_step` (add `-- no-la` to skip the LA-size network, `-- small` to
+//! keep only the smallest configuration).
 
 use metaseg::gpu::Gpu;
 use metaseg::meta::{MetaPath, MetaStep, Sgd};
@@ -139,7 +140,8 @@ fn verify(gpu: &Gpu) {
 }
 
 fn main() {
-    let small_only = std::env::args().any(|a| a == "small");
+    let arg = |name: &str| std::env::args().any(|a| a == name);
+    let (small_only, skip_la) = (arg("small"), arg("small") || arg("no-la"));
     let gpu = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
     let info = &gpu.context().adapter.info;
     println!("adapter: {} ({:?})", info.name, info.backend);
@@ -150,6 +152,8 @@ fn main() {
         // The default preset's width and patch, one level deeper than its 3 (the figures on issue 5).
         training(&gpu, 8, 4, 32);
         meta(&gpu, 8, 4, 32);
+    }
+    if !skip_la {
         training(&gpu, 16, 5, 64);
     }
 }
