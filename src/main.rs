@@ -192,14 +192,16 @@ fn train(args: &TrainArgs) -> AnyResult<()> {
     } else {
         args.method.clone()
     };
+    // The overrides of one run: the user's, then its method (and seed).
+    let for_run = |method: &str, seed: Option<u64>| {
+        let mut o = overrides.clone();
+        o.push(format!("method={}", toml::Value::String(method.into())));
+        o.extend(seed.map(|s| format!("seed={s}")));
+        o
+    };
     // Read for its seed, checked as the first run will be (the preset's own method may not
     // accept the overrides, e.g. batch.unlabeled=0 with mean-teacher).
-    let mut first = overrides.clone();
-    first.push(format!(
-        "method={}",
-        toml::Value::String(methods[0].clone())
-    ));
-    let preset = TrainConfig::load(&args.preset, &first)?;
+    let preset = TrainConfig::load(&args.preset, &for_run(&methods[0], None))?;
     let runs = compare::plan(&methods, preset.seed, args.seeds, &args.out);
     if args.profile.is_some() && runs.len() > 1 {
         return Err("--profile runs one method with one seed: give --method NAME".into());
@@ -211,13 +213,7 @@ fn train(args: &TrainArgs) -> AnyResult<()> {
     eprintln!("{} ({:?})", info.name, info.backend);
     let mut results = Vec::new();
     for (i, spec) in runs.iter().enumerate() {
-        let mut run_overrides = overrides.clone();
-        run_overrides.push(format!(
-            "method={}",
-            toml::Value::String(spec.method.clone())
-        ));
-        run_overrides.push(format!("seed={}", spec.seed));
-        let config = TrainConfig::load(&args.preset, &run_overrides)?;
+        let config = TrainConfig::load(&args.preset, &for_run(&spec.method, Some(spec.seed)))?;
         eprintln!(
             "[{}/{}] {}, seed {}: {} iterations, writing to {}",
             i + 1,
@@ -339,7 +335,7 @@ fn profile(
     let summary = run::train(gpu, config, data, paths, options(true, steps + 1));
     let (times, clock) = gpu.context().take_kernel_times()?;
     let summary = summary?;
-    let wall = Duration::from_secs_f64(summary.seconds);
+    let wall = Duration::from_secs_f64(summary.step_seconds);
     print!(
         "{}",
         profile::table(&profile::rows(&times), steps, wall, clock)

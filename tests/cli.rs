@@ -878,23 +878,7 @@ fn predict_writes_labels_on_the_inputs_grid_from_a_trained_run() {
     let dir = Dir::new();
     let run = dir.path("run");
     let run_s = run.to_str().unwrap();
-    // The smallest run: 2 iterations of a 2-level V-Net of width 2 on 8^3 patches, one test case.
-    let sets = [
-        "iterations=2",
-        "data.cases=3",
-        "data.size=[16, 16, 16]",
-        "data.labeled=1",
-        "data.test=1",
-        "network.base_width=2",
-        "network.levels=2",
-        "batch.patch=[8, 8, 8]",
-        "batch.labeled=1",
-        "batch.unlabeled=0",
-    ];
-    let mut args = vec!["train", "--method", "supervised", "--quiet", "--out", run_s];
-    for s in &sets {
-        args.extend(["--set", s]);
-    }
+    let args = train_args(run_s, &["--method", "supervised"]);
     metaseg_ok(&args);
     // Its pictures: the curves, and the overlay of its one test case.
     assert!(run.join("loss.png").is_file());
@@ -903,7 +887,8 @@ fn predict_writes_labels_on_the_inputs_grid_from_a_trained_run() {
         .iter()
         .map(|p| p.file_name().unwrap().to_str().unwrap())
         .collect();
-    assert_eq!(names, [metaseg::data::synthetic::case_name(2) + ".png"]);
+    // The one test case is the last of TINY_TRAINING's 4.
+    assert_eq!(names, [metaseg::data::synthetic::case_name(3) + ".png"]);
 
     std::fs::create_dir_all(dir.path("images")).unwrap();
     let inputs = [
