@@ -219,16 +219,21 @@ fn conv3d_grad_weight_direct(@builtin(workgroup_id) group: vec3<u32>,
 // and 6 vec4 weight loads per 192 multiply-adds.
 //
 // Grad-input at stride 1 is this forward on dy with the weight flipped in space and its channel
-// axes swapped (`conv3d_arrange_weight` with FLIP), padding dilation (k - 1) - padding. At stride
-// 2 along W (V-Net's down-sampling, whose grad-input is the transposed up-sampling's forward) it is
-// `conv3d_grad_input_blocked`, at the end of this file: the same blocking, WB input columns x KB
-// input channels, where which taps reach which column is a constant of the unrolled loops.
+// axes swapped (`conv3d_arrange_weight` with FLIP), padding dilation (k - 1) - padding. Where the
+// stride equals the kernel (V-Net's k2 s2 down-sampling, whose grad-input is the transposed
+// up-sampling's forward) it is `conv3d_grad_input_patches`, at the end of this file: one tap per
+// axis per input voxel, a small matrix product with no alignment tests. At other strides it is
+// `conv3d_grad_input_blocked`: the same blocking, WB input columns x KB input channels, where
+// which taps reach which column is a constant of the unrolled loops (but D and H are tested).
 //
 // Grad-weight (`conv3d_grad_weight_blocked`): an invocation owns one (c, td, th) and KB output
 // channels, for all KW taps tw: KW x KB/4 vec4 accumulators, summed over a chunk of output rows
 // (n, od, oh) WB positions at a time. The input segment is loaded as in the forward; dy as WB/4
 // vec4s along W for each of the KB channels, which the workgroup's invocations share (it spans
 // (c, td, th), not rows), so those loads are broadcast. The host sums the chunks as variant 1's.
+// Wider blocks (all kh taps along H per invocation, or 16 output channels) measured 3-20x slower
+// on lavapipe: their unrolled body is past what the driver unrolls, and the accumulators then
+// live in indexed memory. Any larger tile here has to keep each unrolled loop nest this small.
 //
 // The blocked kernels need W and Wo to be multiples of 4 and a segment of at most MAX_SEGMENT
 // vec4s; the host runs variant 1 otherwise. Their loops over override constants must be unrolled
@@ -519,6 +524,78 @@ fn conv3d_grad_input_blocked(@builtin(workgroup_id) group: vec3<u32>,
                 let x = vec4<f32>(acc[j * KB / 4u + q][r], acc[(j + 1u) * KB / 4u + q][r],
                                   acc[(j + 2u) * KB / 4u + q][r], acc[(j + 3u) * KB / 4u + q][r]);
                 out4[(plane * sz.z + iw) / 4u] = x + bias[c];
+            }
+        }
+    }
+}
+
+// Grad-input where the kernel's windows tile the input in disjoint patches (`conv3d_grad_input_
+// patches`): stride equal to the kernel along every axis, no padding, no dilation, and the input
+// exactly D = Do kd, H = Ho kh, W = Wo KW (V-Net's k2 s2 down-sampling, whose grad-input is also
+// the transposed up-sampling's forward). Input voxel i then receives one tap per axis, i mod k,
+// from output i div k: dx[n, c, i] = bias[c] + sum over k of w[k, c, i mod k] dy[n, k, i div k], a
+// small matrix product per voxel with nothing to test. An invocation takes WB output columns
+// (WB / 4 vec4s of dy) of one output row (n, od, oh) and computes the WB x KW input columns they
+// feed in input row (od kd + td, oh kh + th) for KB input channels, in WB x KW x KB / 4 vec4
+// accumulators. The workgroup's z carries (channel block, td, th), so the weights its invocations
+// read, arranged [K, kd, kh, KW, channels_padded] (FLIP without REVERSE), are the same for all of
+// them: broadcast loads. Per output channel, WB / 4 vec4 loads of dy and KW x KB / 4 of weights
+// feed WB x KW x KB multiply-adds (at k2 and WB = KB = 8: 2 + 4 loads per 128). The host picks
+// WB = KB = 8 (measured best on lavapipe, ahead of 4 x 16 and 4 x 8). a4 = dy, b4 = the arranged
+// weight, out4 = dx.
+@compute @workgroup_size(WG)
+fn conv3d_grad_input_patches(@builtin(workgroup_id) group: vec3<u32>,
+                             @builtin(num_workgroups) groups: vec3<u32>,
+                             @builtin(local_invocation_index) lane: u32) {
+    let o = params.output.xyz;
+    let sz = params.input.xyz;
+    let kz = params.kernel.xyz;
+    let blocks = o.z / WB;
+    let s = (group.y * groups.x + group.x) * WG + lane;
+    if s >= params.batch * o.x * o.y * blocks { return; }
+    let ow0 = (s % blocks) * WB;
+    let oh = (s / blocks) % o.y;
+    let od = (s / (blocks * o.y)) % o.x;
+    let n = s / (blocks * o.y * o.x);
+    let th = group.z % kz.y;
+    let td = (group.z / kz.y) % kz.x;
+    let c0 = group.z / (kz.y * kz.x) * KB;
+    let cp = params.channels_padded;
+    let plane = o.x * o.y * o.z;
+
+    // acc[(j * KW + tw) * KB / 4 + q]: channels c0 + 4q .. + 3 at input column (ow0 + j) KW + tw.
+    var acc: array<vec4<f32>, MAX_ACC>;
+    var y_at = ((n * params.c_out * o.x + od) * o.y + oh) * o.z + ow0;
+    var w_at = ((td * kz.y + th) * KW * cp + c0) / 4u;
+    for (var k = 0u; k < params.c_out; k++) {
+        var dv: array<vec4<f32>, 4>;
+        for (var v = 0u; v < WB / 4u; v++) { dv[v] = a4[y_at / 4u + v]; }
+        for (var tw = 0u; tw < KW; tw++) {
+            var wv: array<vec4<f32>, 4>;
+            for (var q = 0u; q < KB / 4u; q++) { wv[q] = b4[w_at + tw * cp / 4u + q]; }
+            for (var j = 0u; j < WB; j++) {
+                for (var q = 0u; q < KB / 4u; q++) {
+                    let a = (j * KW + tw) * KB / 4u + q;
+                    acc[a] = fma(vec4<f32>(dv[j / 4u][j % 4u]), wv[q], acc[a]);
+                }
+            }
+        }
+        y_at += plane;
+        w_at += kz.x * kz.y * KW * cp / 4u;
+    }
+    // Input columns ow0 KW + m as vec4s (accumulator m = j KW + tw is input column m).
+    let id = od * kz.x + td;
+    let ih = oh * kz.y + th;
+    for (var q = 0u; q < KB / 4u; q++) {
+        for (var r = 0u; r < 4u; r++) {
+            let c = c0 + 4u * q + r;
+            if c >= params.c_in { continue; }
+            let row = ((((n * params.c_in + c) * sz.x + id) * sz.y + ih) * sz.z + ow0 * KW) / 4u;
+            for (var v = 0u; v < WB * KW / 4u; v++) {
+                let m = 4u * v;
+                let x = vec4<f32>(acc[m * KB / 4u + q][r], acc[(m + 1u) * KB / 4u + q][r],
+                                  acc[(m + 2u) * KB / 4u + q][r], acc[(m + 3u) * KB / 4u + q][r]);
+                out4[row + v] = x + bias[c];
             }
         }
     }

@@ -69,6 +69,39 @@ fn cases() -> Vec<Case> {
             [5, 3, 2, 2, 2],
             spec([2; 3], [0; 3]),
         ),
+        // Stride = kernel tiling the input exactly, Wo a multiple of 8: the patch grad-input
+        // (input channels fewer than, and more than, one block of 8; kernel 3 as well as 2).
+        (
+            "k2 s2 down, patches",
+            [2, 3, 6, 4, 16],
+            [5, 3, 2, 2, 2],
+            spec([2; 3], [0; 3]),
+        ),
+        (
+            "k2 s2 down, patches",
+            [1, 9, 2, 4, 32],
+            [5, 9, 2, 2, 2],
+            spec([2; 3], [0; 3]),
+        ),
+        (
+            "k3 s3, patches",
+            [1, 2, 3, 3, 24],
+            [3, 2, 3, 3, 3],
+            spec([3; 3], [0; 3]),
+        ),
+        // Just outside its conditions: H = 2 Ho + 1, and Wo = 4.
+        (
+            "k2 s2 down, not patches",
+            [1, 3, 4, 5, 16],
+            [5, 3, 2, 2, 2],
+            spec([2; 3], [0; 3]),
+        ),
+        (
+            "k2 s2 down, not patches",
+            [1, 3, 2, 4, 8],
+            [5, 3, 2, 2, 2],
+            spec([2; 3], [0; 3]),
+        ),
         (
             "2D 3x3 pad 1",
             [2, 3, 1, 9, 11],
@@ -270,7 +303,8 @@ fn constant_input_and_kernel_give_the_closed_form_on_the_gpu() {
 }
 
 /// The blocked kernels run where their conditions hold (W and Wo multiples of 4; grad-input at
-/// stride 1 or 2 along W), the direct ones elsewhere.
+/// stride 1 or 2 along W, by the patch kernel where stride = kernel tiles the input), the direct
+/// ones elsewhere.
 #[test]
 fn the_blocked_variant_runs_where_its_conditions_hold() {
     let (direct, blocked) = (ConvVariant::Direct, ConvVariant::BLOCKED);
@@ -282,9 +316,11 @@ fn the_blocked_variant_runs_where_its_conditions_hold() {
     // Forward, grad-input (the forward of the flipped weight) and grad-weight all blocked.
     let vnet = ([1, 2, 3, 4, 8], [3, 2, 3, 3, 3], pad1);
     assert_eq!(plan(vnet.0, vnet.1, vnet.2), [blocked; 3]);
-    // Stride 2: grad-input by its own blocked kernel.
+    // Stride 2: grad-input by the patch kernel (stride = kernel, exact tiling) or by its own
+    // blocked kernel (H = 2 Ho + 1).
     let down = spec([2; 3], [0; 3]);
     assert_eq!(plan([1, 2, 4, 4, 16], [3, 2, 2, 2, 2], down), [blocked; 3]);
+    assert_eq!(plan([1, 2, 4, 5, 16], [3, 2, 2, 2, 2], down), [blocked; 3]);
     // Stride 3 along W: grad-input direct. An odd width: all direct.
     let s3 = spec([1, 1, 3], [0; 3]);
     assert_eq!(
@@ -305,6 +341,8 @@ fn the_blocked_variant_runs_where_its_conditions_hold() {
         g.fill(&w2, 1.0).unwrap(),
         g.fill(&geo2.output_shape(), 1.0).unwrap(),
     );
+    let geo3 = Conv3dGeometry::new(&Shape::from([1, 2, 4, 5, 16]), &w2, down).unwrap();
+    let dy3 = g.fill(&geo3.output_shape(), 1.0).unwrap();
     g.context().start_profiling();
     g.conv3d_variant(blocked, &xt, &wt, None, &geo).unwrap();
     g.conv3d_grad_input_variant(blocked, &dy, &wt, None, &geo)
@@ -313,12 +351,15 @@ fn the_blocked_variant_runs_where_its_conditions_hold() {
         .unwrap();
     g.conv3d_grad_input_variant(blocked, &dy2, &wt2, None, &geo2)
         .unwrap();
+    g.conv3d_grad_input_variant(blocked, &dy3, &wt2, None, &geo3)
+        .unwrap();
     let (times, _) = g.context().take_kernel_times().unwrap();
     let names: Vec<String> = times.into_iter().map(|t| t.kernel).collect();
     for entry in [
         "conv3d_blocked",
         "conv3d_arrange_weight[FLIP=1]",
         "conv3d_grad_weight_blocked",
+        "conv3d_grad_input_patches",
         "conv3d_grad_input_blocked",
     ] {
         assert!(

@@ -14,7 +14,8 @@ use metaseg_autograd::{
 pub enum ConvVariant {
     /// 1: one result per invocation, straight from the definition.
     Direct,
-    /// 2: register-blocked, `channels` output channels x `width` W positions per invocation. Where
+    /// 2: register-blocked, `channels` output channels x `width` W positions per invocation
+    /// (grad-input where stride = kernel picks its own, see `conv3d_grad_input_patches`). Where
     /// its conditions do not hold (W or Wo not a multiple of 4; for grad-input, a stride along W
     /// that does not divide width / 4; kernels too wide for its registers) the direct kernel runs
     /// instead: see [`ConvVariant::runs`].
@@ -36,6 +37,7 @@ impl ConvVariant {
         let or_direct = |fits: bool| if fits { self } else { ConvVariant::Direct };
         let blocked = Tiling::of(self, g).is_some();
         let grad_input = flipped(g).is_some_and(|f| Tiling::of(self, &f).is_some())
+            || Tiling::of_patches(self, g).is_some()
             || Tiling::of_grad_input(self, g).is_some();
         [
             or_direct(blocked),
@@ -98,6 +100,8 @@ const GRAD_WEIGHT_INVOCATIONS: usize = 1 << 16;
 /// Vec4s of one input row segment and vec4 accumulators, as MAX_SEGMENT and MAX_ACC in conv.wgsl.
 const MAX_SEGMENT: usize = 16;
 const MAX_ACC: usize = 32;
+/// Input channels per invocation of `conv3d_grad_input_patches`, at most.
+const MAX_CHANNELS: usize = 16;
 
 /// The register tiling of variant 2 for one convolution, if its conditions hold: output channels
 /// and W positions per invocation.
@@ -154,6 +158,32 @@ impl Tiling {
             && width.is_multiple_of(4 * g.spec.stride[2])
             && channels / 4 * width <= MAX_ACC
             && vecs <= MAX_SEGMENT;
+        fits.then_some(Tiling { channels, width })
+    }
+
+    /// The tiling for `conv3d_grad_input_patches`, if the kernel's windows tile the input in
+    /// disjoint patches (stride = kernel, no padding or dilation, D = Do kd and so on) and the
+    /// output rows split into blocks of 8: 8 output columns (the KW x 8 input columns they feed)
+    /// and as many input channels (a multiple of 4, at most 16) as the accumulators hold. It does
+    /// not depend on the variant's own sizes: this kernel's best differ (see conv.wgsl).
+    fn of_patches(variant: ConvVariant, g: &Conv3dGeometry) -> Option<Tiling> {
+        let ConvVariant::Blocked { .. } = variant else {
+            return None;
+        };
+        let s = &g.spec;
+        let disjoint = (0..3).all(|a| {
+            s.stride[a] == g.kernel[a]
+                && s.padding[a] == 0
+                && s.dilation[a] == 1
+                && g.input[a] == g.output[a] * g.kernel[a]
+        });
+        let width = 8;
+        let kw = g.kernel[2];
+        // Accumulators: width x kw x channels / 4 vec4s.
+        let channels = (4 * MAX_ACC / (width * kw) / 4 * 4)
+            .min(MAX_CHANNELS)
+            .min(g.c_in.next_multiple_of(4));
+        let fits = disjoint && g.output[2].is_multiple_of(width) && channels >= 4;
         fits.then_some(Tiling { channels, width })
     }
 
@@ -324,6 +354,9 @@ impl Gpu {
             let arranged = self.arrange_weight(w, g, true, true, padded)?;
             return self.conv3d_blocked(tiling, dy, &arranged, &bias, &f);
         }
+        if let Some(tiling) = Tiling::of_patches(variant, g) {
+            return self.grad_input_patches(tiling, dy, w, &bias, g);
+        }
         if let Some(tiling) = Tiling::of_grad_input(variant, g) {
             return self.grad_input_blocked(tiling, dy, w, &bias, g);
         }
@@ -356,6 +389,36 @@ impl Gpu {
         grid[2] = channel_blocks as u32;
         self.launch(
             &tiling.kernel("conv3d_grad_input_blocked", g),
+            bytemuck::bytes_of(&params),
+            &[(1, dy), (2, &arranged), (4, bias)],
+            &out,
+            grid,
+        )?;
+        Ok(out)
+    }
+
+    /// Variant 2 of grad-input where the kernel's windows tile the input (see
+    /// `conv3d_grad_input_patches`): one workgroup row per (channel block, td, th).
+    fn grad_input_patches(
+        &self,
+        tiling: Tiling,
+        dy: &GpuTensor,
+        w: &GpuTensor,
+        bias: &GpuTensor,
+        g: &Conv3dGeometry,
+    ) -> Result<GpuTensor> {
+        let channel_blocks = g.c_in.div_ceil(tiling.channels);
+        let padded = channel_blocks * tiling.channels;
+        let arranged = self.arrange_weight(w, g, true, false, padded)?;
+        let out = self.empty(&g.input_shape())?;
+        let mut params = ConvParams::new(g);
+        params.channels_padded = padded as u32;
+        let [od, oh, ow] = g.output;
+        let blocks = g.batch * od * oh * (ow / tiling.width);
+        let mut grid = self.grid(blocks.div_ceil(WG));
+        grid[2] = (channel_blocks * g.kernel[0] * g.kernel[1]) as u32;
+        self.launch(
+            &tiling.kernel("conv3d_grad_input_patches", g),
             bytemuck::bytes_of(&params),
             &[(1, dy), (2, &arranged), (4, bias)],
             &out,
