@@ -1,6 +1,6 @@
 //! Training runs on a tiny configuration: a resumed run continues exactly as an uninterrupted one,
 //! a non-finite loss stops the run and keeps the last good checkpoint, the mean teacher follows the
-//! student, and configuration mistakes are errors that name the key.
+//! student, the test figures reuse the last validation faithfully, and configuration mistakes are errors that name the key.
 
 mod common;
 
@@ -136,6 +136,37 @@ fn the_mean_teacher_moves_and_every_method_trains() {
             assert_ne!(t.data, student.data);
         }
     }
+}
+
+/// The test figures reuse the last validation's predictions; they must be what the checkpoint
+/// predicts, or the shortcut would report another network than the one saved.
+#[test]
+fn test_figures_from_the_last_validation_equal_those_from_the_checkpoint() {
+    let g = gpu();
+    let config = tiny("supervised", &["data.test=2"]);
+    let data = run::load_data(&config).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let paths = RunPaths {
+        dir: dir.path().to_path_buf(),
+    };
+    let summary = run::train(&g, &config, &data, &paths, RunOptions::default()).unwrap();
+    assert_eq!(summary.final_predictions.as_ref().map(Vec::len), Some(2));
+    let mut reused = Vec::new();
+    let a = run::test_results(&g, &config, &data, &paths, &summary, |_, p| {
+        reused.push(p.to_vec())
+    })
+    .unwrap();
+    let restored = run::Summary {
+        final_predictions: None,
+        ..summary.clone()
+    };
+    let mut predicted = Vec::new();
+    let b = run::test_results(&g, &config, &data, &paths, &restored, |_, p| {
+        predicted.push(p.to_vec())
+    })
+    .unwrap();
+    assert_eq!(reused, predicted);
+    assert_eq!(format!("{a:?}"), format!("{b:?}"));
 }
 
 #[test]

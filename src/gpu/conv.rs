@@ -97,6 +97,17 @@ impl ConvParams {
 const WG: usize = 64;
 /// The grad-weight kernels split their reduction until about this many invocations run.
 const GRAD_WEIGHT_INVOCATIONS: usize = 1 << 16;
+/// The workgroup size of the blocked grad-weight kernel for `combos` (c, td, th) invocations: the
+/// multiple of 8 (lavapipe runs 8 lanes at once) up to `WG` that leaves the fewest idle lanes in
+/// the last workgroup, the largest of those. Every lane of a workgroup reads the same dy, so an idle
+/// lane costs as much as a working one: at 8 channels (72 combos) a power of two (64) ran 128 lanes
+/// for 72 combos, 24 runs 72.
+fn grad_weight_workgroup(combos: usize) -> usize {
+    (8..=WG)
+        .step_by(8)
+        .min_by_key(|&wg| (combos.div_ceil(wg) * wg, usize::MAX - wg))
+        .expect("WG >= 8")
+}
 /// Vec4s of one input row segment and vec4 accumulators, as MAX_SEGMENT and MAX_ACC in conv.wgsl.
 const MAX_SEGMENT: usize = 16;
 const MAX_ACC: usize = 32;
@@ -458,8 +469,7 @@ impl Gpu {
         g: &Conv3dGeometry,
     ) -> Result<GpuTensor> {
         let combos = g.c_in * g.kernel[0] * g.kernel[1];
-        // Few (c, td, th) (a first layer has one channel): smaller workgroups, fewer idle lanes.
-        let wg = combos.next_power_of_two().clamp(8, WG);
+        let wg = grad_weight_workgroup(combos);
         let channel_blocks = g.c_out.div_ceil(tiling.channels);
         let rows = g.batch * g.output[0] * g.output[1];
         let max_chunks = self

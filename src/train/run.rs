@@ -194,19 +194,21 @@ pub fn predict_case<B: NetBackend>(
     Ok(argmax(&probs, trainer.config.data.classes))
 }
 
-/// Mean foreground Dice over the cases (class >= 1 against background).
+/// Mean foreground Dice over the cases (class >= 1 against background), and the predictions.
 pub fn validation_dice<B: NetBackend>(
     backend: &B,
     trainer: &Trainer<B>,
     cases: &[LoadedCase],
-) -> Result<f64> {
+) -> Result<(f64, Vec<Vec<u8>>)> {
     let mut total = 0.0;
+    let mut predictions = Vec::with_capacity(cases.len());
     for case in cases {
         let pred = predict_case(backend, trainer, case)?;
         let label = case.label.as_ref().expect("test cases are labeled");
         total += metrics::overlap(&pred, label, |v| v > 0).dice();
+        predictions.push(pred);
     }
-    Ok(total / cases.len().max(1) as f64)
+    Ok((total / cases.len().max(1) as f64, predictions))
 }
 
 /// The trainer of a finished (or interrupted) run, restored from its checkpoint.
@@ -346,6 +348,9 @@ pub struct Summary {
     /// Iterations this call ran, and their time alone (no validation or checkpoints).
     pub iterations: u64,
     pub step_seconds: f64,
+    /// The test cases' label maps at the last iteration, when it was validated: the test figures
+    /// reuse them rather than predict every case again.
+    pub final_predictions: Option<Vec<Vec<u8>>>,
 }
 
 /// The batch of iteration `t` on the device.
@@ -468,6 +473,7 @@ pub fn train<B: NetBackend>(
         seconds: 0.0,
         iterations: 0,
         step_seconds: 0.0,
+        final_predictions: None,
     };
     for t in start..config.iterations {
         let step_began = Instant::now();
@@ -493,9 +499,10 @@ pub fn train<B: NetBackend>(
         line.insert("seconds".into(), began.elapsed().as_secs_f64().into());
         let last = done == config.iterations;
         if (done % config.log.validate_every.max(1) == 0 || last) && !data.test.is_empty() {
-            let dice = validation_dice(backend, &trainer, &data.test)?;
+            let (dice, predictions) = validation_dice(backend, &trainer, &data.test)?;
             line.insert("validation_dice".into(), dice.into());
             summary.validation_dice = Some(dice);
+            summary.final_predictions = last.then_some(predictions);
         }
         writeln!(log, "{}", serde_json::Value::Object(line)).map_err(io(&log_path))?;
         let stop = options.stop_after == Some(done);
@@ -515,9 +522,10 @@ pub fn train<B: NetBackend>(
     Ok(summary)
 }
 
-/// The test figures of a finished run, from its checkpoint: each test case predicted and scored
-/// per foreground class (physical units from the case's spacing), then averaged. `each` sees
-/// every case with its prediction (for pictures), so nothing is predicted twice.
+/// The test figures of a finished run: each test case predicted (from the checkpoint, unless the
+/// run's last validation left its predictions) and scored per foreground class (physical units
+/// from the case's spacing), then averaged. `each` sees every case with its prediction (for
+/// pictures), so nothing is predicted twice.
 pub fn test_results<B: NetBackend>(
     backend: &B,
     config: &TrainConfig,
@@ -526,11 +534,19 @@ pub fn test_results<B: NetBackend>(
     summary: &Summary,
     mut each: impl FnMut(&LoadedCase, &[u8]),
 ) -> Result<RunResult> {
-    let channels = data.test[0].image.channels;
-    let trainer = restore_trainer(backend, config, channels, paths)?;
+    let predictions = match &summary.final_predictions {
+        Some(p) if p.len() == data.test.len() => p.clone(),
+        _ => {
+            let channels = data.test[0].image.channels;
+            let trainer = restore_trainer(backend, config, channels, paths)?;
+            data.test
+                .iter()
+                .map(|case| predict_case(backend, &trainer, case))
+                .collect::<Result<_>>()?
+        }
+    };
     let mut scores: Vec<metrics::Metrics> = Vec::new();
-    for case in &data.test {
-        let pred = predict_case(backend, &trainer, case)?;
+    for (case, pred) in data.test.iter().zip(predictions) {
         let label = case.label.as_ref().expect("test cases are labeled");
         let grid = metrics::Grid {
             dims: case.image.dims,
