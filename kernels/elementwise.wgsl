@@ -177,6 +177,23 @@ fn broadcast(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) g
     }
 }
 
+// out = x broadcast along rows: output [rows, inner] (shape[0] = inner, a multiple of 4), row r
+// holding x[r % shape[1]] (a per-channel value, or one per (n, c)). Grid: x over the row's vec4s,
+// y over the rows, so the value and its index are uniform across a workgroup and no per-element
+// index arithmetic remains (generic `broadcast` pays several integer divisions per vec4).
+@compute @workgroup_size(WG)
+fn broadcast_rows(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let inner4 = params.shape[0].x / 4u;
+    let row = group.y;
+    let value = vec4<f32>(x[(row % params.shape[0].y) / 4u][(row % params.shape[0].y) % 4u]);
+    let first = group.x * WG * VECS + lane;
+    for (var r = 0u; r < VECS; r++) {
+        let i = first + r * WG;
+        if i >= inner4 { return; }
+        out[row * inner4 + i] = value;
+    }
+}
+
 @compute @workgroup_size(WG)
 fn fill(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {

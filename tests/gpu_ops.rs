@@ -90,6 +90,17 @@ fn reductions_match_the_reference_over_any_axes() {
 }
 
 #[test]
+fn broadcasts_along_whole_vec4_rows_match_the_reference() {
+    // A sum's gradient broadcasts its result back. Over [.., 16] spatial rows (whole vec4s), a
+    // per-channel sum (axes 0,2,3,4) and a per-(n, c) sum (axes 2,3,4) take the row kernel.
+    let s = Shape::from([3, 5, 2, 2, 4]);
+    for axes in ["axes=0,2,3,4", "axes=2,3,4", "axes=0,1,2,3,4"] {
+        let x = input(9, &s, -1.0, 1.0);
+        assert_gpu_matches_cpu64("sum", &[axes], &[x], Tolerance::F32_ACCUMULATED);
+    }
+}
+
+#[test]
 fn long_reductions_split_into_chunks_match_the_reference() {
     // 100_003 elements: the row kernel splits into chunks; a short column gets chunked too.
     for (shape, axes) in [

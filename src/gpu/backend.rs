@@ -105,6 +105,28 @@ const ROW_CHUNK: usize = 16_384;
 /// Column reductions are split when fewer than this many outputs would keep the device busy.
 const MIN_COLUMN_THREADS: usize = 16_384;
 
+/// A broadcast that repeats one value along each row of the output, as (rows, inner, period):
+/// the collapsed output is [.., C, inner] with x varying along C only (strides [0, 1, 0] or
+/// [1, 0]), so row r holds x[r % C]. Rows must fit one grid dimension and rows whole vec4s.
+fn row_broadcast(
+    rank: u32,
+    dims: &[u32; MAX_RANK],
+    strides: &[u32; MAX_RANK],
+) -> Option<(usize, usize, usize)> {
+    let rank = rank as usize;
+    let (rows, period) = match (rank, &strides[..rank]) {
+        (2, [1, 0]) => (dims[0], dims[0]),
+        (3, [0, 1, 0]) => (dims[0] * dims[1], dims[1]),
+        _ => return None,
+    };
+    let inner = dims[rank - 1] as usize;
+    (inner.is_multiple_of(4) && rows <= u16::MAX as u32).then_some((
+        rows as usize,
+        inner,
+        period as usize,
+    ))
+}
+
 /// The `OP` override of elementwise.wgsl for each unary op.
 fn unary_code(op: UnaryOp) -> u32 {
     match op {
@@ -321,7 +343,11 @@ impl Gpu {
         };
         let out = self.empty(&Shape::from([outer, chunks, inner]))?;
         let (entry, groups) = if rows {
-            ("sum_rows", outer * chunks)
+            let whole_vec4s = reduce.is_multiple_of(4) && chunk.is_multiple_of(4);
+            (
+                if whole_vec4s { "sum_rows4" } else { "sum_rows" },
+                outer * chunks,
+            )
         } else {
             (
                 "sum_columns",
@@ -428,6 +454,18 @@ impl Backend for Gpu {
             ))
         })?;
         let mut p = Self::elementwise_params(shape.numel());
+        if let Some((rows, inner, period)) = row_broadcast(rank, &dims, &stride_a) {
+            (p.shape[0], p.shape[1]) = (inner as u32, period as u32);
+            let out = self.empty(shape)?;
+            let grid = [
+                (inner / 4).div_ceil((WG * VECS) as usize) as u32,
+                rows as u32,
+                1,
+            ];
+            let kernel = Kernel::new(KernelFile::Elementwise, "broadcast_rows");
+            self.launch(&kernel, bytemuck::bytes_of(&p), &[(1, x)], &out, grid)?;
+            return Ok(out);
+        }
         (p.shape, p.stride_a) = (dims, stride_a);
         self.elementwise(
             Kernel::new(KernelFile::Elementwise, "broadcast").with("RANK", rank as f64),
