@@ -7,8 +7,8 @@ use crate::meta::{MetaPath, MetaStep, Sgd};
 use metaseg_autograd::contrastive::DEFAULT_TAU;
 use metaseg_autograd::{
     grad, Backend, BinaryOp, ContrastiveBackend, ConvBackend, ConvSpec, DiceOptions,
-    DistanceBackend, LayerBackend, LossBackend, MatmulSpec, MetaBackend, Normalization, Reduction,
-    Rule, Shape, UnaryOp, Upsample, Var, Window3d,
+    DistanceBackend, Interp, LayerBackend, LossBackend, MatmulSpec, MetaBackend, Normalization,
+    Reduction, Rule, Shape, UnaryOp, Upsample, Var, Warp, WarpBackend, Window3d,
 };
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -58,6 +58,7 @@ enum Forward {
     Edt,
     Sdf,
     SdfProbability,
+    Warp { adjoint: bool },
 }
 
 const X: &[&str] = &["x"];
@@ -185,6 +186,18 @@ const OPS: &[OpSpec] = &[
     op("edt", MASK, SPACING, Forward::Edt),
     op("sdf", MASK, SPACING, Forward::Sdf),
     op("sdf_probability", X, &["k"], Forward::SdfProbability),
+    op(
+        "warp",
+        X,
+        &["matrix", "output", "interp"],
+        Forward::Warp { adjoint: false },
+    ),
+    op(
+        "warp_adjoint",
+        &["g"],
+        &["matrix", "input", "interp"],
+        Forward::Warp { adjoint: true },
+    ),
 ];
 
 /// What every op of the table needs of a backend.
@@ -196,6 +209,7 @@ pub trait OpBackend:
     + ContrastiveBackend
     + DistanceBackend
     + MetaBackend
+    + WarpBackend
 {
 }
 impl<B> OpBackend for B where
@@ -206,6 +220,7 @@ impl<B> OpBackend for B where
         + ContrastiveBackend
         + DistanceBackend
         + MetaBackend
+        + WarpBackend
 {
 }
 
@@ -492,6 +507,10 @@ pub fn apply_op<B: OpBackend>(
         Forward::SdfProbability => {
             x.sdf_probability(settings.f64("k")?.unwrap_or(SDF_PROBABILITY_K))?
         }
+        Forward::Warp { adjoint: false } => x.warp(&warp_setting(&spec, settings, x, false)?)?,
+        Forward::Warp { adjoint: true } => {
+            x.warp_adjoint(&warp_setting(&spec, settings, x, true)?)?
+        }
     };
     Ok(y)
 }
@@ -613,6 +632,56 @@ fn spacing(spec: &OpSpec, settings: &Settings) -> Result<[f64; 3]> {
         Some(v) => <[f64; 3]>::try_from(v.as_slice())
             .map_err(|_| spec.error("setting 'spacing' takes three values (D, H, W)".into())),
     }
+}
+
+/// The warp of `warp` (x is its input) or `warp_adjoint` (x is the warp's output): `matrix` the
+/// 12 numbers of the 3x4 map from output voxel index to input point, row by row (default: the
+/// identity); the other grid's size `output` (warp) or `input` (warp_adjoint), default x's;
+/// `interp` trilinear (default) or nearest.
+fn warp_setting<B: Backend>(
+    spec: &OpSpec,
+    settings: &Settings,
+    x: &Var<B>,
+    adjoint: bool,
+) -> Result<Warp> {
+    let dims = x.shape().dims();
+    if dims.len() != 5 {
+        return Err(spec.error(format!(
+            "expected an [N, C, D, H, W] tensor, got shape {}",
+            x.shape()
+        )));
+    }
+    let own = [dims[2], dims[3], dims[4]];
+    let other_key = if adjoint { "input" } else { "output" };
+    let other = triple(spec, settings, other_key)?.unwrap_or(own);
+    let mut warp = Warp::identity(own);
+    if let Some(m) = settings.f64_list("matrix")? {
+        let m = <[f64; 12]>::try_from(m.as_slice())
+            .map_err(|_| spec.error("setting 'matrix' takes 12 numbers (3 rows of 4)".into()))?;
+        for (r, row) in warp.matrix.iter_mut().enumerate() {
+            row.copy_from_slice(&m[4 * r..4 * r + 4]);
+        }
+    }
+    let interp = settings.choice("interp", &["trilinear", "nearest"])?;
+    warp.interp =
+        Interp::parse(interp.as_deref().unwrap_or("trilinear")).expect("a checked choice");
+    if adjoint {
+        (warp.input, warp.output) = (other, own);
+    } else {
+        (warp.input, warp.output) = (own, other);
+    }
+    Ok(warp)
+}
+
+/// The matrix of a warp as the runner's `matrix` setting.
+pub fn matrix_setting(warp: &Warp) -> String {
+    let numbers: Vec<String> = warp
+        .matrix
+        .iter()
+        .flatten()
+        .map(|v| v.to_string())
+        .collect();
+    format!("matrix={}", numbers.join(","))
 }
 
 /// A setting that is one non-negative integer, if given.
@@ -819,6 +888,8 @@ mod tests {
             "slice",
             "conv3d",
             "conv_transpose3d",
+            "warp",
+            "warp_adjoint",
         ];
         if !layers.contains(&op) {
             return None;

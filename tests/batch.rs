@@ -2,7 +2,9 @@
 //! on foreground when asked, and augmentation a permutation of the voxels.
 
 use metaseg::data::Volume;
+use metaseg::train::augment::RotateScale;
 use metaseg::train::batch::{sample, LoadedCase, Sampling};
+use metaseg_autograd::Warp;
 
 /// A case whose image equals its label (0 or 1), so any misalignment between the two shows.
 fn case(name: &str, dims: [usize; 3], seed: u64) -> LoadedCase {
@@ -95,4 +97,45 @@ fn augmentation_permutes_the_voxels_of_a_whole_volume_crop() {
         changed |= images != reference;
     }
     assert!(changed, "no iteration rotated or flipped");
+}
+
+#[test]
+fn device_warps_depend_on_the_seed_iteration_and_slot_and_stay_in_their_bounds() {
+    let r = RotateScale {
+        rotate: 15.0,
+        scale: 0.1,
+    };
+    let patch = [6, 8, 8];
+    assert_eq!(r.warp(patch, 1, 5, 0), r.warp(patch, 1, 5, 0));
+    assert_ne!(r.warp(patch, 1, 5, 0), r.warp(patch, 1, 5, 1));
+    assert_ne!(r.warp(patch, 1, 5, 0), r.warp(patch, 1, 6, 0));
+    assert_ne!(r.warp(patch, 1, 5, 0), r.warp(patch, 2, 5, 0));
+    for slot in 0..20 {
+        // The linear part is R^T / scale: its determinant is 1 / scale^3.
+        let m = r.warp(patch, 7, 3, slot).matrix;
+        let det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
+        let scale = det.cbrt().recip();
+        assert!((0.9..=1.1).contains(&scale), "scale {scale}");
+        // The angle of the whole rotation is at most the sum of the three angles.
+        let trace = (m[0][0] + m[1][1] + m[2][2]) * scale;
+        let angle = ((trace - 1.0) / 2.0).clamp(-1.0, 1.0).acos().to_degrees();
+        assert!(angle <= 45.0 + 1e-9, "angle {angle}");
+    }
+    // A 2D patch (depth 1) turns in its H-W plane only: D maps to D.
+    for slot in 0..5 {
+        let m = r.warp([1, 8, 8], 7, 3, slot).matrix;
+        assert_eq!(m[0], [1.0, 0.0, 0.0, 0.0], "slot {slot}");
+        assert_eq!([m[1][0], m[2][0]], [0.0, 0.0]);
+    }
+    let off = RotateScale {
+        rotate: 0.0,
+        scale: 0.0,
+    };
+    assert!(off.is_off());
+    assert_eq!(
+        off.warp(patch, 1, 5, 0).matrix,
+        Warp::identity(patch).matrix
+    );
 }

@@ -189,6 +189,9 @@ fn every_op_of_the_runner_table_is_covered_here() {
         "edt",
         "sdf",
         "sdf_probability",
+        // tests/gpu_warp.rs
+        "warp",
+        "warp_adjoint",
     ];
     for op in op_names() {
         assert!(covered.contains(op), "op {op} has no GPU-vs-Cpu64 test");

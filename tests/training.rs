@@ -5,8 +5,11 @@
 mod common;
 
 use common::gpu;
+use metaseg::train::augment::{warp_batch, RotateScale};
 use metaseg::train::config::TrainConfig;
 use metaseg::train::run::{self, RunError, RunOptions, RunPaths};
+use metaseg::train::trainer::{DeviceBatch, Trainer};
+use metaseg_autograd::{Cpu64, Tolerance, Var};
 
 /// The default preset shrunk to seconds: 16^3 volumes, 8^3 patches, a 2-level V-Net of width 2.
 fn tiny(method: &str, extra: &[&str]) -> TrainConfig {
@@ -49,7 +52,8 @@ fn without_time(mut v: serde_json::Value) -> serde_json::Value {
 #[test]
 fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
     let g = gpu();
-    let config = tiny("mean-teacher", &[]);
+    // With the device-side rotations and scalings on, whose draws must repeat too.
+    let config = tiny("mean-teacher", &["batch.rotate=15", "batch.scale=0.1"]);
     let data = run::load_data(&config).unwrap();
     let whole = tempfile::tempdir().unwrap();
     let paths = RunPaths {
@@ -178,10 +182,68 @@ fn configuration_mistakes_name_the_key() {
     let err = TrainConfig::load("default", &["batch.patch=[30, 32, 32]".into()]).unwrap_err();
     // 3 levels pool twice.
     assert!(err.to_string().contains("divide by 4"), "{err}");
+    let err = TrainConfig::load("default", &["batch.scale=1.5".into()]).unwrap_err();
+    assert!(err.to_string().contains("batch.scale"), "{err}");
     let err = TrainConfig::load("nope", &[]).unwrap_err();
     assert!(err.to_string().contains("la-vnet"), "{err}");
     // Both presets read and check.
     for preset in ["default", "la-vnet"] {
         TrainConfig::load(preset, &[]).unwrap();
     }
+}
+
+#[test]
+fn rotations_and_scalings_warp_the_batch_on_the_device_and_keep_labels_one_hot() {
+    let g = gpu();
+    let on = tiny("mean-teacher", &["batch.rotate=20", "batch.scale=0.15"]);
+    let off = tiny("mean-teacher", &[]);
+    let data = run::load_data(&on).unwrap();
+    let channels = data.labeled[0].image.channels;
+    let mut trainer = Trainer::new(&g, &on, channels).unwrap();
+    let plain_trainer = Trainer::new(&g, &off, channels).unwrap();
+    let t = 3;
+    let warped = run::device_batch(&g, &trainer, &data, t).unwrap();
+    let plain = run::device_batch(&g, &plain_trainer, &data, t).unwrap();
+    let (x, y) = (warped.x.to_f64().unwrap(), warped.y.to_f64().unwrap());
+    assert_eq!(warped.x.shape(), plain.x.shape());
+    assert_ne!(x, plain.x.to_f64().unwrap(), "the warp changes the images");
+
+    // Every voxel of every labeled sample has exactly one class (the warp brings background in).
+    let dims = warped.y.shape().dims().to_vec();
+    let volume: usize = dims[2..].iter().product();
+    for n in 0..dims[0] {
+        for v in 0..volume {
+            let column: Vec<f64> = (0..dims[1])
+                .map(|c| y[(n * dims[1] + c) * volume + v])
+                .collect();
+            assert!(column.iter().all(|&p| p == 0.0 || p == 1.0), "{column:?}");
+            assert_eq!(column.iter().sum::<f64>(), 1.0, "sample {n}, voxel {v}");
+        }
+    }
+
+    // The same warps of the same host batch on the reference backend.
+    let r = RotateScale {
+        rotate: 20.0,
+        scale: 0.15,
+    };
+    let warps: Vec<_> = (0..dims[0] + 2)
+        .map(|slot| r.warp(on.batch.patch, on.seed, t, slot))
+        .collect();
+    let host = |v: &Var<metaseg::gpu::Gpu>| {
+        Var::from_f64(&Cpu64, &v.to_f64().unwrap(), v.shape(), false).unwrap()
+    };
+    let reference = warp_batch(
+        DeviceBatch {
+            x: host(&plain.x),
+            y: host(&plain.y),
+            labeled: plain.labeled,
+        },
+        &warps,
+    )
+    .unwrap();
+    Tolerance::F32.assert("warped images", &x, &reference.x.to_f64().unwrap());
+    Tolerance::F32.assert("warped labels", &y, &reference.y.to_f64().unwrap());
+
+    let log = trainer.step(&warped, t).unwrap();
+    assert!(log.iter().all(|(_, v)| v.is_finite()), "{log:?}");
 }

@@ -17,6 +17,7 @@ mod ops;
 pub mod random;
 mod shape;
 mod var;
+pub mod warp;
 
 pub use backend::{Backend, BinaryOp, Distribution, MatmulDims, MatmulSpec, TensorShape, UnaryOp};
 pub use check::Tolerance;
@@ -33,3 +34,4 @@ pub use shape::{normalize_axes, Shape};
 pub use var::{
     grad, jvp, no_grad, sum_tangents, with_recording, GradFn, JvpFn, Rule, TensorGradFn, Var,
 };
+pub use warp::{Interp, Warp, WarpBackend};

@@ -20,10 +20,11 @@ pub enum KernelFile {
     MetaWeights,
     Contrastive,
     Distance,
+    Warp,
 }
 
 impl KernelFile {
-    pub const ALL: [KernelFile; 13] = [
+    pub const ALL: [KernelFile; 14] = [
         KernelFile::Elementwise,
         KernelFile::Reduce,
         KernelFile::Matmul,
@@ -37,6 +38,7 @@ impl KernelFile {
         KernelFile::MetaWeights,
         KernelFile::Contrastive,
         KernelFile::Distance,
+        KernelFile::Warp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +56,7 @@ impl KernelFile {
             KernelFile::Losses => "losses.wgsl",
             KernelFile::Contrastive => "contrastive.wgsl",
             KernelFile::Distance => "distance.wgsl",
+            KernelFile::Warp => "warp.wgsl",
         }
     }
 
@@ -72,6 +75,7 @@ impl KernelFile {
             KernelFile::Losses => include_str!("../../kernels/losses.wgsl"),
             KernelFile::Contrastive => include_str!("../../kernels/contrastive.wgsl"),
             KernelFile::Distance => include_str!("../../kernels/distance.wgsl"),
+            KernelFile::Warp => include_str!("../../kernels/warp.wgsl"),
         }
     }
 }

@@ -15,6 +15,7 @@ mod losses;
 mod meta;
 pub mod pool;
 pub mod profiler;
+mod warp;
 
 pub use backend::{Gpu, GpuTensor};
 pub use context::{AdapterSummary, Binding, Context, DeviceError};

@@ -13,11 +13,13 @@ pub use params::{Declarations, Init, ParamSpec, ParamStore};
 pub use unet::{UNet, UNetConfig};
 pub use vnet::{VNet, VNetConfig};
 
-use metaseg_autograd::{Backend, BatchStats, ConvBackend, LayerBackend, LossBackend, Result, Var};
+use metaseg_autograd::{
+    Backend, BatchStats, ConvBackend, LayerBackend, LossBackend, Result, Var, WarpBackend,
+};
 
-/// What a network needs of a backend.
-pub trait NetBackend: Backend + ConvBackend + LayerBackend + LossBackend {}
-impl<B: Backend + ConvBackend + LayerBackend + LossBackend> NetBackend for B {}
+/// What a network needs of a backend, and the warps of the training step's augmentation.
+pub trait NetBackend: Backend + ConvBackend + LayerBackend + LossBackend + WarpBackend {}
+impl<B: Backend + ConvBackend + LayerBackend + LossBackend + WarpBackend> NetBackend for B {}
 
 /// The outputs of one forward pass.
 pub struct Outputs<B: NetBackend> {

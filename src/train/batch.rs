@@ -46,6 +46,13 @@ fn key(iteration: u64, slot: usize, purpose: u64) -> u64 {
     (iteration << 24) ^ ((slot as u64) << 8) ^ purpose
 }
 
+/// The first counter of the draws for (iteration, slot, purpose); a purpose's draws use the next
+/// 16 counters (and noise streams above 2^32). Purpose 0 is this module's crop, flip and
+/// intensity, 1 the device-side warp of [`super::augment`].
+pub fn stream(iteration: u64, slot: usize, purpose: u64) -> u64 {
+    key(iteration, slot, purpose) << 4
+}
+
 /// A random index below `n` from stream (seed, counter).
 fn below(seed: u64, counter: u64, n: usize) -> usize {
     ((uniform(seed, counter) * n as f64) as usize).min(n.saturating_sub(1))
@@ -137,7 +144,7 @@ pub fn sample(
         } else {
             unlabeled_cases
         };
-        let k = key(iteration, slot, 0) << 4;
+        let k = stream(iteration, slot, 0);
         let case = &pool[below(seed, k, pool.len())];
         let p = place(case, s, seed, k, is_labeled);
         let gain = 1.0 + s.intensity * (2.0 * uniform(seed, k + 8) - 1.0);

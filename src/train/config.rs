@@ -58,6 +58,13 @@ pub struct BatchConfig {
     pub rotate_flip: bool,
     pub intensity: f64,
     pub noise: f64,
+    /// Small rotations on the device: angles uniform in +-rotate degrees about each axis (the
+    /// H-W plane only for a 2D patch); 0: off.
+    #[serde(default)]
+    pub rotate: f64,
+    /// Small scalings on the device: factor uniform in 1 +- scale; 0: off.
+    #[serde(default)]
+    pub scale: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -198,6 +205,13 @@ impl TrainConfig {
         }
         if self.method == "mean-teacher" && self.batch.unlabeled == 0 {
             return bad("mean-teacher needs unlabeled patches (batch.unlabeled > 0)".into());
+        }
+        let (rotate, scale) = (self.batch.rotate, self.batch.scale);
+        if !(0.0..=180.0).contains(&rotate) || !(0.0..1.0).contains(&scale) {
+            return bad(format!(
+                "batch.rotate {rotate} must be in [0, 180] degrees and batch.scale {scale} in \
+                 [0, 1)"
+            ));
         }
         if !self.optimizer.lr.is_finite() || self.optimizer.lr <= 0.0 {
             return bad(format!(

@@ -1,6 +1,7 @@
 //! Training: configurations and presets, two-stream batches, the methods' steps, the run loop
 //! with its log and checkpoints.
 
+pub mod augment;
 pub mod batch;
 pub mod checkpoint;
 pub mod compare;

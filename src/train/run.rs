@@ -3,6 +3,7 @@
 //! (atomic; `resume` continues from the last one exactly as an uninterrupted run would), and a stop
 //! with a clear message at the first non-finite loss, keeping the last good checkpoint.
 
+use super::augment::{warp_batch, RotateScale};
 use super::batch::{sample, LoadedCase, Sampling};
 use super::checkpoint::{self, HostTensor, Sidecar};
 use super::compare::RunResult;
@@ -13,7 +14,7 @@ use crate::eval::inference::HostVolume;
 use crate::eval::{argmax, metrics, predict_probabilities, SlidingWindow};
 use crate::nn::{NetBackend, ParamStore};
 use indicatif::{ProgressBar, ProgressStyle};
-use metaseg_autograd::{Shape, Var};
+use metaseg_autograd::{Shape, Var, Warp};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -354,7 +355,7 @@ pub struct Summary {
 }
 
 /// The batch of iteration `t` on the device.
-fn device_batch<B: NetBackend>(
+pub fn device_batch<B: NetBackend>(
     backend: &B,
     trainer: &Trainer<B>,
     data: &RunData,
@@ -388,11 +389,22 @@ fn device_batch<B: NetBackend>(
     let [d, h, w] = c.batch.patch;
     let x = Shape::from([b.labeled + b.unlabeled, channels, d, h, w]);
     let y = Shape::from([b.labeled, c.data.classes, d, h, w]);
-    Ok(DeviceBatch {
+    let batch = DeviceBatch {
         x: Var::from_f64(backend, &b.images, &x, false)?,
         y: Var::from_f64(backend, &b.labels, &y, false)?,
         labeled: b.labeled,
-    })
+    };
+    let rotate_scale = RotateScale {
+        rotate: c.batch.rotate,
+        scale: c.batch.scale,
+    };
+    if rotate_scale.is_off() {
+        return Ok(batch);
+    }
+    let warps: Vec<Warp> = (0..b.labeled + b.unlabeled)
+        .map(|slot| rotate_scale.warp(c.batch.patch, c.seed, t, slot))
+        .collect();
+    Ok(warp_batch(batch, &warps)?)
 }
 
 /// Keeps the log's lines of steps up to `step` (a resumed run rewrites what came after).
