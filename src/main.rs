@@ -47,7 +47,7 @@ enum Command {
 struct TrainArgs {
     /// The method, or several separated by commas to compare them on the same split. Without it,
     /// the baselines are compared: supervised, mean-teacher and full.
-    #[arg(long, value_delimiter = ',', value_parser = ["supervised", "mean-teacher", "full"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["supervised", "mean-teacher", "full", "mlb-seg"])]
     method: Vec<String>,
     /// A preset shipped with metaseg (default, la-vnet) or a .toml file.
     #[arg(long, default_value = "default")]
@@ -330,9 +330,11 @@ fn profile(
         progress: false,
         stop_after: Some(stop),
     };
-    run::train(gpu, config, data, paths, options(false, 1))?;
+    // MLB-Seg's stage 0 runs first, unprofiled: its steps are the supervised method's.
+    let first = config.stage0_iterations();
+    run::train(gpu, config, data, paths, options(false, first + 1))?;
     gpu.context().start_profiling();
-    let summary = run::train(gpu, config, data, paths, options(true, steps + 1));
+    let summary = run::train(gpu, config, data, paths, options(true, first + steps + 1));
     let (times, clock) = gpu.context().take_kernel_times()?;
     let summary = summary?;
     let wall = Duration::from_secs_f64(summary.step_seconds);

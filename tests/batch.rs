@@ -27,6 +27,7 @@ fn sampling(patch: [usize; 3], foreground: f64) -> Sampling {
         rotate_flip: true,
         intensity: 0.0,
         noise: 0.0,
+        unlabeled_labels: false,
     }
 }
 

@@ -14,12 +14,20 @@ pub use unet::{UNet, UNetConfig};
 pub use vnet::{VNet, VNetConfig};
 
 use metaseg_autograd::{
-    Backend, BatchStats, ConvBackend, LayerBackend, LossBackend, Result, Var, WarpBackend,
+    Backend, BatchStats, ConvBackend, LayerBackend, LossBackend, MetaBackend, Result, Var,
+    WarpBackend,
 };
 
-/// What a network needs of a backend, and the warps of the training step's augmentation.
-pub trait NetBackend: Backend + ConvBackend + LayerBackend + LossBackend + WarpBackend {}
-impl<B: Backend + ConvBackend + LayerBackend + LossBackend + WarpBackend> NetBackend for B {}
+/// What a network needs of a backend, and what the training methods add: the warps of
+/// augmentation and of MLB-Seg's views, MLB-Seg's weight normalisation.
+pub trait NetBackend:
+    Backend + ConvBackend + LayerBackend + LossBackend + WarpBackend + MetaBackend
+{
+}
+impl<B: Backend + ConvBackend + LayerBackend + LossBackend + WarpBackend + MetaBackend> NetBackend
+    for B
+{
+}
 
 /// The outputs of one forward pass.
 pub struct Outputs<B: NetBackend> {

@@ -29,10 +29,14 @@ pub struct Sampling {
     pub intensity: f64,
     /// Gaussian noise sigma added to the image.
     pub noise: f64,
+    /// Unlabeled patches carry their case's labels too (MLB-Seg's initial labels), placed as
+    /// their images are.
+    pub unlabeled_labels: bool,
 }
 
-/// A batch: images [N, C, patch] and, for the first `labeled` samples, one-hot labels
-/// [labeled, classes, patch], as f64 ready to upload.
+/// A batch: images [N, C, patch] and, for the first `labeled` samples (all N with
+/// `Sampling::unlabeled_labels`), one-hot labels [labeled, classes, patch], as f64 ready to
+/// upload.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     pub images: Vec<f64>,
@@ -172,8 +176,11 @@ pub fn sample(
                 images.push(value * gain + shift + noise);
             }
         }
-        if is_labeled {
-            let label = case.label.as_ref().expect("labeled cases have labels");
+        if is_labeled || s.unlabeled_labels {
+            let label = case
+                .label
+                .as_ref()
+                .expect("cases sampled with labels have them");
             for class in 0..classes {
                 labels.extend(
                     sources.iter().map(|src| {
@@ -189,4 +196,51 @@ pub fn sample(
         labeled: counts.0,
         unlabeled: counts.1,
     }
+}
+
+/// The centre patch of a case without augmentation: images [C, patch] and one-hot labels
+/// [classes, patch] (zeros if the case has none) as f64, and the patch's start in the volume
+/// [D, H, W] when it lies inside (None when the patch is larger and pads).
+pub fn centre_patch(
+    case: &LoadedCase,
+    patch: [usize; 3],
+    classes: usize,
+) -> (Vec<f64>, Vec<f64>, Option<[usize; 3]>) {
+    let dims = case.image.dims;
+    let start = [0, 1, 2].map(|a| (dims[a] as isize - patch[a] as isize) / 2);
+    let p = Placement {
+        start,
+        turns: 0,
+        flip: 3,
+    };
+    let voxels: usize = patch.iter().product();
+    let sources: Vec<Option<usize>> = (0..voxels)
+        .map(|v| {
+            let at = [
+                v / (patch[1] * patch[2]),
+                v / patch[2] % patch[1],
+                v % patch[2],
+            ];
+            source(&p, patch, dims, at)
+        })
+        .collect();
+    let case_voxels: usize = dims.iter().product();
+    let mut images = Vec::with_capacity(case.image.channels * voxels);
+    for c in 0..case.image.channels {
+        let channel = &case.image.data[c * case_voxels..(c + 1) * case_voxels];
+        images.extend(
+            sources
+                .iter()
+                .map(|s| s.map_or(0.0, |i| f64::from(channel[i]))),
+        );
+    }
+    let mut labels = Vec::with_capacity(classes * voxels);
+    for class in 0..classes {
+        labels.extend(sources.iter().map(|s| {
+            let label = s.and_then(|i| case.label.as_ref().map(|l| l[i]));
+            f64::from(u8::from(label.map_or(0, usize::from) == class))
+        }));
+    }
+    let inside = start.iter().all(|&s| s >= 0);
+    (images, labels, inside.then(|| start.map(|s| s as usize)))
 }

@@ -2,12 +2,13 @@
 //! key overridable from the command line as `--set section.key=value` (the value in TOML syntax;
 //! a bare word is taken as a string).
 
+use metaseg_autograd::Normalization;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// supervised, full or mean-teacher.
+    /// supervised, full, mean-teacher or mlb-seg.
     pub method: String,
     pub seed: u64,
     pub iterations: u64,
@@ -17,6 +18,10 @@ pub struct TrainConfig {
     pub optimizer: OptimizerConfig,
     pub mean_teacher: MeanTeacherConfig,
     pub log: LogConfig,
+    /// MLB-Seg's settings (METHODS.md, section 1); a preset without the section gets the
+    /// defaults, so the other methods' presets need not name them.
+    #[serde(default)]
+    pub mlb_seg: MlbSegConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -99,6 +104,66 @@ pub struct MeanTeacherConfig {
     pub rampup_unit: u64,
 }
 
+/// MLB-Seg (METHODS.md, section 1): the paper's intent by default, the released code's behaviour
+/// behind flags.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlbSegConfig {
+    /// Stage 0: supervised iterations on the labeled cases before the initial labels are
+    /// predicted (a run of its own in RUN_DIR/stage0).
+    pub stage0_iterations: u64,
+    /// Where the main stage starts: "stage0" (the network trained on the labeled cases, as the
+    /// paper describes) or "scratch" (fresh weights: the released code without --checkpoint).
+    pub init: String,
+    /// The zoom offsets p of the PLE views are drawn from the even numbers in this range (the
+    /// released code's 4..30 voxels on 144-voxel slices), scaled by the patch's smallest axis
+    /// (of more than one voxel) over `zoom_reference`.
+    pub zoom_range: [u32; 2],
+    pub zoom_reference: f64,
+    /// "coverage": the views' predictions warped back are averaged where each covers the frame
+    /// (a zoom-in view covers only its centre); "views": divided by the number of views, as the
+    /// released code does.
+    pub ple_average: String,
+    /// Which exact meta-gradient: "fast" (forward mode) or "reverse" (reverse over reverse).
+    pub meta_path: String,
+    /// Weight normalisation: "clip" (max(-g, 0) / sum, the paper's), "softmax", "sigmoid" or
+    /// "hard".
+    pub weights: String,
+    /// false: the meta loss is the CE on the meta batch itself (the paper); true: on its PLE views
+    /// (the released code).
+    pub meta_views: bool,
+    /// Weight of L_cons and L_mt in both updates (1 in the paper and the released code).
+    pub consistency: f64,
+    /// Ramp that weight up as the mean teacher's consistency (mean_teacher.rampup and
+    /// rampup_unit); neither the paper nor the released code does.
+    pub rampup: bool,
+    /// Global L2 norm both updates clip their gradients to (0: none).
+    pub clip: f64,
+    /// An unlabeled case whose weight maps are written as NIfTI at every validation (empty:
+    /// none).
+    pub save_weights: String,
+}
+
+/// The released code's 2D recipe where it applies to any network (METHODS.md, section 1.7).
+impl Default for MlbSegConfig {
+    fn default() -> Self {
+        MlbSegConfig {
+            stage0_iterations: 3000,
+            init: "stage0".into(),
+            zoom_range: [4, 30],
+            zoom_reference: 144.0,
+            ple_average: "coverage".into(),
+            meta_path: "fast".into(),
+            weights: "clip".into(),
+            meta_views: false,
+            consistency: 1.0,
+            rampup: false,
+            clip: 0.2,
+            save_weights: String::new(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
@@ -110,14 +175,17 @@ pub struct LogConfig {
 }
 
 /// The presets shipped with metaseg, by name.
-pub const PRESETS: [(&str, &str); 2] = [
+pub const PRESETS: [(&str, &str); 3] = [
     ("default", include_str!("../../presets/default.toml")),
     ("la-vnet", include_str!("../../presets/la-vnet.toml")),
+    ("mlb-seg", include_str!("../../presets/mlb-seg.toml")),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("unknown preset '{0}'; the presets are default, la-vnet (or give a .toml file)")]
+    #[error(
+        "unknown preset '{0}'; the presets are default, la-vnet, mlb-seg (or give a .toml file)"
+    )]
     UnknownPreset(String),
     #[error("reading {path}: {message}")]
     File { path: String, message: String },
@@ -160,7 +228,21 @@ impl TrainConfig {
 
     /// Whether the method trains on unlabeled patches.
     pub fn uses_unlabeled(&self) -> bool {
-        self.method == "mean-teacher"
+        self.method == "mean-teacher" || self.method == "mlb-seg"
+    }
+
+    /// Whether the method keeps a mean teacher.
+    pub fn has_teacher(&self) -> bool {
+        self.uses_unlabeled()
+    }
+
+    /// Iterations a run spends before its main stage (MLB-Seg's stage 0), 0 for other methods.
+    pub fn stage0_iterations(&self) -> u64 {
+        if self.method == "mlb-seg" {
+            self.mlb_seg.stage0_iterations
+        } else {
+            0
+        }
     }
 
     /// Checks what the types cannot: names from their lists, sizes that fit together.
@@ -176,7 +258,7 @@ impl TrainConfig {
         one_of(
             "method",
             &self.method,
-            &["supervised", "full", "mean-teacher"],
+            &["supervised", "full", "mean-teacher", "mlb-seg"],
         )?;
         one_of("network.kind", &self.network.kind, &["vnet", "unet"])?;
         one_of("optimizer.kind", &self.optimizer.kind, &["sgd", "adam"])?;
@@ -203,8 +285,14 @@ impl TrainConfig {
         if self.batch.labeled == 0 || self.data.labeled == 0 {
             return bad("a run needs at least one labeled case and patch per batch".into());
         }
-        if self.method == "mean-teacher" && self.batch.unlabeled == 0 {
-            return bad("mean-teacher needs unlabeled patches (batch.unlabeled > 0)".into());
+        if self.uses_unlabeled() && self.batch.unlabeled == 0 {
+            return bad(format!(
+                "{} needs unlabeled patches (batch.unlabeled > 0)",
+                self.method
+            ));
+        }
+        if self.method == "mlb-seg" {
+            self.check_mlb_seg()?;
         }
         let (rotate, scale) = (self.batch.rotate, self.batch.scale);
         if !(0.0..=180.0).contains(&rotate) || !(0.0..1.0).contains(&scale) {
@@ -218,6 +306,61 @@ impl TrainConfig {
                 "optimizer.lr {} must be positive",
                 self.optimizer.lr
             ));
+        }
+        Ok(())
+    }
+}
+
+impl TrainConfig {
+    fn check_mlb_seg(&self) -> Result<(), ConfigError> {
+        let m = &self.mlb_seg;
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let one_of = |what: &str, v: &str, names: &[&str]| {
+            if names.contains(&v) {
+                Ok(())
+            } else {
+                bad(format!(
+                    "mlb_seg.{what} '{v}' is not one of {}",
+                    names.join(", ")
+                ))
+            }
+        };
+        one_of("init", &m.init, &["stage0", "scratch"])?;
+        one_of("ple_average", &m.ple_average, &["coverage", "views"])?;
+        one_of("meta_path", &m.meta_path, &["fast", "reverse"])?;
+        one_of("weights", &m.weights, &Normalization::NAMES)?;
+        if self.optimizer.kind != "sgd" {
+            return bad("mlb-seg's look-ahead step is SGD: set optimizer.kind = \"sgd\"".into());
+        }
+        if m.stage0_iterations == 0 {
+            return bad(
+                "mlb_seg.stage0_iterations must be at least 1: the initial labels come \
+                        from the stage-0 network"
+                    .into(),
+            );
+        }
+        let [lo, hi] = m.zoom_range;
+        let smallest = self.batch.patch.iter().filter(|&&n| n > 1).min().copied();
+        let largest_p = f64::from(hi) * smallest.unwrap_or(1) as f64 / m.zoom_reference;
+        let positive_reference = m.zoom_reference > 0.0;
+        if lo == 0 || lo > hi || !positive_reference || smallest.is_none() {
+            return bad(format!(
+                "mlb_seg.zoom_range {:?} must be 1 <= low <= high, with zoom_reference > 0 and a \
+                 patch of more than one voxel",
+                m.zoom_range
+            ));
+        }
+        if 4.0 * largest_p >= smallest.unwrap_or(1) as f64 {
+            return bad(format!(
+                "mlb_seg.zoom_range {:?}: a zoom-out by {largest_p:.1} voxels per side would leave \
+                 less than half of a {}-voxel patch axis",
+                m.zoom_range,
+                smallest.unwrap_or(1)
+            ));
+        }
+        let nonnegative = |v: f64| v >= 0.0;
+        if !nonnegative(m.consistency) || !nonnegative(m.clip) {
+            return bad("mlb_seg.consistency and mlb_seg.clip must be >= 0".into());
         }
         Ok(())
     }

@@ -162,7 +162,7 @@ impl RunPaths {
     }
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
     move |source| RunError::Io {
         path: path.to_path_buf(),
         source,
@@ -374,6 +374,7 @@ pub fn device_batch<B: NetBackend>(
         rotate_flip: c.batch.rotate_flip,
         intensity: c.batch.intensity,
         noise: c.batch.noise,
+        unlabeled_labels: c.method == "mlb-seg",
     };
     let counts = (c.batch.labeled, unlabeled);
     let b = sample(
@@ -388,7 +389,8 @@ pub fn device_batch<B: NetBackend>(
     let channels = data.labeled[0].image.channels;
     let [d, h, w] = c.batch.patch;
     let x = Shape::from([b.labeled + b.unlabeled, channels, d, h, w]);
-    let y = Shape::from([b.labeled, c.data.classes, d, h, w]);
+    let with_labels = b.labels.len() / (c.data.classes * d * h * w);
+    let y = Shape::from([with_labels, c.data.classes, d, h, w]);
     let batch = DeviceBatch {
         x: Var::from_f64(backend, &b.images, &x, false)?,
         y: Var::from_f64(backend, &b.labels, &y, false)?,
@@ -438,7 +440,8 @@ pub struct RunOptions {
     pub stop_after: Option<u64>,
 }
 
-/// Trains to the configured number of iterations, writing into `paths.dir`.
+/// Trains to the configured number of iterations, writing into `paths.dir` (MLB-Seg: its two
+/// stages, see [`super::mlb_seg::stages`]).
 pub fn train<B: NetBackend>(
     backend: &B,
     config: &TrainConfig,
@@ -446,10 +449,25 @@ pub fn train<B: NetBackend>(
     paths: &RunPaths,
     options: RunOptions,
 ) -> Result<Summary> {
+    if config.method == "mlb-seg" {
+        return super::mlb_seg::stages::train(backend, config, data, paths, options);
+    }
+    let trainer = Trainer::new(backend, config, data.labeled[0].image.channels)?;
+    train_from(backend, trainer, data, paths, options)
+}
+
+/// Trains `trainer` (its configuration's run) from its state, or from the run's checkpoint with
+/// `options.resume`.
+pub fn train_from<B: NetBackend>(
+    backend: &B,
+    mut trainer: Trainer<B>,
+    data: &RunData,
+    paths: &RunPaths,
+    options: RunOptions,
+) -> Result<Summary> {
+    let config = &trainer.config.clone();
     let (resume, show_progress) = (options.resume, options.progress);
     std::fs::create_dir_all(&paths.dir).map_err(io(&paths.dir))?;
-    let channels = data.labeled[0].image.channels;
-    let mut trainer = Trainer::new(backend, config, channels)?;
     let start = if resume {
         let step = load_checkpoint(backend, &mut trainer, &paths.checkpoint())?;
         truncate_log(&paths.log(), step)?;
@@ -515,6 +533,9 @@ pub fn train<B: NetBackend>(
             line.insert("validation_dice".into(), dice.into());
             summary.validation_dice = Some(dice);
             summary.final_predictions = last.then_some(predictions);
+        }
+        if done % config.log.validate_every.max(1) == 0 || last {
+            super::mlb_seg::stages::save_weight_maps(backend, &trainer, data, &batch, done, paths)?;
         }
         writeln!(log, "{}", serde_json::Value::Object(line)).map_err(io(&log_path))?;
         let stop = options.stop_after == Some(done);

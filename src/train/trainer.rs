@@ -8,6 +8,8 @@
 //!   softmax(teacher(x + noise)))^2 on the unlabeled patches; after the update the teacher's
 //!   parameters follow the student by EMA (min(1 - 1/(t+1), decay)), its batch-norm statistics
 //!   follow its own training-mode passes, as in the SSL4MIS code.
+//! - mlb-seg: meta-learned weights of the unlabeled patches' initial-label and PLE costs, then a
+//!   supervised step on the labeled patches; see [`super::mlb_seg`].
 
 use super::config::TrainConfig;
 use crate::nn::layers::{updated_stats, BN_MOMENTUM};
@@ -19,7 +21,7 @@ use crate::optim::{
     clip_grad_norm, sigmoid_rampup, teacher_decay, Adam, Optimizer, Rule, Schedule, Sgd,
 };
 use metaseg_autograd::{
-    grad, no_grad, DiceOptions, Distribution, Reduction, Result, Shape, Upsample, Var,
+    grad, no_grad, BatchStats, DiceOptions, Distribution, Reduction, Result, Shape, Upsample, Var,
 };
 
 /// The network a configuration names.
@@ -91,7 +93,8 @@ pub struct Trainer<B: NetBackend> {
     pub teacher: Option<Teacher<B>>,
 }
 
-/// A batch on the device: images [N, C, patch], one-hot labels of the first `labeled` [L, K, patch].
+/// A batch on the device: images [N, C, patch], one-hot labels of the first `labeled` [L, K, patch]
+/// (of all N for MLB-Seg, whose unlabeled patches carry their initial labels).
 pub struct DeviceBatch<B: NetBackend> {
     pub x: Var<B>,
     pub y: Var<B>,
@@ -102,7 +105,7 @@ pub struct DeviceBatch<B: NetBackend> {
 pub type StepLog = Vec<(&'static str, f64)>;
 
 /// Samples `start .. start + len` of a [N, ...] tensor (rank 5).
-fn slice_batch<B: NetBackend>(x: &Var<B>, start: usize, len: usize) -> Result<Var<B>> {
+pub(crate) fn slice_batch<B: NetBackend>(x: &Var<B>, start: usize, len: usize) -> Result<Var<B>> {
     let d = x.shape().dims().to_vec();
     let per_sample: usize = d[1..].iter().product();
     let as_channels = Shape::from([1, d[0], per_sample, 1, 1]);
@@ -131,7 +134,7 @@ impl<B: NetBackend> Trainer<B> {
                 weight_decay: o.weight_decay,
             }),
         };
-        let teacher = (config.method == "mean-teacher").then(|| Teacher {
+        let teacher = config.has_teacher().then(|| Teacher {
             params: params.clone(),
             stats: stats.clone(),
         });
@@ -163,6 +166,9 @@ impl<B: NetBackend> Trainer<B> {
 
     /// One step of the configured method at iteration `t` (from 0).
     pub fn step(&mut self, batch: &DeviceBatch<B>, t: u64) -> Result<StepLog> {
+        if self.config.method == "mlb-seg" {
+            return super::mlb_seg::step(self, batch, t);
+        }
         let seed = self.config.seed;
         let mode = Mode::Train {
             seed,
@@ -191,28 +197,88 @@ impl<B: NetBackend> Trainer<B> {
             self.teacher.as_mut().expect("checked").stats = teacher_stats;
         }
         let wrt: Vec<&Var<B>> = self.params.values().iter().collect();
-        let mut grads = grad(&total, &wrt, None, false)?;
-        if self.config.optimizer.clip > 0.0 {
-            grads = clip_grad_norm(&grads, self.config.optimizer.clip)?;
-        }
+        let grads = grad(&total, &wrt, None, false)?;
         let lr = self.schedule().lr(self.config.optimizer.lr, t);
-        let stats = updated_stats(self.stats.values(), &out.batch_stats, BN_MOMENTUM)?;
+        self.keep_stats(&out.batch_stats)?;
+        self.update(grads, self.config.optimizer.clip, lr, t)?;
+        terms.insert(0, ("loss", total));
+        let mut log = self.read_back(&terms)?;
+        log.insert(1, ("lr", lr));
+        Ok(log)
+    }
+
+    /// The running statistics after a training-mode forward pass that measured `batch_stats`.
+    pub(crate) fn keep_stats(&mut self, batch_stats: &[(usize, BatchStats<B>)]) -> Result<()> {
+        let stats = updated_stats(self.stats.values(), batch_stats, BN_MOMENTUM)?;
         self.stats = self
             .stats
             .with_values(stats.iter().map(|v| v.value().clone()).collect())?;
+        Ok(())
+    }
+
+    /// One optimiser update with `grads` clipped to global norm `clip` (0: none) at `lr`, then
+    /// the teacher's EMA towards the new student with the decay of iteration `t`.
+    pub(crate) fn update(
+        &mut self,
+        mut grads: Vec<Var<B>>,
+        clip: f64,
+        lr: f64,
+        t: u64,
+    ) -> Result<()> {
+        if clip > 0.0 {
+            grads = clip_grad_norm(&grads, clip)?;
+        }
         self.params = self.optimizer.step(&self.params, &grads, lr)?;
         if let Some(teacher) = self.teacher.as_mut() {
             let decay = teacher_decay(t, self.config.mean_teacher.ema_decay);
             teacher.params = teacher.params.ema(&self.params, decay)?;
         }
-        // One readback for every logged term.
-        terms.insert(0, ("loss", total));
+        Ok(())
+    }
+
+    /// The named scalars read back in one transfer.
+    pub(crate) fn read_back(&self, terms: &[(&'static str, Var<B>)]) -> Result<StepLog> {
+        let backend = self.params.values()[0].backend();
         let scalars: Vec<&B::Tensor> = terms.iter().map(|(_, v)| v.value()).collect();
-        let values = self.params.values()[0].backend().concat_flat(&scalars)?;
-        let values = self.params.values()[0].backend().to_f64(&values)?;
-        let mut log: StepLog = terms.iter().map(|(n, _)| *n).zip(values).collect();
-        log.insert(1, ("lr", lr));
-        Ok(log)
+        let values = backend.to_f64(&backend.concat_flat(&scalars)?)?;
+        Ok(terms.iter().map(|(n, _)| *n).zip(values).collect())
+    }
+
+    /// The teacher's logits on `x` plus its input noise clamp(0.1 N(0, 1), -0.2, 0.2), drawn from
+    /// a stream of its own per iteration and `salt`, in training mode, and the teacher's new
+    /// running statistics.
+    pub(crate) fn teacher_logits(
+        &self,
+        teacher: &Teacher<B>,
+        x: &Var<B>,
+        salt: u64,
+        t: u64,
+    ) -> Result<(Var<B>, ParamStore<B>)> {
+        let stream = self.config.seed ^ 0x7eac_4e00 ^ salt;
+        let noise = Var::random(
+            x.backend(),
+            x.shape(),
+            Distribution::Normal,
+            stream,
+            t << 32,
+        )?
+        .scale(0.1)?
+        .clamp(-0.2, 0.2)?;
+        let (logits, stats) = no_grad(|| -> Result<_> {
+            let mode = Mode::Train {
+                seed: stream,
+                step: t as u32,
+            };
+            let out = self
+                .net
+                .run(&teacher.params, &teacher.stats, &x.add(&noise)?, mode)?;
+            let stats = updated_stats(teacher.stats.values(), &out.batch_stats, BN_MOMENTUM)?;
+            Ok((out.logits, stats))
+        })?;
+        let stats = teacher
+            .stats
+            .with_values(stats.iter().map(|v| v.value().clone()).collect())?;
+        Ok((logits.detach(), stats))
     }
 
     /// The mean-teacher consistency on the unlabeled patches, and the teacher's new statistics.
@@ -226,32 +292,9 @@ impl<B: NetBackend> Trainer<B> {
         let n = batch.x.shape().dims()[0];
         let unlabeled = n - batch.labeled;
         let x_u = slice_batch(&batch.x, batch.labeled, unlabeled)?;
-        // Teacher input noise clamp(0.1 N(0, 1), -0.2, 0.2), its own stream per iteration.
-        let noise = Var::random(
-            x_u.backend(),
-            x_u.shape(),
-            Distribution::Normal,
-            self.config.seed ^ 0x7eac_4e00,
-            t << 32,
-        )?
-        .scale(0.1)?
-        .clamp(-0.2, 0.2)?;
-        let (logits_t, stats) = no_grad(|| -> Result<_> {
-            let mode = Mode::Train {
-                seed: self.config.seed ^ 0x7eac_4e00,
-                step: t as u32,
-            };
-            let out = self
-                .net
-                .run(&teacher.params, &teacher.stats, &x_u.add(&noise)?, mode)?;
-            let stats = updated_stats(teacher.stats.values(), &out.batch_stats, BN_MOMENTUM)?;
-            Ok((out.logits, stats))
-        })?;
-        let stats = teacher
-            .stats
-            .with_values(stats.iter().map(|v| v.value().clone()).collect())?;
+        let (logits_t, stats) = self.teacher_logits(teacher, &x_u, 0, t)?;
         let student_u = slice_batch(student, batch.labeled, unlabeled)?;
-        let consistency = student_u.softmax_mse(&logits_t.detach())?;
+        let consistency = student_u.softmax_mse(&logits_t)?;
         Ok((consistency, stats))
     }
 }

@@ -1,0 +1,286 @@
+//! One MLB-Seg iteration over a two-stream batch (METHODS.md, section 1, steps 2-6). The batch's
+//! labeled patches are the meta batch (x_m, y_m); its unlabeled patches x_u carry their initial
+//! labels y_init, placed as their images are.
+//!
+//! 1. The K views of x_u and of y_init; the student's forward pass over all of them at theta
+//!    (kept for the real update, which is taken at the same theta); y_ple from its probabilities;
+//!    L_cons over the views' pairs and L_mt against the teacher on the noisy views.
+//! 2. The meta step: the per-voxel costs [K * U, 2, patch] = (CE(p, y_init), CE(p, y_ple)), the
+//!    look-ahead SGD step with the real learning rate and momentum buffers on
+//!    sum(eps c) + L_cons + L_mt, the meta loss CE on the meta batch at theta', and
+//!    g = dL_meta/d eps at eps = 0 (fast or reverse path); the weights w from g by the
+//!    normalisation kernel.
+//! 3. The real update: sum(w c) + L_cons + L_mt, clipped, an SGD step, the teacher's EMA.
+//! 4. The supervised step on the meta batch's views: mean CE + L_cons + L_mt, clipped, SGD, EMA.
+//!
+//! The forward pass of 1 is kept alive through the meta step, so the step's peak memory is that
+//! pass's record plus the meta step's largest phase (about two training steps); recomputing it
+//! instead would cost a forward pass of all K * U views.
+
+use super::super::config::TrainConfig;
+use super::super::trainer::{slice_batch, DeviceBatch, StepLog, Trainer};
+use super::views::{Average, Views};
+use crate::meta::{MetaPath, MetaStep, Sgd};
+use crate::nn::{Forward, Mode, NetBackend, Network, Outputs};
+use crate::optim::sigmoid_rampup;
+use metaseg_autograd::{grad, no_grad, Normalization, Reduction, Result, Var};
+
+/// Salt of the meta batch's dropout and teacher-noise streams, apart from the unlabeled views'.
+const META_SALT: u64 = 0x3e7a_0001;
+
+/// What the unlabeled views give at theta: their student pass, targets and the other terms.
+pub struct UnlabeledTerms<B: NetBackend> {
+    pub views: Views,
+    /// The views of x_u [K * U, C, patch] and their two targets, one-hot.
+    pub x: Var<B>,
+    pub y_init: Var<B>,
+    pub y_ple: Var<B>,
+    pub student: Outputs<B>,
+    pub cons: Var<B>,
+    pub mt: Var<B>,
+}
+
+/// The weight of L_cons and L_mt at iteration t.
+fn consistency_weight(config: &TrainConfig, t: u64) -> f64 {
+    let m = &config.mlb_seg;
+    if !m.rampup {
+        return m.consistency;
+    }
+    let mt = &config.mean_teacher;
+    m.consistency * sigmoid_rampup((t / mt.rampup_unit.max(1)) as f64, mt.rampup)
+}
+
+fn average(config: &TrainConfig) -> Average {
+    match config.mlb_seg.ple_average.as_str() {
+        "views" => Average::Views,
+        _ => Average::Coverage,
+    }
+}
+
+/// Per-voxel costs of logits against both targets, stacked [N, 2, patch].
+fn costs<B: NetBackend>(logits: &Var<B>, y_init: &Var<B>, y_ple: &Var<B>) -> Result<Var<B>> {
+    let c_init = logits.cross_entropy(y_init, None, Reduction::None)?;
+    let c_ple = logits.cross_entropy(y_ple, None, Reduction::None)?;
+    Var::concat_channels(&[&c_init, &c_ple])
+}
+
+/// Step 1 for unlabeled patches x_u [U, C, patch] with one-hot initial labels, the student at
+/// the trainer's parameters; also returns the teacher's running statistics after its pass.
+pub fn unlabeled_terms<B: NetBackend>(
+    trainer: &Trainer<B>,
+    x_u: &Var<B>,
+    y_init: &Var<B>,
+    first_slot: usize,
+    t: u64,
+) -> Result<(UnlabeledTerms<B>, crate::nn::ParamStore<B>)> {
+    let config = &trainer.config;
+    let samples = x_u.shape().dims()[0];
+    let views = Views::draw(config, t, first_slot, samples);
+    let x = views.images(x_u)?;
+    let y_init = views.labels(y_init)?;
+    let teacher = trainer.teacher.as_ref().expect("mlb-seg keeps a teacher");
+    let (teacher_logits, teacher_stats) = trainer.teacher_logits(teacher, &x, 0, t)?;
+    let mode = Mode::Train {
+        seed: config.seed,
+        step: t as u32,
+    };
+    let student = trainer.net.run(&trainer.params, &trainer.stats, &x, mode)?;
+    let probabilities = student.logits.softmax_channels()?;
+    let y_ple = no_grad(|| views.enhanced_labels(&probabilities.detach(), average(config)))?;
+    let cons = views.consistency(&probabilities)?;
+    let mt = student.logits.softmax_mse(&teacher_logits)?;
+    let terms = UnlabeledTerms {
+        views,
+        x,
+        y_init,
+        y_ple,
+        student,
+        cons,
+        mt,
+    };
+    Ok((terms, teacher_stats))
+}
+
+/// Step 2: the weights [K * U, 2, patch] of the costs of `u`, from a look-ahead at the trainer's
+/// parameters with learning rate `lr`, and the meta loss on (x_meta, y_meta).
+pub fn meta_weights<B: NetBackend>(
+    trainer: &Trainer<B>,
+    u: &UnlabeledTerms<B>,
+    meta: (&Var<B>, &Var<B>),
+    lr: f64,
+    t: u64,
+) -> Result<Var<B>> {
+    let config = &trainer.config;
+    let m = &config.mlb_seg;
+    let theta = trainer.params.values();
+    let stats = trainer.stats.values();
+    let mode = Mode::Train {
+        seed: config.seed,
+        step: t as u32,
+    };
+    let costs_at = |p: &[Var<B>]| {
+        let logits = trainer
+            .net
+            .forward(&Forward::new(p, stats, mode), &u.x)?
+            .logits;
+        costs(&logits, &u.y_init, &u.y_ple)
+    };
+    let weight = consistency_weight(config, t);
+    let other = u.cons.add(&u.mt)?.scale(weight)?;
+    // Evaluated at theta only (MetaStep differentiates it there), so the pass of step 1 serves.
+    let other_at = |_: &[Var<B>]| Ok(other.clone());
+    let meta_mode = Mode::Train {
+        seed: config.seed ^ META_SALT,
+        step: t as u32,
+    };
+    let meta_loss = |p: &[Var<B>]| {
+        let logits = trainer
+            .net
+            .forward(&Forward::new(p, stats, meta_mode), meta.0)?
+            .logits;
+        logits.cross_entropy(meta.1, None, Reduction::Mean)
+    };
+    let buffers = momentum_buffers(trainer)?;
+    let o = &config.optimizer;
+    let step = MetaStep {
+        theta,
+        buffers: buffers.as_deref(),
+        sgd: Sgd {
+            lr,
+            momentum: o.momentum,
+            weight_decay: o.weight_decay,
+        },
+        costs: &costs_at,
+        other: Some(&other_at),
+        meta_loss: &meta_loss,
+    };
+    let path = MetaPath::parse(&m.meta_path).unwrap_or(MetaPath::Fast);
+    let g = step.meta_gradient(path)?;
+    let normalization = Normalization::parse(&m.weights).unwrap_or(Normalization::Clip);
+    Ok(g.meta_weights(normalization)?.detach())
+}
+
+/// The optimiser's momentum buffers per parameter (it keeps them flat), None before its first
+/// step.
+fn momentum_buffers<B: NetBackend>(trainer: &Trainer<B>) -> Result<Option<Vec<Var<B>>>> {
+    let Some(flat) = trainer.optimizer.state.first() else {
+        return Ok(None);
+    };
+    let backend = flat.backend();
+    let shapes: Vec<_> = trainer
+        .params
+        .values()
+        .iter()
+        .map(|p| p.shape().clone())
+        .collect();
+    let parts = backend.split_flat(flat.value(), &shapes)?;
+    Ok(Some(
+        parts
+            .into_iter()
+            .map(|t| Var::constant(backend, t))
+            .collect(),
+    ))
+}
+
+/// Step 4 on the meta batch's views (x, y): mean CE + L_cons + L_mt, an update and the teacher's
+/// EMA. Returns the loss and its three terms, detached.
+fn supervised_step<B: NetBackend>(
+    trainer: &mut Trainer<B>,
+    views: &Views,
+    (x, y): (&Var<B>, &Var<B>),
+    lr: f64,
+    t: u64,
+) -> Result<[Var<B>; 4]> {
+    let config = &trainer.config;
+    let teacher = trainer.teacher.as_ref().expect("mlb-seg keeps a teacher");
+    let (teacher_logits, teacher_stats) = trainer.teacher_logits(teacher, x, META_SALT, t)?;
+    let mode = Mode::Train {
+        seed: config.seed ^ META_SALT ^ 1,
+        step: t as u32,
+    };
+    let out = trainer.net.run(&trainer.params, &trainer.stats, x, mode)?;
+    let ce = out.logits.cross_entropy(y, None, Reduction::Mean)?;
+    let cons = views.consistency(&out.logits.softmax_channels()?)?;
+    let mt = out.logits.softmax_mse(&teacher_logits)?;
+    let weight = consistency_weight(config, t);
+    let total = ce.add(&cons.add(&mt)?.scale(weight)?)?;
+    let wrt: Vec<&Var<B>> = trainer.params.values().iter().collect();
+    let grads = grad(&total, &wrt, None, false)?;
+    let clip = config.mlb_seg.clip;
+    trainer.teacher.as_mut().expect("checked").stats = teacher_stats;
+    trainer.keep_stats(&out.batch_stats)?;
+    trainer.update(grads, clip, lr, t)?;
+    Ok([total, ce, cons, mt].map(|v| v.detach()))
+}
+
+/// One MLB-Seg iteration (see the top).
+pub fn step<B: NetBackend>(
+    trainer: &mut Trainer<B>,
+    batch: &DeviceBatch<B>,
+    t: u64,
+) -> Result<StepLog> {
+    let config = trainer.config.clone();
+    let m = &config.mlb_seg;
+    let labeled = batch.labeled;
+    let unlabeled = batch.x.shape().dims()[0] - labeled;
+    let (x_m, y_m) = (
+        slice_batch(&batch.x, 0, labeled)?,
+        slice_batch(&batch.y, 0, labeled)?,
+    );
+    let x_u = slice_batch(&batch.x, labeled, unlabeled)?;
+    let y_u = slice_batch(&batch.y, labeled, unlabeled)?;
+    let lr = trainer.schedule().lr(config.optimizer.lr, t);
+    let weight = consistency_weight(&config, t);
+
+    // 1-2: the unlabeled terms at theta, and the weights of their costs.
+    let (u, teacher_stats) = unlabeled_terms(trainer, &x_u, &y_u, labeled, t)?;
+    trainer
+        .teacher
+        .as_mut()
+        .expect("mlb-seg keeps a teacher")
+        .stats = teacher_stats;
+    let meta_views = Views::draw(&config, t, 0, labeled);
+    let (x_mv, y_mv) = (meta_views.images(&x_m)?, meta_views.labels(&y_m)?);
+    let meta = if m.meta_views {
+        (&x_mv, &y_mv)
+    } else {
+        (&x_m, &y_m)
+    };
+    let w = meta_weights(trainer, &u, meta, lr, t)?;
+
+    // 3: the real update at theta.
+    let weighted = costs(&u.student.logits, &u.y_init, &u.y_ple)?
+        .mul(&w)?
+        .sum()?;
+    let total = weighted.add(&u.cons.add(&u.mt)?.scale(weight)?)?;
+    let wrt: Vec<&Var<B>> = trainer.params.values().iter().collect();
+    let grads = grad(&total, &wrt, None, false)?;
+    trainer.keep_stats(&u.student.batch_stats)?;
+    trainer.update(grads, m.clip, lr, t)?;
+    // Only their values are logged: the record of step 1 goes before step 4 records its own.
+    let (total, weighted) = (total.detach(), weighted.detach());
+    let (cons, mt) = (u.cons.detach(), u.mt.detach());
+    drop(u);
+
+    // 4: the supervised step on the meta batch's views.
+    let [meta_total, meta_ce, meta_cons, meta_mt] =
+        supervised_step(trainer, &meta_views, (&x_mv, &y_mv), lr, t)?;
+
+    // The shares of the total weight on the initial labels' and on the PLE labels' costs.
+    let weight_init = w.slice_channels(0, 1)?.sum()?;
+    let weight_ple = w.slice_channels(1, 1)?.sum()?;
+    let terms = vec![
+        ("loss", total.add(&meta_total)?),
+        ("weighted_ce", weighted),
+        ("cons", cons),
+        ("mt", mt),
+        ("meta_ce", meta_ce),
+        ("meta_cons", meta_cons),
+        ("meta_mt", meta_mt),
+        ("weight_init", weight_init),
+        ("weight_ple", weight_ple),
+    ];
+    let mut log = trainer.read_back(&terms)?;
+    log.insert(1, ("lr", lr));
+    Ok(log)
+}

@@ -1,0 +1,403 @@
+//! MLB-Seg on a tiny configuration: the views' labels and enhanced labels, L_cons, the meta
+//! weights (a distribution, the same on both meta paths, moving with the network), stage 0's
+//! initial labels on disk, a trained run with finite losses and weight maps, and resumption
+//! inside stage 0 and inside the main stage repeating the uninterrupted run.
+
+mod common;
+
+use common::gpu;
+use metaseg::data::nifti;
+use metaseg::train::config::TrainConfig;
+use metaseg::train::mlb_seg::stages::{self, stage0_config, stage0_paths};
+use metaseg::train::mlb_seg::step::{meta_weights, unlabeled_terms};
+use metaseg::train::mlb_seg::views::{Average, Views, VIEWS};
+use metaseg::train::run::{self, RunOptions, RunPaths};
+use metaseg::train::trainer::Trainer;
+use metaseg_autograd::{Cpu64, Shape, Tolerance, Var};
+use std::path::Path;
+
+/// 16^3 volumes, 8^3 patches, a 2-level V-Net of width 4; 2 labeled, 3 unlabeled, 1 test case;
+/// 2 stage-0 and 3 main iterations.
+fn tiny(extra: &[&str]) -> TrainConfig {
+    let mut sets: Vec<String> = [
+        "method=mlb-seg",
+        "iterations=3",
+        "data.cases=6",
+        "data.size=[16, 16, 16]",
+        "data.labeled=2",
+        "data.test=1",
+        "network.base_width=4",
+        "network.levels=2",
+        "batch.patch=[8, 8, 8]",
+        "log.validate_every=2",
+        "log.checkpoint_every=2",
+        "mlb_seg.stage0_iterations=2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    TrainConfig::load("default", &sets).unwrap()
+}
+
+/// Views of 12^3 patches with every zoom offset 2 voxels (4 at a 24-voxel reference).
+fn view_config() -> TrainConfig {
+    tiny(&[
+        "batch.patch=[12, 12, 12]",
+        "mlb_seg.zoom_range=[4, 4]",
+        "mlb_seg.zoom_reference=24.0",
+    ])
+}
+
+/// Every view of every sample predicting `p` for the foreground everywhere: [K * S, 2, patch].
+fn constant_prediction(samples: usize, patch: [usize; 3], p: f64) -> Var<Cpu64> {
+    let voxels: usize = patch.iter().product();
+    let mut values = Vec::new();
+    for _ in 0..VIEWS * samples {
+        values.extend(std::iter::repeat_n(1.0 - p, voxels));
+        values.extend(std::iter::repeat_n(p, voxels));
+    }
+    let [d, h, w] = patch;
+    Var::from_f64(
+        &Cpu64,
+        &values,
+        &Shape::from([VIEWS * samples, 2, d, h, w]),
+        false,
+    )
+    .unwrap()
+}
+
+/// Foreground voxels of row `row` of one-hot labels [N, 2, voxels].
+fn foreground(labels: &[f64], row: usize, voxels: usize) -> usize {
+    let fg = &labels[(2 * row + 1) * voxels..(2 * row + 2) * voxels];
+    fg.iter().filter(|&&v| v == 1.0).count()
+}
+
+#[test]
+fn view_labels_stay_one_hot_and_enhanced_labels_average_by_coverage() {
+    let config = view_config();
+    let patch = config.batch.patch;
+    let voxels: usize = patch.iter().product();
+    let views = Views::draw(&config, 3, 0, 2);
+    assert_eq!(views, Views::draw(&config, 3, 0, 2), "the draws repeat");
+    assert_ne!(
+        views,
+        Views::draw(&config, 4, 0, 2),
+        "and depend on the iteration"
+    );
+
+    // One-hot labels of a random mask stay one-hot in every view (zoom-out padding: background).
+    let [d, h, w] = patch;
+    let fg: Vec<f64> = (0..2 * voxels)
+        .map(|i| {
+            f64::from(u8::from(
+                metaseg_autograd::random::uniform(5, i as u64) < 0.3,
+            ))
+        })
+        .collect();
+    let mut y = Vec::new();
+    for s in 0..2 {
+        y.extend(fg[s * voxels..(s + 1) * voxels].iter().map(|v| 1.0 - v));
+        y.extend_from_slice(&fg[s * voxels..(s + 1) * voxels]);
+    }
+    let y = Var::from_f64(&Cpu64, &y, &Shape::from([2, 2, d, h, w]), false).unwrap();
+    let labels = views.labels(&y).unwrap().to_f64().unwrap();
+    assert_eq!(labels.len(), VIEWS * 2 * 2 * voxels);
+    for row in 0..VIEWS * 2 {
+        for v in 0..voxels {
+            let (bg, fg) = (
+                labels[2 * row * voxels + v],
+                labels[(2 * row + 1) * voxels + v],
+            );
+            assert!(
+                bg + fg == 1.0 && bg * fg == 0.0,
+                "row {row} voxel {v}: {bg}, {fg}"
+            );
+        }
+    }
+
+    // Every view predicts foreground 0.55. Averaged by coverage the original frame is 0.55
+    // everywhere: the identity and flip views are all foreground, the zoom-outs background in
+    // their padding only. Divided by K instead, the corners the zoom-in does not cover get
+    // 4/5 of 0.55 = 0.44: background.
+    let p = constant_prediction(2, patch, 0.55);
+    let covered = views.enhanced_labels(&p, Average::Coverage).unwrap();
+    let covered = covered.to_f64().unwrap();
+    let by_views = views.enhanced_labels(&p, Average::Views).unwrap();
+    let by_views = by_views.to_f64().unwrap();
+    for s in 0..2 {
+        // Rows are view-major: identity s, zoom-in 2 + s, zoom-outs 4 + s and 6 + s, flip 8 + s.
+        assert_eq!(foreground(&covered, s, voxels), voxels);
+        assert_eq!(foreground(&covered, 8 + s, voxels), voxels);
+        let zoom_out = foreground(&covered, 4 + s, voxels);
+        assert!(0 < zoom_out && zoom_out < voxels, "{zoom_out} of {voxels}");
+        let identity = foreground(&by_views, s, voxels);
+        assert!(0 < identity && identity < voxels, "{identity} of {voxels}");
+        assert!(
+            by_views[(2 * s + 1) * voxels] == 0.0,
+            "a corner is background"
+        );
+    }
+}
+
+#[test]
+fn unlabeled_patches_carry_their_initial_labels_placed_as_their_images() {
+    use metaseg::data::Volume;
+    use metaseg::train::batch::{sample, LoadedCase, Sampling};
+    // Images equal to their labels (0 or 1): any misplacement shows.
+    let case = |name: &str, seed: u64| {
+        let dims = [6, 9, 8];
+        let label: Vec<u8> = (0..6 * 9 * 8)
+            .map(|i| u8::from(metaseg_autograd::random::uniform(seed, i) < 0.3))
+            .collect();
+        let image = label.iter().map(|&l| f32::from(l)).collect();
+        LoadedCase {
+            name: name.into(),
+            image: Volume::new(image, dims, [1.0; 3]).unwrap(),
+            label: Some(label),
+        }
+    };
+    let (labeled, unlabeled) = ([case("a", 1)], [case("b", 2), case("c", 3)]);
+    let s = Sampling {
+        patch: [4, 5, 5],
+        foreground: 0.5,
+        rotate_flip: true,
+        intensity: 0.0,
+        noise: 0.0,
+        unlabeled_labels: true,
+    };
+    let voxels = 100;
+    for it in 0..10 {
+        let b = sample(&labeled, &unlabeled, (1, 2), 2, &s, 7, it);
+        assert_eq!(b.labels.len(), 3 * 2 * voxels);
+        for n in 0..3 {
+            let image = &b.images[n * voxels..(n + 1) * voxels];
+            let fg = &b.labels[(2 * n + 1) * voxels..(2 * n + 2) * voxels];
+            assert_eq!(image, fg, "iteration {it}, sample {n}");
+        }
+        // The images are those of the batch without labels for the unlabeled patches.
+        let plain = Sampling {
+            unlabeled_labels: false,
+            ..s
+        };
+        let without = sample(&labeled, &unlabeled, (1, 2), 2, &plain, 7, it);
+        assert_eq!(b.images, without.images);
+        assert_eq!(without.labels.len(), 2 * voxels);
+    }
+}
+
+#[test]
+fn l_cons_is_zero_for_agreeing_views_and_positive_otherwise() {
+    let config = view_config();
+    let patch = config.batch.patch;
+    let views = Views::draw(&config, 1, 0, 1);
+    let constant = constant_prediction(1, patch, 0.3);
+    let cons = views.consistency(&constant).unwrap().item().unwrap();
+    assert!(
+        cons.abs() < 1e-12,
+        "constant predictions disagree by {cons}"
+    );
+
+    // A ramp along every axis is not symmetric under the flip, nor under the zooms.
+    let [d, h, w] = patch;
+    let mut values = Vec::new();
+    for _ in 0..VIEWS {
+        for c in 0..2 {
+            for i in 0..d * h * w {
+                let ramp = (i / (h * w) + i / w % h + i % w) as f64 / (d + h + w) as f64;
+                values.push(if c == 1 { ramp } else { 1.0 - ramp });
+            }
+        }
+    }
+    let ramp = Var::from_f64(&Cpu64, &values, &Shape::from([VIEWS, 2, d, h, w]), true).unwrap();
+    let cons = views.consistency(&ramp).unwrap();
+    assert!(cons.item().unwrap() > 1e-4, "{}", cons.item().unwrap());
+    // It is differentiable in every view.
+    let g = metaseg_autograd::grad(&cons, &[&ramp], None, false).unwrap();
+    let g = g[0].to_f64().unwrap();
+    let per_view = g.len() / VIEWS;
+    for k in 0..VIEWS {
+        let norm: f64 = g[k * per_view..(k + 1) * per_view]
+            .iter()
+            .map(|v| v * v)
+            .sum();
+        assert!(norm > 0.0, "view {k} gets no gradient");
+    }
+}
+
+#[test]
+fn meta_weights_are_a_distribution_agree_on_both_paths_and_move_with_the_network() {
+    let g = gpu();
+    let config = tiny(&[]);
+    // The embedded set labels its unlabeled cases too: here they serve as initial labels.
+    let data = run::load_data(&config).unwrap();
+    let channels = data.labeled[0].image.channels;
+    let mut trainer = Trainer::new(&g, &config, channels).unwrap();
+    let batch = run::device_batch(&g, &trainer, &data, 0).unwrap();
+    let (l, u) = (config.batch.labeled, config.batch.unlabeled);
+    assert_eq!(
+        batch.y.shape().dims()[0],
+        l + u,
+        "unlabeled patches carry labels"
+    );
+    let slice = |x: &Var<_>, start: usize, len: usize| {
+        let values = x.to_f64().unwrap();
+        let dims = x.shape().dims().to_vec();
+        let per: usize = dims[1..].iter().product();
+        let mut shape = dims.clone();
+        shape[0] = len;
+        Var::from_f64(
+            &g,
+            &values[start * per..(start + len) * per],
+            &Shape(shape),
+            false,
+        )
+        .unwrap()
+    };
+    let (x_m, y_m) = (slice(&batch.x, 0, l), slice(&batch.y, 0, l));
+    let (x_u, y_u) = (slice(&batch.x, l, u), slice(&batch.y, l, u));
+    let weights = |trainer: &Trainer<_>| {
+        let (terms, _) = unlabeled_terms(trainer, &x_u, &y_u, l, 0).unwrap();
+        let w = meta_weights(trainer, &terms, (&x_m, &y_m), 0.01, 0).unwrap();
+        let [d, h, w3] = config.batch.patch;
+        assert_eq!(w.shape(), &Shape::from([VIEWS * u, 2, d, h, w3]));
+        w.to_f64().unwrap()
+    };
+    let fast = weights(&trainer);
+    let total: f64 = fast.iter().sum();
+    assert!((total - 1.0).abs() < 1e-4, "the weights sum to {total}");
+    assert!(fast.iter().all(|&w| w >= 0.0));
+    assert!(fast.contains(&0.0), "clip leaves some costs out");
+
+    trainer.config.mlb_seg.meta_path = "reverse".into();
+    let reverse = weights(&trainer);
+    let scale = fast.iter().fold(0.0f64, |m, v| m.max(*v));
+    Tolerance::new(1e-3 * scale, 1e-3).assert("fast vs reverse weights", &fast, &reverse);
+    trainer.config.mlb_seg.meta_path = "fast".into();
+
+    let log = trainer.step(&batch, 0).unwrap();
+    let value = |name: &str| log.iter().find(|(n, _)| *n == name).unwrap().1;
+    assert!(log.iter().all(|(_, v)| v.is_finite()), "{log:?}");
+    let shares = value("weight_init") + value("weight_ple");
+    assert!((shares - 1.0).abs() < 1e-4, "{log:?}");
+    let after = weights(&trainer);
+    let moved = fast
+        .iter()
+        .zip(&after)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(moved > 1e-2 * scale, "the weights did not change: {moved}");
+}
+
+fn log_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn both_stages_write_initial_labels_train_and_resume_as_the_uninterrupted_run() {
+    let g = gpu();
+    let case = "synth_002";
+    let config = tiny(&[&format!("mlb_seg.save_weights=\"{case}\"")]);
+    let data = run::load_data(&config).unwrap();
+    assert!(data.unlabeled.iter().any(|c| c.name == case));
+    let whole = tempfile::tempdir().unwrap();
+    let paths = RunPaths {
+        dir: whole.path().to_path_buf(),
+    };
+    let summary = run::train(&g, &config, &data, &paths, RunOptions::default()).unwrap();
+    assert!(summary.final_loss.is_finite());
+    assert_eq!(summary.iterations, 5, "2 of stage 0, 3 of the main stage");
+
+    // The initial labels on disk are the stage-0 network's predictions, on each case's grid.
+    let stage0 = stage0_config(&config);
+    let network = run::restore_trainer(&g, &stage0, 1, &stage0_paths(&paths)).unwrap();
+    let read = stages::read_initial_labels(&data.unlabeled, &stages::initial_labels_dir(&paths));
+    let read = read.unwrap();
+    for (c, labels) in data.unlabeled.iter().zip(&read) {
+        let file = stages::initial_labels_dir(&paths).join(format!("{}.nii.gz", c.name));
+        assert_eq!(nifti::read(&file).unwrap().dims, c.image.dims);
+        assert_eq!(labels, &run::predict_case(&g, &network, c).unwrap());
+    }
+
+    let main = log_lines(&paths.log());
+    assert_eq!(main.len(), 3);
+    assert_eq!(log_lines(&paths.dir.join("stage0/log.jsonl")).len(), 2);
+    for line in &main {
+        for key in [
+            "loss",
+            "weighted_ce",
+            "cons",
+            "mt",
+            "meta_ce",
+            "weight_init",
+        ] {
+            assert!(line[key].as_f64().unwrap().is_finite(), "{key}: {line}");
+        }
+    }
+    // Weight maps at the validations (steps 2 and 3): nonnegative, relative to uniform.
+    for step in [2, 3] {
+        for source in ["init", "ple"] {
+            let file = paths
+                .dir
+                .join(format!("weights/{case}_{step}_{source}.nii.gz"));
+            let map = nifti::read(&file).unwrap();
+            assert_eq!(map.dims, config.batch.patch);
+            assert!(map.data.iter().all(|&w| w >= 0.0 && w.is_finite()));
+        }
+    }
+
+    // Interrupted inside stage 0, then inside the main stage.
+    let parts = tempfile::tempdir().unwrap();
+    let paths_b = RunPaths {
+        dir: parts.path().to_path_buf(),
+    };
+    let stop = |resume, at| RunOptions {
+        resume,
+        stop_after: at,
+        ..RunOptions::default()
+    };
+    run::train(&g, &config, &data, &paths_b, stop(false, Some(1))).unwrap();
+    assert!(!paths_b.checkpoint().with_extension("json").exists());
+    run::train(&g, &config, &data, &paths_b, stop(true, Some(4))).unwrap();
+    assert_eq!(log_lines(&paths_b.log()).len(), 2);
+    run::train(&g, &config, &data, &paths_b, stop(true, None)).unwrap();
+    assert_eq!(log_lines(&paths_b.log()), main);
+    assert_eq!(
+        log_lines(&paths_b.dir.join("stage0/log.jsonl")),
+        log_lines(&paths.dir.join("stage0/log.jsonl"))
+    );
+    let (a, _) = metaseg::train::checkpoint::load(&paths.checkpoint()).unwrap();
+    let (b, _) = metaseg::train::checkpoint::load(&paths_b.checkpoint()).unwrap();
+    assert_eq!(a, b, "the final checkpoints differ");
+}
+
+#[test]
+fn mlb_seg_configuration_mistakes_name_the_key() {
+    let err = TrainConfig::load(
+        "default",
+        &["method=mlb-seg".into(), "mlb_seg.weights=x".into()],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("mlb_seg.weights"), "{err}");
+    let err = TrainConfig::load(
+        "default",
+        &["method=mlb-seg".into(), "optimizer.kind=adam".into()],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("sgd"), "{err}");
+    let err = TrainConfig::load(
+        "default",
+        &["method=mlb-seg".into(), "mlb_seg.zoom_range=[4, 60]".into()],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("zoom"), "{err}");
+    let config = TrainConfig::load("mlb-seg", &[]).unwrap();
+    assert_eq!(config.method, "mlb-seg");
+}
