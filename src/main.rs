@@ -47,9 +47,9 @@ enum Command {
 struct TrainArgs {
     /// The method, or several separated by commas to compare them on the same split. Without it,
     /// the baselines are compared: supervised, mean-teacher and full.
-    #[arg(long, value_delimiter = ',', value_parser = ["supervised", "mean-teacher", "full", "mlb-seg"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["supervised", "mean-teacher", "full", "mlb-seg", "online-pl"])]
     method: Vec<String>,
-    /// A preset shipped with metaseg (default, la-vnet) or a .toml file.
+    /// A preset shipped with metaseg (default, la-vnet, mlb-seg, online-pl) or a .toml file.
     #[arg(long, default_value = "default")]
     preset: String,
     /// A Medical Segmentation Decathlon folder (imagesTr/, labelsTr/, dataset.json) to train on
@@ -330,7 +330,7 @@ fn profile(
         progress: false,
         stop_after: Some(stop),
     };
-    // MLB-Seg's stage 0 runs first, unprofiled: its steps are the supervised method's.
+    // MLB-Seg's stage 0 (online-pl's teacher) runs first, unprofiled.
     let first = config.stage0_iterations();
     run::train(gpu, config, data, paths, options(false, first + 1))?;
     gpu.context().start_profiling();

@@ -103,7 +103,8 @@ impl SavedRun {
         })
     }
 
-    /// The run's network for `in_channels`-channel inputs with the student's tensors on `backend`.
+    /// The run's network for `in_channels`-channel inputs with the evaluated network's tensors
+    /// (the student's, or its momentum copy's) on `backend`.
     pub fn network<B: NetBackend>(&self, backend: &B, in_channels: usize) -> Result<Trained<B>> {
         let net = Net::new(&self.config, in_channels)?;
         let restored = |store: ParamStore<B>, prefix: &str| {
@@ -116,8 +117,14 @@ impl SavedRun {
                 other => other.into(),
             })
         };
-        let params = restored(net.init_params(backend, 0)?, "params")?;
-        let stats = restored(net.init_stats(backend)?, "stats")?;
+        // The evaluated network (`Trainer::evaluated`): the momentum copy if the run keeps one.
+        let prefix = if self.config.has_momentum_copy() {
+            "momentum/"
+        } else {
+            ""
+        };
+        let params = restored(net.init_params(backend, 0)?, &format!("{prefix}params"))?;
+        let stats = restored(net.init_stats(backend)?, &format!("{prefix}stats"))?;
         Ok(Trained {
             config: self.config.clone(),
             net,

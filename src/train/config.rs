@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// supervised, full, mean-teacher or mlb-seg.
+    /// supervised, full, mean-teacher, mlb-seg or online-pl (online-pl-teacher: its first stage).
     pub method: String,
     pub seed: u64,
     pub iterations: u64,
@@ -22,6 +22,9 @@ pub struct TrainConfig {
     /// defaults, so the other methods' presets need not name them.
     #[serde(default)]
     pub mlb_seg: MlbSegConfig,
+    /// Online pseudo-labeling's settings (METHODS.md, section 5); defaults as `mlb_seg`.
+    #[serde(default)]
+    pub online_pl: super::online_pl::OnlinePlConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -175,16 +178,18 @@ pub struct LogConfig {
 }
 
 /// The presets shipped with metaseg, by name.
-pub const PRESETS: [(&str, &str); 3] = [
+pub const PRESETS: [(&str, &str); 4] = [
     ("default", include_str!("../../presets/default.toml")),
     ("la-vnet", include_str!("../../presets/la-vnet.toml")),
     ("mlb-seg", include_str!("../../presets/mlb-seg.toml")),
+    ("online-pl", include_str!("../../presets/online-pl.toml")),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "unknown preset '{0}'; the presets are default, la-vnet, mlb-seg (or give a .toml file)"
+        "unknown preset '{0}'; the presets are default, la-vnet, mlb-seg, online-pl (or give a .toml \
+         file)"
     )]
     UnknownPreset(String),
     #[error("reading {path}: {message}")]
@@ -228,20 +233,26 @@ impl TrainConfig {
 
     /// Whether the method trains on unlabeled patches.
     pub fn uses_unlabeled(&self) -> bool {
-        self.method == "mean-teacher" || self.method == "mlb-seg"
+        ["mean-teacher", "mlb-seg", "online-pl"].contains(&self.method.as_str())
     }
 
-    /// Whether the method keeps a mean teacher.
+    /// Whether the method keeps a mean teacher (online-pl: the teacher of its pseudo-labels).
     pub fn has_teacher(&self) -> bool {
         self.uses_unlabeled()
     }
 
-    /// Iterations a run spends before its main stage (MLB-Seg's stage 0), 0 for other methods.
+    /// Whether the method keeps a momentum copy of its network (online-pl, both stages).
+    pub fn has_momentum_copy(&self) -> bool {
+        self.method.starts_with("online-pl")
+    }
+
+    /// Iterations a run spends before its main stage (MLB-Seg's stage 0, online-pl's teacher),
+    /// 0 for other methods.
     pub fn stage0_iterations(&self) -> u64 {
-        if self.method == "mlb-seg" {
-            self.mlb_seg.stage0_iterations
-        } else {
-            0
+        match self.method.as_str() {
+            "mlb-seg" => self.mlb_seg.stage0_iterations,
+            "online-pl" => self.online_pl.stage1_iterations,
+            _ => 0,
         }
     }
 
@@ -258,7 +269,14 @@ impl TrainConfig {
         one_of(
             "method",
             &self.method,
-            &["supervised", "full", "mean-teacher", "mlb-seg"],
+            &[
+                "supervised",
+                "full",
+                "mean-teacher",
+                "mlb-seg",
+                "online-pl",
+                "online-pl-teacher",
+            ],
         )?;
         one_of("network.kind", &self.network.kind, &["vnet", "unet"])?;
         one_of("optimizer.kind", &self.optimizer.kind, &["sgd", "adam"])?;
@@ -293,6 +311,9 @@ impl TrainConfig {
         }
         if self.method == "mlb-seg" {
             self.check_mlb_seg()?;
+        }
+        if self.has_momentum_copy() {
+            self.online_pl.check().map_err(ConfigError::Invalid)?;
         }
         let (rotate, scale) = (self.batch.rotate, self.batch.scale);
         if !(0.0..=180.0).contains(&rotate) || !(0.0..1.0).contains(&scale) {

@@ -7,6 +7,8 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod mlb_seg;
+pub mod online_pl;
 pub mod profile;
 pub mod run;
+pub mod stages;
 pub mod trainer;

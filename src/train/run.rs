@@ -169,7 +169,8 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
     }
 }
 
-/// The label map of one case: sliding-window probabilities of the student in eval mode (windows
+/// The label map of one case: sliding-window probabilities of the evaluated network (the student,
+/// or its momentum copy: [`Trainer::evaluated`]) in eval mode (windows
 /// of the training patch, overlapping by `log.stride_fraction`), then the argmax.
 pub fn predict_case<B: NetBackend>(
     backend: &B,
@@ -184,14 +185,8 @@ pub fn predict_case<B: NetBackend>(
         channels: case.image.channels,
         dims: case.image.dims,
     };
-    let probs = predict_probabilities(
-        backend,
-        &trainer.net,
-        &trainer.params,
-        &trainer.stats,
-        &volume,
-        window,
-    )?;
+    let (params, stats) = trainer.evaluated();
+    let probs = predict_probabilities(backend, &trainer.net, params, stats, &volume, window)?;
     Ok(argmax(&probs, trainer.config.data.classes))
 }
 
@@ -281,6 +276,10 @@ pub fn save_checkpoint<B: NetBackend>(trainer: &Trainer<B>, step: u64, stem: &Pa
         host(&t.params, "teacher/params", &mut tensors)?;
         host(&t.stats, "teacher/stats", &mut tensors)?;
     }
+    if let Some(m) = &trainer.momentum {
+        host(&m.params, "momentum/params", &mut tensors)?;
+        host(&m.stats, "momentum/stats", &mut tensors)?;
+    }
     for (k, m) in trainer.optimizer.state.iter().enumerate() {
         let data = m.to_f64()?.iter().map(|&x| x as f32).collect();
         tensors.insert(
@@ -323,6 +322,12 @@ pub fn load_checkpoint<B: NetBackend>(
         trainer.teacher = Some(Teacher {
             params: restore(&t.params, "teacher/params", &tensors, backend)?,
             stats: restore(&t.stats, "teacher/stats", &tensors, backend)?,
+        });
+    }
+    if let Some(m) = trainer.momentum.as_ref() {
+        trainer.momentum = Some(Teacher {
+            params: restore(&m.params, "momentum/params", &tensors, backend)?,
+            stats: restore(&m.stats, "momentum/stats", &tensors, backend)?,
         });
     }
     let mut state = Vec::new();
@@ -440,8 +445,8 @@ pub struct RunOptions {
     pub stop_after: Option<u64>,
 }
 
-/// Trains to the configured number of iterations, writing into `paths.dir` (MLB-Seg: its two
-/// stages, see [`super::mlb_seg::stages`]).
+/// Trains to the configured number of iterations, writing into `paths.dir` (MLB-Seg and
+/// online-pl: their two stages, see [`super::stages`]).
 pub fn train<B: NetBackend>(
     backend: &B,
     config: &TrainConfig,
@@ -451,6 +456,9 @@ pub fn train<B: NetBackend>(
 ) -> Result<Summary> {
     if config.method == "mlb-seg" {
         return super::mlb_seg::stages::train(backend, config, data, paths, options);
+    }
+    if config.method == "online-pl" {
+        return super::online_pl::train(backend, config, data, paths, options);
     }
     let trainer = Trainer::new(backend, config, data.labeled[0].image.channels)?;
     train_from(backend, trainer, data, paths, options)

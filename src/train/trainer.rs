@@ -10,6 +10,8 @@
 //!   follow its own training-mode passes, as in the SSL4MIS code.
 //! - mlb-seg: meta-learned weights of the unlabeled patches' initial-label and PLE costs, then a
 //!   supervised step on the labeled patches; see [`super::mlb_seg`].
+//! - online-pl: Dice on the labeled patches plus beta Dice to a teacher's probabilities on the
+//!   unlabeled ones, momentum copies, the teacher following the student; see [`super::online_pl`].
 
 use super::config::TrainConfig;
 use crate::nn::layers::{updated_stats, BN_MOMENTUM};
@@ -78,6 +80,7 @@ impl Network for Net {
 }
 
 /// A mean teacher: parameters and running statistics.
+#[derive(Clone)]
 pub struct Teacher<B: NetBackend> {
     pub params: ParamStore<B>,
     pub stats: ParamStore<B>,
@@ -91,6 +94,9 @@ pub struct Trainer<B: NetBackend> {
     pub stats: ParamStore<B>,
     pub optimizer: Optimizer<B>,
     pub teacher: Option<Teacher<B>>,
+    /// A momentum copy of the student, if the method keeps one (online-pl): updated by the method's
+    /// step, evaluated and saved as the run's network.
+    pub momentum: Option<Teacher<B>>,
 }
 
 /// A batch on the device: images [N, C, patch], one-hot labels of the first `labeled` [L, K, patch]
@@ -134,10 +140,12 @@ impl<B: NetBackend> Trainer<B> {
                 weight_decay: o.weight_decay,
             }),
         };
-        let teacher = config.has_teacher().then(|| Teacher {
+        let copy = || Teacher {
             params: params.clone(),
             stats: stats.clone(),
-        });
+        };
+        let teacher = config.has_teacher().then(copy);
+        let momentum = config.has_momentum_copy().then(copy);
         Ok(Trainer {
             config: config.clone(),
             net,
@@ -145,6 +153,7 @@ impl<B: NetBackend> Trainer<B> {
             stats,
             optimizer: Optimizer::new(rule),
             teacher,
+            momentum,
         })
     }
 
@@ -168,6 +177,9 @@ impl<B: NetBackend> Trainer<B> {
     pub fn step(&mut self, batch: &DeviceBatch<B>, t: u64) -> Result<StepLog> {
         if self.config.method == "mlb-seg" {
             return super::mlb_seg::step(self, batch, t);
+        }
+        if self.config.has_momentum_copy() {
+            return super::online_pl::step(self, batch, t);
         }
         let seed = self.config.seed;
         let mode = Mode::Train {
@@ -205,6 +217,15 @@ impl<B: NetBackend> Trainer<B> {
         let mut log = self.read_back(&terms)?;
         log.insert(1, ("lr", lr));
         Ok(log)
+    }
+
+    /// The network that is validated, tested and predicts: the momentum copy if the method keeps
+    /// one, else the student (parameters, running statistics).
+    pub fn evaluated(&self) -> (&ParamStore<B>, &ParamStore<B>) {
+        match &self.momentum {
+            Some(m) => (&m.params, &m.stats),
+            None => (&self.params, &self.stats),
+        }
     }
 
     /// The running statistics after a training-mode forward pass that measured `batch_stats`.

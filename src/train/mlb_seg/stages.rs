@@ -9,17 +9,17 @@
 //! without its --checkpoint), with a fresh optimiser and schedule and the teacher a copy of the
 //! student, as the released code's second script starts; it runs in RUN_DIR itself.
 //!
-//! Resumption: once the main stage has a checkpoint, `--resume` continues it and reads the initial
-//! labels back from their files; before that, it continues stage 0 (a finished stage 0 resumes
-//! with nothing left to do) and then starts the main stage. `stop_after` counts stage 0's
-//! iterations first.
+//! Resumption (as every two-stage method, see [`super::super::stages`]): once the main stage has a
+//! checkpoint, `--resume` continues it and reads the initial labels back from their files; before
+//! that, it continues stage 0 (a finished stage 0 resumes with nothing left to do) and then starts
+//! the main stage. `stop_after` counts stage 0's iterations first.
 
 use super::super::batch::LoadedCase;
-use super::super::checkpoint;
 use super::super::config::TrainConfig;
 use super::super::run::{
     self, io, predict_case, restore_trainer, RunData, RunError, RunOptions, RunPaths, Summary,
 };
+use super::super::stages::{self, say, FirstStage};
 use super::super::trainer::{DeviceBatch, Trainer};
 use super::step::{meta_weights, unlabeled_terms};
 use crate::data::{self, nifti, Dtype, Volume};
@@ -49,8 +49,9 @@ fn label_path(dir: &Path, case: &LoadedCase) -> PathBuf {
     dir.join(format!("{}.nii.gz", case.name))
 }
 
-/// Both stages (see the top). The summary is the main stage's, with the iterations and times of
-/// stage 0 added when this call ran it.
+/// Both stages (see the top), through the shared two-stage run of [`super::super::stages`]. The
+/// summary is the main stage's, with the iterations and times of stage 0 added when this call ran
+/// it.
 pub fn train<B: NetBackend>(
     backend: &B,
     config: &TrainConfig,
@@ -67,63 +68,44 @@ pub fn train<B: NetBackend>(
     let stage0 = stage0_config(config);
     let stage0_paths = stage0_paths(paths);
     let labels_dir = initial_labels_dir(paths);
-    let main_started = options.resume && checkpoint::paths(&paths.checkpoint()).1.exists();
-    let mut before = None;
-    let labels = if main_started {
-        read_initial_labels(&data.unlabeled, &labels_dir)?
-    } else {
-        say(
-            options,
-            format!(
-                "stage 0: supervised on {} labeled cases for {} iterations, in {}",
-                data.labeled.len(),
-                stage0.iterations,
-                stage0_paths.dir.display()
-            ),
-        );
-        let summary = run::train(backend, &stage0, data, &stage0_paths, options)?;
-        if options.stop_after.is_some_and(|s| s <= stage0.iterations) {
-            return Ok(summary);
-        }
-        before = Some(summary);
-        let channels = data.labeled[0].image.channels;
-        let network = restore_trainer(backend, &stage0, channels, &stage0_paths)?;
-        say(
-            options,
-            format!(
-                "initial labels of {} unlabeled cases, in {}",
-                data.unlabeled.len(),
-                labels_dir.display()
-            ),
-        );
-        predict_initial_labels(backend, &network, &data.unlabeled, &labels_dir)?
+    let first = FirstStage {
+        config: &stage0,
+        paths: &stage0_paths,
+        message: format!(
+            "stage 0: supervised on {} labeled cases for {} iterations, in {}",
+            data.labeled.len(),
+            stage0.iterations,
+            stage0_paths.dir.display()
+        ),
     };
-    let main_data = with_initial_labels(data, labels);
-    check_weight_case(config, &main_data)?;
-    let trainer = main_trainer(backend, config, &main_data, &stage0_paths, main_started)?;
-    let main_options = RunOptions {
-        resume: main_started,
-        stop_after: options
-            .stop_after
-            .map(|s| s.saturating_sub(stage0.iterations)),
-        ..options
-    };
-    let main = run::train_from(backend, trainer, &main_data, paths, main_options)?;
-    Ok(match before {
-        Some(s0) => Summary {
-            seconds: s0.seconds + main.seconds,
-            iterations: s0.iterations + main.iterations,
-            step_seconds: s0.step_seconds + main.step_seconds,
-            ..main
+    stages::train(
+        backend,
+        data,
+        paths,
+        options,
+        first,
+        |main_started, main_options| {
+            let labels = if main_started {
+                read_initial_labels(&data.unlabeled, &labels_dir)?
+            } else {
+                let channels = data.labeled[0].image.channels;
+                let network = restore_trainer(backend, &stage0, channels, &stage0_paths)?;
+                say(
+                    options,
+                    format!(
+                        "initial labels of {} unlabeled cases, in {}",
+                        data.unlabeled.len(),
+                        labels_dir.display()
+                    ),
+                );
+                predict_initial_labels(backend, &network, &data.unlabeled, &labels_dir)?
+            };
+            let main_data = with_initial_labels(data, labels);
+            check_weight_case(config, &main_data)?;
+            let trainer = main_trainer(backend, config, &main_data, &stage0_paths, main_started)?;
+            run::train_from(backend, trainer, &main_data, paths, main_options)
         },
-        None => main,
-    })
-}
-
-fn say(options: RunOptions, message: String) {
-    if options.progress {
-        eprintln!("{message}");
-    }
+    )
 }
 
 /// The label map of every case predicted by `network`, each written to `dir`/CASE.nii.gz.
