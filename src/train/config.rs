@@ -2,13 +2,14 @@
 //! key overridable from the command line as `--set section.key=value` (the value in TOML syntax;
 //! a bare word is taken as a string).
 
+use super::dtml::DtmlConfig;
 use metaseg_autograd::Normalization;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// supervised, full, mean-teacher or mlb-seg.
+    /// supervised, full, mean-teacher, mlb-seg or dtml.
     pub method: String,
     pub seed: u64,
     pub iterations: u64,
@@ -22,6 +23,9 @@ pub struct TrainConfig {
     /// defaults, so the other methods' presets need not name them.
     #[serde(default)]
     pub mlb_seg: MlbSegConfig,
+    /// DTML's settings (METHODS.md, section 3), defaults when the preset has no `[dtml]`.
+    #[serde(default)]
+    pub dtml: DtmlConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -175,16 +179,18 @@ pub struct LogConfig {
 }
 
 /// The presets shipped with metaseg, by name.
-pub const PRESETS: [(&str, &str); 3] = [
+pub const PRESETS: [(&str, &str); 4] = [
     ("default", include_str!("../../presets/default.toml")),
     ("la-vnet", include_str!("../../presets/la-vnet.toml")),
     ("mlb-seg", include_str!("../../presets/mlb-seg.toml")),
+    ("dtml", include_str!("../../presets/dtml.toml")),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "unknown preset '{0}'; the presets are default, la-vnet, mlb-seg (or give a .toml file)"
+        "unknown preset '{0}'; the presets are default, la-vnet, mlb-seg, dtml (or give a .toml \
+         file)"
     )]
     UnknownPreset(String),
     #[error("reading {path}: {message}")]
@@ -228,12 +234,12 @@ impl TrainConfig {
 
     /// Whether the method trains on unlabeled patches.
     pub fn uses_unlabeled(&self) -> bool {
-        self.method == "mean-teacher" || self.method == "mlb-seg"
+        self.has_teacher() || self.method == "dtml"
     }
 
     /// Whether the method keeps a mean teacher.
     pub fn has_teacher(&self) -> bool {
-        self.uses_unlabeled()
+        self.method == "mean-teacher" || self.method == "mlb-seg"
     }
 
     /// Iterations a run spends before its main stage (MLB-Seg's stage 0), 0 for other methods.
@@ -258,7 +264,7 @@ impl TrainConfig {
         one_of(
             "method",
             &self.method,
-            &["supervised", "full", "mean-teacher", "mlb-seg"],
+            &["supervised", "full", "mean-teacher", "mlb-seg", "dtml"],
         )?;
         one_of("network.kind", &self.network.kind, &["vnet", "unet"])?;
         one_of("optimizer.kind", &self.optimizer.kind, &["sgd", "adam"])?;
@@ -293,6 +299,9 @@ impl TrainConfig {
         }
         if self.method == "mlb-seg" {
             self.check_mlb_seg()?;
+        }
+        if self.method == "dtml" {
+            self.dtml.check(self)?;
         }
         let (rotate, scale) = (self.batch.rotate, self.batch.scale);
         if !(0.0..=180.0).contains(&rotate) || !(0.0..1.0).contains(&scale) {

@@ -10,6 +10,8 @@
 //!   follow its own training-mode passes, as in the SSL4MIS code.
 //! - mlb-seg: meta-learned weights of the unlabeled patches' initial-label and PLE costs, then a
 //!   supervised step on the labeled patches; see [`super::mlb_seg`].
+//! - dtml: two networks, segmentation and signed distance, trained together with a mutual term;
+//!   see [`super::dtml`].
 
 use super::config::TrainConfig;
 use crate::nn::layers::{updated_stats, BN_MOMENTUM};
@@ -49,7 +51,8 @@ impl Net {
                 base_width: n.base_width,
                 levels: n.levels,
                 dropout,
-                sdf_head: false,
+                // DTML reads its second network through the tanh SDF head.
+                sdf_head: config.method == "dtml",
                 projection: None,
             })?)),
         })
@@ -91,6 +94,8 @@ pub struct Trainer<B: NetBackend> {
     pub stats: ParamStore<B>,
     pub optimizer: Optimizer<B>,
     pub teacher: Option<Teacher<B>>,
+    /// DTML's second network (see [`super::dtml`]).
+    pub dtml: Option<super::dtml::NetB<B>>,
 }
 
 /// A batch on the device: images [N, C, patch], one-hot labels of the first `labeled` [L, K, patch]
@@ -138,6 +143,7 @@ impl<B: NetBackend> Trainer<B> {
             params: params.clone(),
             stats: stats.clone(),
         });
+        let dtml = super::dtml::NetB::for_config(backend, &net, config, rule)?;
         Ok(Trainer {
             config: config.clone(),
             net,
@@ -145,6 +151,7 @@ impl<B: NetBackend> Trainer<B> {
             stats,
             optimizer: Optimizer::new(rule),
             teacher,
+            dtml,
         })
     }
 
@@ -168,6 +175,9 @@ impl<B: NetBackend> Trainer<B> {
     pub fn step(&mut self, batch: &DeviceBatch<B>, t: u64) -> Result<StepLog> {
         if self.config.method == "mlb-seg" {
             return super::mlb_seg::step(self, batch, t);
+        }
+        if self.config.method == "dtml" {
+            return super::dtml::step(self, batch, t);
         }
         let seed = self.config.seed;
         let mode = Mode::Train {
