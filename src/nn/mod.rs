@@ -14,18 +14,26 @@ pub use unet::{UNet, UNetConfig};
 pub use vnet::{VNet, VNetConfig};
 
 use metaseg_autograd::{
-    Backend, BatchStats, ConvBackend, LayerBackend, LossBackend, MetaBackend, Result, Var,
-    WarpBackend,
+    Backend, BatchStats, ConvBackend, DistanceBackend, LayerBackend, LossBackend, MetaBackend,
+    Result, Var, WarpBackend,
 };
 
 /// What a network needs of a backend, and what the training methods add: the warps of
-/// augmentation and of MLB-Seg's views, MLB-Seg's weight normalisation.
+/// augmentation and of MLB-Seg's views, MLB-Seg's weight normalisation, DTML's signed distance
+/// maps.
 pub trait NetBackend:
-    Backend + ConvBackend + LayerBackend + LossBackend + WarpBackend + MetaBackend
+    Backend + ConvBackend + LayerBackend + LossBackend + WarpBackend + MetaBackend + DistanceBackend
 {
 }
-impl<B: Backend + ConvBackend + LayerBackend + LossBackend + WarpBackend + MetaBackend> NetBackend
-    for B
+impl<
+        B: Backend
+            + ConvBackend
+            + LayerBackend
+            + LossBackend
+            + WarpBackend
+            + MetaBackend
+            + DistanceBackend,
+    > NetBackend for B
 {
 }
 

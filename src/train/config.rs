@@ -2,13 +2,15 @@
 //! key overridable from the command line as `--set section.key=value` (the value in TOML syntax;
 //! a bare word is taken as a string).
 
+use super::dtml::DtmlConfig;
 use metaseg_autograd::Normalization;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// supervised, full, mean-teacher, mlb-seg or online-pl (online-pl-teacher: its first stage).
+    /// supervised, full, mean-teacher, mlb-seg, online-pl (online-pl-teacher: its first stage) or
+    /// dtml.
     pub method: String,
     pub seed: u64,
     pub iterations: u64,
@@ -25,6 +27,9 @@ pub struct TrainConfig {
     /// Online pseudo-labeling's settings (METHODS.md, section 5); defaults as `mlb_seg`.
     #[serde(default)]
     pub online_pl: super::online_pl::OnlinePlConfig,
+    /// DTML's settings (METHODS.md, section 3), defaults when the preset has no `[dtml]`.
+    #[serde(default)]
+    pub dtml: DtmlConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -178,18 +183,19 @@ pub struct LogConfig {
 }
 
 /// The presets shipped with metaseg, by name.
-pub const PRESETS: [(&str, &str); 4] = [
+pub const PRESETS: [(&str, &str); 5] = [
     ("default", include_str!("../../presets/default.toml")),
     ("la-vnet", include_str!("../../presets/la-vnet.toml")),
     ("mlb-seg", include_str!("../../presets/mlb-seg.toml")),
     ("online-pl", include_str!("../../presets/online-pl.toml")),
+    ("dtml", include_str!("../../presets/dtml.toml")),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "unknown preset '{0}'; the presets are default, la-vnet, mlb-seg, online-pl (or give a .toml \
-         file)"
+        "unknown preset '{0}'; the presets are default, la-vnet, mlb-seg, online-pl, dtml (or give a \
+         .toml file)"
     )]
     UnknownPreset(String),
     #[error("reading {path}: {message}")]
@@ -233,12 +239,12 @@ impl TrainConfig {
 
     /// Whether the method trains on unlabeled patches.
     pub fn uses_unlabeled(&self) -> bool {
-        ["mean-teacher", "mlb-seg", "online-pl"].contains(&self.method.as_str())
+        self.has_teacher() || self.method == "dtml"
     }
 
     /// Whether the method keeps a mean teacher (online-pl: the teacher of its pseudo-labels).
     pub fn has_teacher(&self) -> bool {
-        self.uses_unlabeled()
+        ["mean-teacher", "mlb-seg", "online-pl"].contains(&self.method.as_str())
     }
 
     /// Whether the method keeps a momentum copy of its network (online-pl, both stages).
@@ -276,6 +282,7 @@ impl TrainConfig {
                 "mlb-seg",
                 "online-pl",
                 "online-pl-teacher",
+                "dtml",
             ],
         )?;
         one_of("network.kind", &self.network.kind, &["vnet", "unet"])?;
@@ -314,6 +321,9 @@ impl TrainConfig {
         }
         if self.has_momentum_copy() {
             self.online_pl.check().map_err(ConfigError::Invalid)?;
+        }
+        if self.method == "dtml" {
+            self.dtml.check(self)?;
         }
         let (rotate, scale) = (self.batch.rotate, self.batch.scale);
         if !(0.0..=180.0).contains(&rotate) || !(0.0..1.0).contains(&scale) {

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;
+pub mod dtml;
 pub mod mlb_seg;
 pub mod online_pl;
 pub mod profile;

@@ -13,6 +13,7 @@ use crate::data::{self, preprocess, synthetic, Msd, SplitSpec, SyntheticConfig, 
 use crate::eval::inference::HostVolume;
 use crate::eval::{argmax, metrics, predict_probabilities, SlidingWindow};
 use crate::nn::{NetBackend, ParamStore};
+use crate::optim::Optimizer;
 use indicatif::{ProgressBar, ProgressStyle};
 use metaseg_autograd::{Shape, Var, Warp};
 use std::collections::BTreeMap;
@@ -219,7 +220,7 @@ pub fn restore_trainer<B: NetBackend>(
     Ok(trainer)
 }
 
-fn host(
+pub(crate) fn host(
     store: &ParamStore<impl NetBackend>,
     prefix: &str,
     out: &mut BTreeMap<String, HostTensor>,
@@ -280,21 +281,16 @@ pub fn save_checkpoint<B: NetBackend>(trainer: &Trainer<B>, step: u64, stem: &Pa
         host(&m.params, "momentum/params", &mut tensors)?;
         host(&m.stats, "momentum/stats", &mut tensors)?;
     }
-    for (k, m) in trainer.optimizer.state.iter().enumerate() {
-        let data = m.to_f64()?.iter().map(|&x| x as f32).collect();
-        tensors.insert(
-            format!("optimizer/{k}"),
-            HostTensor {
-                shape: m.shape().dims().to_vec(),
-                data,
-            },
-        );
+    host_optimizer(&trainer.optimizer, "optimizer", &mut tensors)?;
+    let mut counters = BTreeMap::from([("optimizer_steps".to_string(), trainer.optimizer.steps)]);
+    if let Some(net_b) = &trainer.dtml {
+        super::dtml::save(net_b, &mut tensors, &mut counters)?;
     }
     let sidecar = Sidecar {
         step,
         seed: trainer.config.seed,
         config: serde_json::to_value(&trainer.config).expect("a configuration serialises"),
-        counters: BTreeMap::from([("optimizer_steps".to_string(), trainer.optimizer.steps)]),
+        counters,
     };
     Ok(checkpoint::save(stem, &tensors, &sidecar)?)
 }
@@ -330,19 +326,50 @@ pub fn load_checkpoint<B: NetBackend>(
             stats: restore(&m.stats, "momentum/stats", &tensors, backend)?,
         });
     }
-    let mut state = Vec::new();
-    while let Some(t) = tensors.get(&format!("optimizer/{}", state.len())) {
-        let values: Vec<f64> = t.data.iter().map(|&x| f64::from(x)).collect();
-        let shape = Shape(t.shape.clone());
-        state.push(Var::constant(backend, backend.tensor(&values, &shape)?));
-    }
-    trainer.optimizer.state = state;
+    trainer.optimizer.state = restore_optimizer("optimizer", &tensors, backend)?;
     trainer.optimizer.steps = sidecar
         .counters
         .get("optimizer_steps")
         .copied()
         .unwrap_or(0);
+    if let Some(net_b) = trainer.dtml.as_mut() {
+        super::dtml::load(backend, net_b, &tensors, &sidecar.counters)?;
+    }
     Ok(sidecar.step)
+}
+
+/// An optimiser's moment buffers as the tensors `prefix/0`, `prefix/1`, ...
+pub(crate) fn host_optimizer<B: NetBackend>(
+    optimizer: &Optimizer<B>,
+    prefix: &str,
+    out: &mut BTreeMap<String, HostTensor>,
+) -> Result<()> {
+    for (k, m) in optimizer.state.iter().enumerate() {
+        let data = m.to_f64()?.iter().map(|&x| x as f32).collect();
+        out.insert(
+            format!("{prefix}/{k}"),
+            HostTensor {
+                shape: m.shape().dims().to_vec(),
+                data,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// The moment buffers [`host_optimizer`] wrote under `prefix` (none before the first step).
+pub(crate) fn restore_optimizer<B: NetBackend>(
+    prefix: &str,
+    tensors: &BTreeMap<String, HostTensor>,
+    backend: &B,
+) -> Result<Vec<Var<B>>> {
+    let mut state = Vec::new();
+    while let Some(t) = tensors.get(&format!("{prefix}/{}", state.len())) {
+        let values: Vec<f64> = t.data.iter().map(|&x| f64::from(x)).collect();
+        let shape = Shape(t.shape.clone());
+        state.push(Var::constant(backend, backend.tensor(&values, &shape)?));
+    }
+    Ok(state)
 }
 
 /// What a finished run reports.

@@ -12,6 +12,8 @@
 //!   supervised step on the labeled patches; see [`super::mlb_seg`].
 //! - online-pl: Dice on the labeled patches plus beta Dice to a teacher's probabilities on the
 //!   unlabeled ones, momentum copies, the teacher following the student; see [`super::online_pl`].
+//! - dtml: two networks, segmentation and signed distance, trained together with a mutual term;
+//!   see [`super::dtml`].
 
 use super::config::TrainConfig;
 use crate::nn::layers::{updated_stats, BN_MOMENTUM};
@@ -51,7 +53,8 @@ impl Net {
                 base_width: n.base_width,
                 levels: n.levels,
                 dropout,
-                sdf_head: false,
+                // DTML reads its second network through the tanh SDF head.
+                sdf_head: config.method == "dtml",
                 projection: None,
             })?)),
         })
@@ -97,6 +100,8 @@ pub struct Trainer<B: NetBackend> {
     /// A momentum copy of the student, if the method keeps one (online-pl): updated by the method's
     /// step, evaluated and saved as the run's network.
     pub momentum: Option<Teacher<B>>,
+    /// DTML's second network (see [`super::dtml`]).
+    pub dtml: Option<super::dtml::NetB<B>>,
 }
 
 /// A batch on the device: images [N, C, patch], one-hot labels of the first `labeled` [L, K, patch]
@@ -146,6 +151,7 @@ impl<B: NetBackend> Trainer<B> {
         };
         let teacher = config.has_teacher().then(copy);
         let momentum = config.has_momentum_copy().then(copy);
+        let dtml = super::dtml::NetB::for_config(backend, &net, config, rule)?;
         Ok(Trainer {
             config: config.clone(),
             net,
@@ -154,6 +160,7 @@ impl<B: NetBackend> Trainer<B> {
             optimizer: Optimizer::new(rule),
             teacher,
             momentum,
+            dtml,
         })
     }
 
@@ -180,6 +187,9 @@ impl<B: NetBackend> Trainer<B> {
         }
         if self.config.has_momentum_copy() {
             return super::online_pl::step(self, batch, t);
+        }
+        if self.config.method == "dtml" {
+            return super::dtml::step(self, batch, t);
         }
         let seed = self.config.seed;
         let mode = Mode::Train {

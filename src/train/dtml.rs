@@ -1,0 +1,326 @@
+//! DTML: dual-task mutual learning (Zhang et al., PRCV 2021; METHODS.md, section 3).
+//!
+//! Two V-Nets of the configured architecture, each with a segmentation head and a tanh SDF head,
+//! trained together on the whole batch (labeled and unlabeled patches). Net A is the trainer's
+//! student, read through its segmentation head (validation, prediction and `metaseg predict` use
+//! it); net B ([`NetB`], initialised from a seed of its own) is read through its SDF head.
+//!
+//! - Net A: 0.5 (CE + Dice) on the labeled patches, the supervised method's losses (softmax CE and
+//!   softmax-Dice over the foreground classes: the project's 2-class form of the paper's BCE + Dice
+//!   on one sigmoid channel).
+//! - Net B: Dice(sigmoid(-k sdf_B), y) on the labeled patches (squared denominator, s = 1e-5, over
+//!   the batch, as the DTC code's dice_loss), plus |sdf_B - sdf_gt| averaged when `dtml.l1_sdf` (the
+//!   paper; the released code computes it without adding it; logged either way). sdf_gt is the
+//!   normalised SDF of METHODS.md of each labeled patch's mask, in voxel units (the released code
+//!   computes it on the cropped patch with scipy's EDT, no spacing), by the distance kernels.
+//! - Mutual term on every patch, added to both losses (one backward pass reaches both networks):
+//!   mean (sigmoid(-k sdf_B) - p_A)^2, p_A the softmax probability of the foreground, weighted
+//!   by consistency * exp(-5 (1 - min(t', T) / T)^2) with t' = iteration // rampup_unit.
+//!
+//! With more than two classes each foreground class c is one-vs-rest: SDF channel c against the
+//! mask of class c and softmax probability c; the SDF head's channel 0 is unused.
+//!
+//! Each network has its own SGD (or Adam) state; both take the same learning rate and clipping.
+//! Checkpoints add net B's parameters, statistics and optimiser under `dtml/`.
+
+use super::checkpoint::HostTensor;
+use super::config::{ConfigError, TrainConfig};
+use super::run::{self, RunError};
+use super::trainer::{slice_batch, DeviceBatch, Net, StepLog, Trainer};
+use crate::nn::layers::{updated_stats, BN_MOMENTUM};
+use crate::nn::{Mode, NetBackend, Network, ParamStore};
+use crate::optim::{clip_grad_norm, sigmoid_rampup, Optimizer, Rule};
+use metaseg_autograd::{grad, BatchStats, DiceOptions, Error, Reduction, Result, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Salt of net B's initialisation and dropout streams, apart from net A's.
+const NET_B_SALT: u64 = 0xd7_0b00;
+
+/// The `[dtml]` keys. `l1_sdf` is on by default, as the paper trains (METHODS.md: gaps are filled
+/// from the paper, the released code's behaviour is a flag); `--set dtml.l1_sdf=false` runs as the
+/// released code does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DtmlConfig {
+    /// Add the L1 loss |sdf_B - sdf_gt| to net B's loss (the paper adds it; the released code
+    /// computes it and does not).
+    pub l1_sdf: bool,
+    /// Learning rate of both networks in place of `optimizer.lr` (the schedule still applies).
+    /// The tanh SDF head behind sigmoid(-1500 sdf) has gradients about 375 times the Dice's, so
+    /// a rate tuned for one-head methods can saturate it in the first steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// k of the SDF-to-probability map sigmoid(-k sdf).
+    pub sdf_scale: f64,
+    /// Weight of the mutual term at the end of the ramp-up (1 in the paper).
+    pub consistency: f64,
+    /// Ramp-up length T in units of `rampup_unit` iterations (40 x 150 in the paper).
+    pub rampup: f64,
+    pub rampup_unit: u64,
+}
+
+/// The paper's recipe (METHODS.md, section 3).
+impl Default for DtmlConfig {
+    fn default() -> Self {
+        DtmlConfig {
+            l1_sdf: true,
+            lr: None,
+            sdf_scale: 1500.0,
+            consistency: 1.0,
+            rampup: 40.0,
+            rampup_unit: 150,
+        }
+    }
+}
+
+impl DtmlConfig {
+    /// What the types cannot check; every message names its key.
+    pub fn check(&self, config: &TrainConfig) -> std::result::Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if config.network.kind != "vnet" {
+            return bad("dtml needs network.kind = \"vnet\" (the U-Net has no SDF head)");
+        }
+        if config.data.classes < 2 {
+            return bad("dtml needs data.classes >= 2 (background and a foreground)");
+        }
+        if !self.sdf_scale.is_finite() || self.sdf_scale <= 0.0 {
+            return bad("dtml.sdf_scale must be positive (1500 in the paper)");
+        }
+        if !self.consistency.is_finite() || self.consistency < 0.0 {
+            return bad("dtml.consistency must be >= 0");
+        }
+        if self.lr.is_some_and(|lr| !lr.is_finite() || lr <= 0.0) {
+            return bad("dtml.lr must be positive (omit it to use optimizer.lr)");
+        }
+        if !self.rampup.is_finite() || self.rampup < 0.0 {
+            return bad("dtml.rampup must be >= 0 (0: no ramp-up)");
+        }
+        if self.rampup_unit == 0 {
+            return bad("dtml.rampup_unit must be at least 1 iteration");
+        }
+        Ok(())
+    }
+
+    /// The mutual term's weight at iteration `t`.
+    pub fn mutual_weight(&self, t: u64) -> f64 {
+        self.consistency * sigmoid_rampup((t / self.rampup_unit.max(1)) as f64, self.rampup)
+    }
+}
+
+/// Net B: the second network's parameters, running statistics and optimiser (its architecture
+/// is the trainer's `net`).
+pub struct NetB<B: NetBackend> {
+    pub params: ParamStore<B>,
+    pub stats: ParamStore<B>,
+    pub optimizer: Optimizer<B>,
+}
+
+impl<B: NetBackend> NetB<B> {
+    /// Net B of a DTML configuration (None for other methods), with the optimiser rule of net A.
+    pub fn for_config(
+        backend: &B,
+        net: &Net,
+        config: &TrainConfig,
+        rule: Rule,
+    ) -> Result<Option<Self>> {
+        if config.method != "dtml" {
+            return Ok(None);
+        }
+        Ok(Some(NetB {
+            params: net.init_params(backend, config.seed ^ NET_B_SALT)?,
+            stats: net.init_stats(backend)?,
+            optimizer: Optimizer::new(rule),
+        }))
+    }
+
+    /// Keeps the statistics of a training pass, then one optimiser update (clipped to `clip`).
+    fn update(
+        &mut self,
+        mut grads: Vec<Var<B>>,
+        clip: f64,
+        lr: f64,
+        batch_stats: &[(usize, BatchStats<B>)],
+    ) -> Result<()> {
+        let stats = updated_stats(self.stats.values(), batch_stats, BN_MOMENTUM)?;
+        self.stats = self
+            .stats
+            .with_values(stats.iter().map(|v| v.value().clone()).collect())?;
+        if clip > 0.0 {
+            grads = clip_grad_norm(&grads, clip)?;
+        }
+        self.params = self.optimizer.step(&self.params, &grads, lr)?;
+        Ok(())
+    }
+}
+
+/// The loss terms of one step, before weighting.
+pub struct Terms<B: NetBackend> {
+    pub ce: Var<B>,
+    pub dice: Var<B>,
+    pub sdf_dice: Var<B>,
+    pub sdf_l1: Var<B>,
+    pub mutual: Var<B>,
+}
+
+/// The normalised SDF (METHODS.md) of every channel of masks [N, C, D, H, W], each channel on its
+/// own, in voxel units.
+pub fn signed_distance<B: NetBackend>(masks: &Var<B>) -> Result<Var<B>> {
+    let d = masks.shape().dims().to_vec();
+    let one_channel = metaseg_autograd::Shape::from([d[0] * d[1], 1, d[2], d[3], d[4]]);
+    masks
+        .reshape(&one_channel)?
+        .sdf([1.0; 3])?
+        .reshape(masks.shape())
+}
+
+/// |x| as relu(x) + relu(-x): differentiable, with gradient 0 at 0.
+fn absolute<B: NetBackend>(x: &Var<B>) -> Result<Var<B>> {
+    x.relu()?.add(&x.neg()?.relu()?)
+}
+
+/// The terms of net A's segmentation logits and net B's SDF head [N, K, patch] on `batch`.
+pub fn terms<B: NetBackend>(
+    config: &TrainConfig,
+    batch: &DeviceBatch<B>,
+    seg_a: &Var<B>,
+    sdf_b: &Var<B>,
+) -> Result<Terms<B>> {
+    let (labeled, k) = (batch.labeled, config.dtml.sdf_scale);
+    let foreground = config.data.classes - 1;
+    let seg_labeled = slice_batch(seg_a, 0, labeled)?;
+    let ce = seg_labeled.cross_entropy(&batch.y, None, Reduction::Mean)?;
+    let dice = seg_labeled.softmax_dice(
+        &batch.y,
+        DiceOptions {
+            include_background: false,
+            ..DiceOptions::default()
+        },
+    )?;
+    let sdf = sdf_b.slice_channels(1, foreground)?;
+    let sdf_labeled = slice_batch(&sdf, 0, labeled)?;
+    let y = batch.y.slice_channels(1, foreground)?;
+    // Dice(sigmoid(-k sdf), y): sigmoid-Dice of the logits -k sdf.
+    let sdf_dice = sdf_labeled
+        .scale(-k)?
+        .sigmoid_dice(&y, DiceOptions::default())?;
+    let sdf_l1 = absolute(&sdf_labeled.sub(&signed_distance(&y)?)?)?.mean()?;
+    let p_a = seg_a.softmax_channels()?.slice_channels(1, foreground)?;
+    let mutual = sdf.sdf_probability(k)?.sub(&p_a)?.square()?.mean()?;
+    Ok(Terms {
+        ce,
+        dice,
+        sdf_dice,
+        sdf_l1,
+        mutual,
+    })
+}
+
+impl<B: NetBackend> Terms<B> {
+    /// Net A's loss + net B's loss + weight * mutual.
+    pub fn total(&self, config: &DtmlConfig, weight: f64) -> Result<Var<B>> {
+        let net_a = self.ce.add(&self.dice)?.scale(0.5)?;
+        let mut net_b = self.sdf_dice.clone();
+        if config.l1_sdf {
+            net_b = net_b.add(&self.sdf_l1)?;
+        }
+        net_a.add(&net_b)?.add(&self.mutual.scale(weight)?)
+    }
+}
+
+fn no_net_b() -> Error {
+    Error::InvalidArgument {
+        op: "dtml",
+        message: "the trainer has no net B: it was not made for method dtml".into(),
+    }
+}
+
+/// One DTML iteration at `t`: both networks' training passes over the whole batch, one backward
+/// pass of the total, an update of each network with its own optimiser.
+pub fn step<B: NetBackend>(
+    trainer: &mut Trainer<B>,
+    batch: &DeviceBatch<B>,
+    t: u64,
+) -> Result<StepLog> {
+    let seed = trainer.config.seed;
+    let mode = |seed| Mode::Train {
+        seed,
+        step: t as u32,
+    };
+    let net_b = trainer.dtml.as_ref().ok_or_else(no_net_b)?;
+    let a = (trainer.net).run(&trainer.params, &trainer.stats, &batch.x, mode(seed))?;
+    let b = (trainer.net).run(
+        &net_b.params,
+        &net_b.stats,
+        &batch.x,
+        mode(seed ^ NET_B_SALT),
+    )?;
+    let sdf_b = b.sdf.as_ref().ok_or_else(no_net_b)?;
+    let terms = terms(&trainer.config, batch, &a.logits, sdf_b)?;
+    let weight = trainer.config.dtml.mutual_weight(t);
+    let total = terms.total(&trainer.config.dtml, weight)?;
+    let wrt: Vec<&Var<B>> = trainer
+        .params
+        .values()
+        .iter()
+        .chain(net_b.params.values())
+        .collect();
+    let mut grads_a = grad(&total, &wrt, None, false)?;
+    let grads_b = grads_a.split_off(trainer.params.len());
+    let (clip, lr) = (
+        trainer.config.optimizer.clip,
+        trainer.schedule().lr(
+            trainer
+                .config
+                .dtml
+                .lr
+                .unwrap_or(trainer.config.optimizer.lr),
+            t,
+        ),
+    );
+    trainer.keep_stats(&a.batch_stats)?;
+    trainer.update(grads_a, clip, lr, t)?;
+    let net_b = trainer.dtml.as_mut().ok_or_else(no_net_b)?;
+    net_b.update(grads_b, clip, lr, &b.batch_stats)?;
+    let named = [
+        ("loss", total),
+        ("ce", terms.ce),
+        ("dice", terms.dice),
+        ("sdf_dice", terms.sdf_dice),
+        ("sdf_l1", terms.sdf_l1),
+        ("mutual", terms.mutual),
+    ];
+    let mut log = trainer.read_back(&named)?;
+    log.insert(1, ("lr", lr));
+    log.push(("mutual_weight", weight));
+    Ok(log)
+}
+
+/// Net B's tensors and its optimiser's step count into a checkpoint's maps.
+pub fn save<B: NetBackend>(
+    net_b: &NetB<B>,
+    tensors: &mut BTreeMap<String, HostTensor>,
+    counters: &mut BTreeMap<String, u64>,
+) -> run::Result<()> {
+    run::host(&net_b.params, "dtml/params", tensors)?;
+    run::host(&net_b.stats, "dtml/stats", tensors)?;
+    run::host_optimizer(&net_b.optimizer, "dtml/optimizer", tensors)?;
+    counters.insert("dtml_optimizer_steps".into(), net_b.optimizer.steps);
+    Ok(())
+}
+
+/// Net B restored from a checkpoint written by [`save`].
+pub fn load<B: NetBackend>(
+    backend: &B,
+    net_b: &mut NetB<B>,
+    tensors: &BTreeMap<String, HostTensor>,
+    counters: &BTreeMap<String, u64>,
+) -> run::Result<()> {
+    net_b.params = run::restore(&net_b.params, "dtml/params", tensors, backend)?;
+    net_b.stats = run::restore(&net_b.stats, "dtml/stats", tensors, backend)?;
+    net_b.optimizer.state = run::restore_optimizer("dtml/optimizer", tensors, backend)?;
+    net_b.optimizer.steps = *counters.get("dtml_optimizer_steps").ok_or_else(|| {
+        RunError::Resume("the checkpoint has no dtml_optimizer_steps: it is not a dtml run".into())
+    })?;
+    Ok(())
+}
