@@ -7,7 +7,9 @@ mod common;
 
 use common::{assert_gpu_matches_cpu64, gpu, seeded};
 use metaseg::runner::op_names;
-use metaseg_autograd::{Backend, Cpu64, Distribution, Shape, TensorShape, Tolerance, UnaryOp, Var};
+use metaseg_autograd::{
+    Backend, BinaryOp, Cpu64, Distribution, Shape, TensorShape, Tolerance, UnaryOp, Var,
+};
 
 /// [2, 3, 5, 7, 9]: 1890 elements, a multiple of neither 4 nor the workgroup size.
 fn odd_shape() -> Shape {
@@ -276,4 +278,31 @@ fn fill_copy_and_reshape() {
     let r = g.reshape(&x, &Shape::from([7, 3])).unwrap();
     assert_eq!(r.shape(), &Shape::from([7, 3]));
     assert!(g.reshape(&x, &Shape::from([5, 5])).is_err());
+}
+
+/// Mesa's CPU adapters flush f32 subnormals as GPUs do (src/gpu/denormals.rs: otherwise their
+/// worker threads take a microcode assist per subnormal operation), and leave small normal values.
+#[test]
+fn cpu_adapters_flush_subnormals() {
+    let g = gpu();
+    if g.context().adapter.info.device_type != wgpu::DeviceType::Cpu {
+        eprintln!("not a CPU adapter: subnormal handling is the hardware's");
+        return;
+    }
+    let shape = Shape::from([2, 33]);
+    let mut a = vec![1e-39; 33];
+    a.extend(vec![1e-30; 33]);
+    let a = g.tensor(&a, &shape).unwrap();
+    let half = g.tensor(&[0.5; 66], &shape).unwrap();
+    let product = g
+        .to_f64(&g.binary(BinaryOp::Mul, &a, &half).unwrap())
+        .unwrap();
+    assert!(
+        product[..33].iter().all(|&v| v == 0.0),
+        "{:?}",
+        &product[..3]
+    );
+    assert!(product[33..]
+        .iter()
+        .all(|&v| (v / 5e-31 - 1.0).abs() < 1e-6));
 }

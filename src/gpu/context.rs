@@ -66,6 +66,9 @@ impl Context {
     /// Opens the adapter that `WGPU_BACKEND` (vulkan, metal, dx12, gl) selects, or the best one
     /// available, asking for the adapter's own limits rather than wgpu's conservative defaults.
     pub fn new() -> Result<Context, DeviceError> {
+        // A software adapter's worker threads start while the adapter and device open, and keep
+        // this thread's floating-point state: subnormals flushed, as on a GPU (see `denormals`).
+        let flush = super::denormals::FlushSubnormals::new();
         // Without WGPU_BACKEND, the native APIs first; OpenGL only if none has an adapter (probing
         // GL needlessly opens EGL, which prints warnings on headless machines).
         let adapter = match wgpu::Backends::from_env() {
@@ -89,6 +92,7 @@ impl Context {
             adapter: summary.info.name.clone(),
             reason: e.to_string(),
         })?;
+        drop(flush);
         let is_gl = summary.info.backend == wgpu::Backend::Gl;
         let storage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC

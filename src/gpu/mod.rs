@@ -8,6 +8,7 @@ mod backend;
 mod context;
 mod contrastive;
 mod conv;
+pub mod denormals;
 mod distance;
 pub mod kernels;
 mod layers;
