@@ -56,8 +56,9 @@ struct TrainArgs {
     /// instead of the embedded data set.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
-    /// Override a key of the preset, like --set optimizer.lr=0.005 or --set iterations=100.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
+    /// Override keys of the preset, like --set optimizer.lr=0.005 iterations=100 (or one --set
+    /// per key).
+    #[arg(long = "set", value_name = "KEY=VALUE", num_args = 1..)]
     overrides: Vec<String>,
     /// Run every method with this many seeds (the preset's and the next ones): a comparison then
     /// reports mean ± standard deviation over them.

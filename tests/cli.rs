@@ -1006,10 +1006,9 @@ const TINY_TRAINING: [&str; 10] = [
 ];
 
 fn train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["train", "--quiet", "--out", out];
-    for s in &TINY_TRAINING {
-        args.extend(["--set", s]);
-    }
+    // One --set for every key, as a user would write it; `extra` may add more --set flags.
+    let mut args = vec!["train", "--quiet", "--out", out, "--set"];
+    args.extend(TINY_TRAINING);
     args.extend(extra);
     args
 }
