@@ -318,7 +318,8 @@ fn both_stages_write_initial_labels_train_and_resume_as_the_uninterrupted_run() 
     // The initial labels on disk are the stage-0 network's predictions, on each case's grid.
     let stage0 = stage0_config(&config);
     let network = run::restore_trainer(&g, &stage0, 1, &stage0_paths(&paths)).unwrap();
-    let read = stages::read_initial_labels(&data.unlabeled, &stages::initial_labels_dir(&paths));
+    let read =
+        metaseg::train::pseudo_labels::read(&data.unlabeled, &stages::initial_labels_dir(&paths));
     let read = read.unwrap();
     for (c, labels) in data.unlabeled.iter().zip(&read) {
         let file = stages::initial_labels_dir(&paths).join(format!("{}.nii.gz", c.name));

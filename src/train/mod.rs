@@ -10,6 +10,7 @@ pub mod dtml;
 pub mod mlb_seg;
 pub mod online_pl;
 pub mod profile;
+pub mod pseudo_labels;
 pub mod run;
 pub mod stages;
 pub mod trainer;

@@ -14,10 +14,10 @@
 //! that, it continues stage 0 (a finished stage 0 resumes with nothing left to do) and then starts
 //! the main stage. `stop_after` counts stage 0's iterations first.
 
-use super::super::batch::LoadedCase;
 use super::super::config::TrainConfig;
+use super::super::pseudo_labels;
 use super::super::run::{
-    self, io, predict_case, restore_trainer, RunData, RunError, RunOptions, RunPaths, Summary,
+    self, io, restore_trainer, RunData, RunError, RunOptions, RunPaths, Summary,
 };
 use super::super::stages::{self, say, FirstStage};
 use super::super::trainer::{DeviceBatch, Trainer};
@@ -25,7 +25,7 @@ use super::step::{meta_weights, unlabeled_terms};
 use crate::data::{self, nifti, Dtype, Volume};
 use crate::nn::NetBackend;
 use metaseg_autograd::{Shape, Var};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The supervised run of stage 0: the run's configuration with its own method and length.
 pub fn stage0_config(config: &TrainConfig) -> TrainConfig {
@@ -43,10 +43,6 @@ pub fn stage0_paths(paths: &RunPaths) -> RunPaths {
 
 pub fn initial_labels_dir(paths: &RunPaths) -> PathBuf {
     paths.dir.join("initial_labels")
-}
-
-fn label_path(dir: &Path, case: &LoadedCase) -> PathBuf {
-    dir.join(format!("{}.nii.gz", case.name))
 }
 
 /// Both stages (see the top), through the shared two-stage run of [`super::super::stages`]. The
@@ -86,7 +82,7 @@ pub fn train<B: NetBackend>(
         first,
         |main_started, main_options| {
             let labels = if main_started {
-                read_initial_labels(&data.unlabeled, &labels_dir)?
+                pseudo_labels::read(&data.unlabeled, &labels_dir)?
             } else {
                 let channels = data.labeled[0].image.channels;
                 let network = restore_trainer(backend, &stage0, channels, &stage0_paths)?;
@@ -98,94 +94,14 @@ pub fn train<B: NetBackend>(
                         labels_dir.display()
                     ),
                 );
-                predict_initial_labels(backend, &network, &data.unlabeled, &labels_dir)?
+                pseudo_labels::predict(backend, &network, &data.unlabeled, &labels_dir)?
             };
-            let main_data = with_initial_labels(data, labels);
+            let main_data = pseudo_labels::with_labels(data, labels);
             check_weight_case(config, &main_data)?;
             let trainer = main_trainer(backend, config, &main_data, &stage0_paths, main_started)?;
             run::train_from(backend, trainer, &main_data, paths, main_options)
         },
     )
-}
-
-/// The label map of every case predicted by `network`, each written to `dir`/CASE.nii.gz.
-pub fn predict_initial_labels<B: NetBackend>(
-    backend: &B,
-    network: &Trainer<B>,
-    cases: &[LoadedCase],
-    dir: &Path,
-) -> run::Result<Vec<Vec<u8>>> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut all = Vec::with_capacity(cases.len());
-    for case in cases {
-        let labels = predict_case(backend, network, case)?;
-        let values = labels.iter().map(|&v| f32::from(v)).collect();
-        nifti::write(
-            &label_path(dir, case),
-            &geometry(case).like(values)?,
-            Dtype::U8,
-        )?;
-        all.push(labels);
-    }
-    Ok(all)
-}
-
-/// The case's grid and header for a label map (the image's display window dropped).
-fn geometry(case: &LoadedCase) -> Volume {
-    let mut header = case.image.header.clone();
-    header.cal_min = 0.0;
-    header.cal_max = 0.0;
-    Volume {
-        data: Vec::new(),
-        channels: 1,
-        dims: case.image.dims,
-        spacing: case.image.spacing,
-        header,
-    }
-}
-
-/// The initial labels written by [`predict_initial_labels`], read back.
-pub fn read_initial_labels(cases: &[LoadedCase], dir: &Path) -> run::Result<Vec<Vec<u8>>> {
-    cases
-        .iter()
-        .map(|case| {
-            let path = label_path(dir, case);
-            let volume = nifti::read(&path)?;
-            if volume.dims != case.image.dims || volume.channels != 1 {
-                return Err(RunError::Data(data::DataError::invalid(
-                    "initial labels",
-                    format!(
-                        "{} holds {:?} x {} channel(s); case {} is {:?}",
-                        path.display(),
-                        volume.dims,
-                        volume.channels,
-                        case.name,
-                        case.image.dims
-                    ),
-                )));
-            }
-            Ok(volume.data.iter().map(|&v| v.round() as u8).collect())
-        })
-        .collect()
-}
-
-/// The run's cases with the unlabeled ones carrying their initial labels (the reference labels
-/// an unlabeled case may have are not used).
-fn with_initial_labels(data: &RunData, labels: Vec<Vec<u8>>) -> RunData {
-    let unlabeled = data
-        .unlabeled
-        .iter()
-        .zip(labels)
-        .map(|(case, label)| LoadedCase {
-            label: Some(label),
-            ..case.clone()
-        })
-        .collect();
-    RunData {
-        labeled: data.labeled.clone(),
-        unlabeled,
-        test: data.test.clone(),
-    }
 }
 
 /// The main stage's trainer before its first step: the stage-0 network (or fresh weights), a
@@ -281,7 +197,7 @@ pub fn save_weight_maps<B: NetBackend>(
             .map(|&v| (v * entries) as f32)
             .collect();
         let mut volume = Volume::new(map, patch, case.image.spacing)?;
-        volume.header = geometry(case).header;
+        volume.header = pseudo_labels::geometry(case).header;
         volume.header.dim = nifti::header_dim(patch, 1);
         if let Some(start) = start {
             nifti::shift_origin(&mut volume.header, [start[2], start[1], start[0]]);
