@@ -108,6 +108,24 @@ impl<B: Backend> ParamStore<B> {
         &self.specs
     }
 
+    /// This store with every tensor that `other` also declares (same name and shape) taken from
+    /// `other`: how a network with an extra head starts from one trained without it.
+    pub fn with_matching(&self, other: &ParamStore<B>) -> Result<Self> {
+        let values = self
+            .specs
+            .iter()
+            .zip(&self.values)
+            .map(|(spec, own)| {
+                let found = other
+                    .specs
+                    .iter()
+                    .position(|o| o.name == spec.name && o.shape == spec.shape);
+                found.map_or(own, |i| &other.values[i]).value().clone()
+            })
+            .collect();
+        self.with_values(values)
+    }
+
     /// The tensors as differentiable leaves, in order.
     pub fn values(&self) -> &[Var<B>] {
         &self.values

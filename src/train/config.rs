@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// supervised, full, mean-teacher, mlb-seg, online-pl (online-pl-teacher: its first stage) or
-    /// dtml.
+    /// supervised, full, mean-teacher, mlb-seg, online-pl (online-pl-teacher: its first stage),
+    /// dtml or local-contrastive.
     pub method: String,
     pub seed: u64,
     pub iterations: u64,
@@ -30,6 +30,9 @@ pub struct TrainConfig {
     /// DTML's settings (METHODS.md, section 3), defaults when the preset has no `[dtml]`.
     #[serde(default)]
     pub dtml: DtmlConfig,
+    /// The local contrastive method's settings (METHODS.md, section 2), defaults as `mlb_seg`.
+    #[serde(default)]
+    pub local_contrastive: super::local_contrastive::LocalContrastiveConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -183,19 +186,23 @@ pub struct LogConfig {
 }
 
 /// The presets shipped with metaseg, by name.
-pub const PRESETS: [(&str, &str); 5] = [
+pub const PRESETS: [(&str, &str); 6] = [
     ("default", include_str!("../../presets/default.toml")),
     ("la-vnet", include_str!("../../presets/la-vnet.toml")),
     ("mlb-seg", include_str!("../../presets/mlb-seg.toml")),
     ("online-pl", include_str!("../../presets/online-pl.toml")),
     ("dtml", include_str!("../../presets/dtml.toml")),
+    (
+        "local-contrastive",
+        include_str!("../../presets/local-contrastive.toml"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "unknown preset '{0}'; the presets are default, la-vnet, mlb-seg, online-pl, dtml (or give a \
-         .toml file)"
+        "unknown preset '{0}'; the presets are default, la-vnet, mlb-seg, online-pl, dtml, \
+         local-contrastive (or give a .toml file)"
     )]
     UnknownPreset(String),
     #[error("reading {path}: {message}")]
@@ -239,7 +246,7 @@ impl TrainConfig {
 
     /// Whether the method trains on unlabeled patches.
     pub fn uses_unlabeled(&self) -> bool {
-        self.has_teacher() || self.method == "dtml"
+        self.has_teacher() || ["dtml", "local-contrastive"].contains(&self.method.as_str())
     }
 
     /// Whether the method keeps a mean teacher (online-pl: the teacher of its pseudo-labels).
@@ -258,6 +265,7 @@ impl TrainConfig {
         match self.method.as_str() {
             "mlb-seg" => self.mlb_seg.stage0_iterations,
             "online-pl" => self.online_pl.stage1_iterations,
+            "local-contrastive" => self.local_contrastive.stage1_iterations,
             _ => 0,
         }
     }
@@ -283,6 +291,7 @@ impl TrainConfig {
                 "online-pl",
                 "online-pl-teacher",
                 "dtml",
+                "local-contrastive",
             ],
         )?;
         one_of("network.kind", &self.network.kind, &["vnet", "unet"])?;
@@ -324,6 +333,9 @@ impl TrainConfig {
         }
         if self.method == "dtml" {
             self.dtml.check(self)?;
+        }
+        if self.method == "local-contrastive" {
+            self.local_contrastive.check(self)?;
         }
         let (rotate, scale) = (self.batch.rotate, self.batch.scale);
         if !(0.0..=180.0).contains(&rotate) || !(0.0..1.0).contains(&scale) {

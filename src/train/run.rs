@@ -406,7 +406,8 @@ pub fn device_batch<B: NetBackend>(
         rotate_flip: c.batch.rotate_flip,
         intensity: c.batch.intensity,
         noise: c.batch.noise,
-        unlabeled_labels: c.method == "mlb-seg",
+        // MLB-Seg's initial labels, the local contrastive method's pseudo-labels.
+        unlabeled_labels: ["mlb-seg", "local-contrastive"].contains(&c.method.as_str()),
     };
     let counts = (c.batch.labeled, unlabeled);
     let b = sample(
@@ -486,6 +487,9 @@ pub fn train<B: NetBackend>(
     }
     if config.method == "online-pl" {
         return super::online_pl::train(backend, config, data, paths, options);
+    }
+    if config.method == "local-contrastive" {
+        return super::local_contrastive::train(backend, config, data, paths, options);
     }
     let trainer = Trainer::new(backend, config, data.labeled[0].image.channels)?;
     train_from(backend, trainer, data, paths, options)

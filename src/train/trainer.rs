@@ -14,6 +14,8 @@
 //!   unlabeled ones, momentum copies, the teacher following the student; see [`super::online_pl`].
 //! - dtml: two networks, segmentation and signed distance, trained together with a mutual term;
 //!   see [`super::dtml`].
+//! - local-contrastive: the supervised loss plus lambda times the local contrastive loss on
+//!   labeled and pseudo-labeled patches, in pseudo-label rounds; see [`super::local_contrastive`].
 
 use super::config::TrainConfig;
 use crate::nn::layers::{updated_stats, BN_MOMENTUM};
@@ -55,7 +57,9 @@ impl Net {
                 dropout,
                 // DTML reads its second network through the tanh SDF head.
                 sdf_head: config.method == "dtml",
-                projection: None,
+                // The local contrastive loss reads the projection head's embeddings.
+                projection: (config.method == "local-contrastive")
+                    .then_some(config.local_contrastive.embedding),
             })?)),
         })
     }
@@ -114,6 +118,23 @@ pub struct DeviceBatch<B: NetBackend> {
 
 /// The loss terms of one step, as read back (the total first).
 pub type StepLog = Vec<(&'static str, f64)>;
+
+/// The supervised terms of labeled logits against one-hot labels: softmax CE and the softmax
+/// Dice loss over the foreground classes (the loss is their mean).
+pub(crate) fn supervised_loss<B: NetBackend>(
+    logits: &Var<B>,
+    y: &Var<B>,
+) -> Result<(Var<B>, Var<B>)> {
+    let ce = logits.cross_entropy(y, None, Reduction::Mean)?;
+    let dice = logits.softmax_dice(
+        y,
+        DiceOptions {
+            include_background: false,
+            ..DiceOptions::default()
+        },
+    )?;
+    Ok((ce, dice))
+}
 
 /// Samples `start .. start + len` of a [N, ...] tensor (rank 5).
 pub(crate) fn slice_batch<B: NetBackend>(x: &Var<B>, start: usize, len: usize) -> Result<Var<B>> {
@@ -191,6 +212,9 @@ impl<B: NetBackend> Trainer<B> {
         if self.config.method == "dtml" {
             return super::dtml::step(self, batch, t);
         }
+        if self.config.method == "local-contrastive" {
+            return super::local_contrastive::step(self, batch, t);
+        }
         let seed = self.config.seed;
         let mode = Mode::Train {
             seed,
@@ -198,14 +222,7 @@ impl<B: NetBackend> Trainer<B> {
         };
         let out = self.net.run(&self.params, &self.stats, &batch.x, mode)?;
         let labeled = slice_batch(&out.logits, 0, batch.labeled)?;
-        let ce = labeled.cross_entropy(&batch.y, None, Reduction::Mean)?;
-        let dice = labeled.softmax_dice(
-            &batch.y,
-            DiceOptions {
-                include_background: false,
-                ..DiceOptions::default()
-            },
-        )?;
+        let (ce, dice) = supervised_loss(&labeled, &batch.y)?;
         let supervised = ce.add(&dice)?.scale(0.5)?;
         let mut terms = vec![("ce", ce), ("dice", dice)];
         let mut total = supervised;
