@@ -47,10 +47,10 @@ enum Command {
 struct TrainArgs {
     /// The method, or several separated by commas to compare them on the same split. Without it,
     /// the baselines are compared: supervised, mean-teacher and full.
-    #[arg(long, value_delimiter = ',', value_parser = ["supervised", "mean-teacher", "full", "mlb-seg", "online-pl", "dtml", "local-contrastive"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["supervised", "mean-teacher", "full", "mlb-seg", "online-pl", "dtml", "local-contrastive", "ideal"])]
     method: Vec<String>,
-    /// A preset shipped with metaseg (default, la-vnet, mlb-seg, online-pl, dtml, local-contrastive)
-    /// or a .toml file.
+    /// A preset shipped with metaseg (default, la-vnet, mlb-seg, online-pl, dtml, local-contrastive,
+    /// ideal) or a .toml file.
     #[arg(long, default_value = "default")]
     preset: String,
     /// A Medical Segmentation Decathlon folder (imagesTr/, labelsTr/, dataset.json) to train on

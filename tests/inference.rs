@@ -48,6 +48,7 @@ impl Network for Pointwise {
     fn forward<B: NetBackend>(&self, f: &Forward<B>, x: &Var<B>) -> Result<Outputs<B>> {
         Ok(Outputs {
             logits: self.conv.apply(f, x)?,
+            logits_b: None,
             sdf: None,
             embedding: None,
             batch_stats: Vec::new(),

@@ -222,6 +222,7 @@ fn a_vnet_meta_step_with_momentum_matches_finite_differences_on_both_paths() {
         dropout: Some(0.5),
         sdf_head: false,
         projection: None,
+        ..VNetConfig::default()
     })
     .unwrap();
     let params = net.init_params(&Cpu64, 3).unwrap();

@@ -10,7 +10,7 @@ use metaseg::nn::{Mode, Network, ParamStore, UNet, UNetConfig, VNet, VNetConfig}
 use metaseg_autograd::{grad, Backend, Cpu64, Reduction, Shape, Tolerance, Upsample, Var};
 
 /// A V-Net small enough for the software adapter: 3 levels of widths 2, 4, 8 on 8^3 patches, with
-/// both optional heads, so every layer kind is exercised.
+/// the optional heads and the second decoder, so every layer kind is exercised.
 fn small_vnet() -> VNet {
     VNet::new(VNetConfig {
         in_channels: 1,
@@ -20,6 +20,8 @@ fn small_vnet() -> VNet {
         dropout: Some(0.5),
         sdf_head: true,
         projection: Some(3),
+        second_decoder: true,
+        encoder_projection: None,
     })
     .unwrap()
 }
@@ -53,6 +55,10 @@ fn loss<B: metaseg::nn::NetBackend>(
         .logits
         .cross_entropy(&target, None, Reduction::Mean)
         .unwrap();
+    if let Some(b_logits) = &out.logits_b {
+        let ce = b_logits.cross_entropy(&target, None, Reduction::Mean);
+        total = total.add(&ce.unwrap().scale(0.5).unwrap()).unwrap();
+    }
     for (k, head) in [out.sdf, out.embedding].into_iter().flatten().enumerate() {
         let n = head.shape().numel();
         let w = Var::from_f64(b, &seeded(n, 40 + k as u64, -1.0, 1.0), head.shape(), false);
@@ -318,4 +324,70 @@ fn a_patch_that_does_not_divide_by_the_down_sampling_is_an_error() {
         .unwrap()
         .to_string();
     assert!(err.contains("8x6x8") && err.contains("4x4x4"), "{err}");
+}
+
+/// IDEAL's dense embedding (the encoder alone and its bottleneck projection): values and parameter
+/// gradients of a seeded weighting on the GPU against Cpu64.
+#[test]
+fn vnet_dense_embedding_on_the_gpu_matches_cpu64() {
+    let net = VNet::new(VNetConfig {
+        base_width: 2,
+        levels: 3,
+        encoder_projection: Some(3),
+        ..VNetConfig::default()
+    })
+    .unwrap();
+    let x_shape = Shape::from([2, 1, 8, 8, 8]);
+    let mode = Mode::Train { seed: 4, step: 1 };
+    fn run<B: metaseg::nn::NetBackend>(
+        net: &VNet,
+        params: &ParamStore<B>,
+        stats: &ParamStore<B>,
+        x: &Var<B>,
+        mode: Mode,
+    ) -> (Vec<f64>, Vec<Vec<f64>>) {
+        let f = metaseg::nn::Forward::new(params.values(), stats.values(), mode);
+        let (e, _) = net.dense_embedding(&f, x).unwrap();
+        assert_eq!(e.shape().dims(), &[2, 3, 2, 2, 2], "the bottleneck's grid");
+        let n = e.shape().numel();
+        let w = Var::from_f64(x.backend(), &seeded(n, 8, -1.0, 1.0), e.shape(), false).unwrap();
+        let loss = e.mul(&w).unwrap().sum().unwrap();
+        let wrt: Vec<_> = params.values().iter().collect();
+        let grads = grad(&loss, &wrt, None, false).unwrap();
+        let grads = grads.iter().map(|g| g.to_f64().unwrap()).collect();
+        (e.to_f64().unwrap(), grads)
+    }
+    let cpu_params = net.init_params(&Cpu64, 3).unwrap();
+    let cpu_stats = net.init_stats(&Cpu64).unwrap();
+    let g = gpu();
+    let (gpu_params, gpu_stats) = (
+        cpu_params.transfer(&g).unwrap(),
+        cpu_stats.transfer(&g).unwrap(),
+    );
+    let (ce, cg) = run(
+        &net,
+        &cpu_params,
+        &cpu_stats,
+        &input(&Cpu64, &x_shape),
+        mode,
+    );
+    let (ge, gg) = run(&net, &gpu_params, &gpu_stats, &input(&g, &x_shape), mode);
+    Tolerance::F32_ACCUMULATED.assert("embedding", &ge, &ce);
+    let largest = |v: &[f64]| v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    // A bias before batch norm has a zero gradient, which f32 gives as rounding noise of the
+    // gradients around it: the tolerance floor follows the network's largest gradient.
+    let floor = 1e-3 * cg.iter().map(|v| largest(v)).fold(0.0, f64::max);
+    let mut decoder_grads = 0;
+    for (spec, (gv, cv)) in cpu_params.specs().iter().zip(gg.iter().zip(&cg)) {
+        Tolerance::new(2e-3 * largest(cv) + floor, 2e-3).assert(&spec.name, gv, cv);
+        if !(spec.name.starts_with("encoder") || spec.name.starts_with("down")) {
+            assert!(
+                cv.iter().all(|&v| v == 0.0),
+                "{} is not on the path",
+                spec.name
+            );
+            decoder_grads += 1;
+        }
+    }
+    assert!(decoder_grads > 0);
 }

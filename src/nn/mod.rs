@@ -14,15 +14,22 @@ pub use unet::{UNet, UNetConfig};
 pub use vnet::{VNet, VNetConfig};
 
 use metaseg_autograd::{
-    Backend, BatchStats, ConvBackend, DistanceBackend, LayerBackend, LossBackend, MetaBackend,
-    Result, Var, WarpBackend,
+    Backend, BatchStats, ContrastiveBackend, ConvBackend, DistanceBackend, LayerBackend,
+    LossBackend, MetaBackend, Result, Var, WarpBackend,
 };
 
 /// What a network needs of a backend, and what the training methods add: the warps of
 /// augmentation and of MLB-Seg's views, MLB-Seg's weight normalisation, DTML's signed distance
 /// maps.
 pub trait NetBackend:
-    Backend + ConvBackend + LayerBackend + LossBackend + WarpBackend + MetaBackend + DistanceBackend
+    Backend
+    + ConvBackend
+    + LayerBackend
+    + LossBackend
+    + WarpBackend
+    + MetaBackend
+    + DistanceBackend
+    + ContrastiveBackend
 {
 }
 impl<
@@ -32,15 +39,22 @@ impl<
             + LossBackend
             + WarpBackend
             + MetaBackend
-            + DistanceBackend,
+            + DistanceBackend
+            + ContrastiveBackend,
     > NetBackend for B
 {
 }
+
+/// The batch statistics a training forward measured: (index of the running mean in the stats
+/// store, the statistics), for [`layers::updated_stats`].
+pub type PassStats<B> = Vec<(usize, BatchStats<B>)>;
 
 /// The outputs of one forward pass.
 pub struct Outputs<B: NetBackend> {
     /// Segmentation logits [N, classes, D, H, W].
     pub logits: Var<B>,
+    /// The second decoder's logits, if the network has one (IDEAL).
+    pub logits_b: Option<Var<B>>,
     /// The tanh signed-distance head, if the network has one.
     pub sdf: Option<Var<B>>,
     /// The projection head's embeddings (not normalised), if the network has one.

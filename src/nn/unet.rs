@@ -158,6 +158,7 @@ impl Network for UNet {
         }
         Ok(Outputs {
             logits: self.head.apply(f, &h)?,
+            logits_b: None,
             sdf: None,
             embedding: None,
             batch_stats: f.batch_stats.take(),

@@ -3,11 +3,13 @@
 //! conv-BN-ReLU, up-sampling by a k2 s2 transposed conv-BN-ReLU added to the encoder's output of the
 //! same level, a decoder level with as many units as its encoder level, Dropout3d after the
 //! bottleneck and before the head, and a 1x1x1 head. Optional heads: tanh signed distance (DTC,
-//! DTML) and a 1x1 conv-BN-ReLU-1x1 conv projection for contrastive losses.
+//! DTML) and a 1x1 conv-BN-ReLU-1x1 conv projection for contrastive losses. Optional for IDEAL: a
+//! second decoder with its own head on the same encoder (parameters `b.*`), and a 1x1 conv
+//! projection of the bottleneck for dense contrastive pre-training of the encoder alone.
 
 use super::layers::{dropout, Activation, Conv, ConvNormAct, Forward};
 use super::params::Declarations;
-use super::{check_input, NetBackend, Network, Outputs};
+use super::{check_input, NetBackend, Network, Outputs, PassStats};
 use metaseg_autograd::{ConvSpec, Result, Var};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +26,10 @@ pub struct VNetConfig {
     pub sdf_head: bool,
     /// A projection head with this many embedding channels.
     pub projection: Option<usize>,
+    /// A second decoder and head on the same encoder (`Outputs::logits_b`).
+    pub second_decoder: bool,
+    /// A 1x1 conv of the bottleneck's features to this many channels ([`VNet::dense_embedding`]).
+    pub encoder_projection: Option<usize>,
 }
 
 impl Default for VNetConfig {
@@ -37,8 +43,18 @@ impl Default for VNetConfig {
             dropout: Some(0.5),
             sdf_head: false,
             projection: None,
+            second_decoder: false,
+            encoder_projection: None,
         }
     }
+}
+
+/// A decoder: per level below the bottleneck (deepest first) its up-sampling unit and conv units,
+/// then the head.
+struct Decoder {
+    up: Vec<ConvNormAct>,
+    levels: Vec<Vec<ConvNormAct>>,
+    head: Conv,
 }
 
 pub struct VNet {
@@ -49,13 +65,11 @@ pub struct VNet {
     encoder: Vec<Vec<ConvNormAct>>,
     /// From level l to l + 1.
     down: Vec<ConvNormAct>,
-    /// From level l + 1 to l.
-    up: Vec<ConvNormAct>,
-    /// Per level below the bottleneck, its conv units.
-    decoder: Vec<Vec<ConvNormAct>>,
-    head: Conv,
+    decoder: Decoder,
+    decoder_b: Option<Decoder>,
     sdf: Option<Conv>,
     projection: Option<(ConvNormAct, Conv)>,
+    encoder_projection: Option<Conv>,
 }
 
 /// Conv units of level l: 1, 2, then 3.
@@ -97,14 +111,7 @@ impl VNet {
         let width = |l: usize| config.base_width << l;
         let relu = Activation::Relu;
         let mut unit = |name: String, c: [usize; 2], k: usize, spec: ConvSpec, transposed: bool| {
-            let conv = move |d: &mut Declarations, n: &str| {
-                if transposed {
-                    Conv::transposed(d, n, c, [k; 3], spec)
-                } else {
-                    Conv::new(d, n, c, [k; 3], spec)
-                }
-            };
-            ConvNormAct::new(&mut params, &mut stats, &name, conv, c[1], relu)
+            conv_unit(&mut params, &mut stats, &name, c, k, spec, transposed)
         };
         let mut encoder = Vec::new();
         let mut down = Vec::new();
@@ -133,30 +140,7 @@ impl VNet {
                 ));
             }
         }
-        let mut up = Vec::new();
-        let mut decoder = Vec::new();
-        for l in (0..config.levels - 1).rev() {
-            up.push(unit(
-                format!("up.{l}"),
-                [width(l + 1), width(l)],
-                2,
-                DOWN2,
-                true,
-            ));
-            decoder.push(
-                (0..units(l))
-                    .map(|u| unit(format!("decoder.{l}.{u}"), [width(l); 2], 3, CUBE3, false))
-                    .collect(),
-            );
-        }
-        // Index order in `up` and `decoder`: from the deepest level up.
-        let head = Conv::new(
-            &mut params,
-            "head",
-            [width(0), config.classes],
-            [1; 3],
-            POINT,
-        );
+        let decoder = build_decoder(&mut params, &mut stats, &config, "");
         let sdf = config.sdf_head.then(|| {
             Conv::new(
                 &mut params,
@@ -178,17 +162,32 @@ impl VNet {
             let out = Conv::new(&mut params, "projection.1", [width(0), e], [1; 3], POINT);
             (hidden, out)
         });
+        // Declared after every tensor of the one-decoder network, so adding them leaves the
+        // others' initial values as they were.
+        let decoder_b = config
+            .second_decoder
+            .then(|| build_decoder(&mut params, &mut stats, &config, "b."));
+        let bottleneck = width(config.levels - 1);
+        let encoder_projection = config.encoder_projection.map(|e| {
+            Conv::new(
+                &mut params,
+                "encoder_projection",
+                [bottleneck, e],
+                [1; 3],
+                POINT,
+            )
+        });
         Ok(VNet {
             config,
             params,
             stats,
             encoder,
             down,
-            up,
             decoder,
-            head,
+            decoder_b,
             sdf,
             projection,
+            encoder_projection,
         })
     }
 
@@ -200,6 +199,61 @@ impl VNet {
     pub fn patch_multiple(&self) -> usize {
         1 << (self.config.levels - 1)
     }
+}
+
+/// A conv(k, spec)-BN-ReLU unit from c[0] to c[1] channels, transposed or not.
+fn conv_unit(
+    params: &mut Declarations,
+    stats: &mut Declarations,
+    name: &str,
+    c: [usize; 2],
+    k: usize,
+    spec: ConvSpec,
+    transposed: bool,
+) -> ConvNormAct {
+    let conv = move |d: &mut Declarations, n: &str| {
+        if transposed {
+            Conv::transposed(d, n, c, [k; 3], spec)
+        } else {
+            Conv::new(d, n, c, [k; 3], spec)
+        }
+    };
+    ConvNormAct::new(params, stats, name, conv, c[1], Activation::Relu)
+}
+
+/// A decoder and its head, their tensors named with `prefix`.
+fn build_decoder(
+    params: &mut Declarations,
+    stats: &mut Declarations,
+    config: &VNetConfig,
+    prefix: &str,
+) -> Decoder {
+    let width = |l: usize| config.base_width << l;
+    let mut up = Vec::new();
+    let mut levels = Vec::new();
+    for l in (0..config.levels - 1).rev() {
+        let name = format!("{prefix}up.{l}");
+        up.push(conv_unit(
+            params,
+            stats,
+            &name,
+            [width(l + 1), width(l)],
+            2,
+            DOWN2,
+            true,
+        ));
+        levels.push(
+            (0..units(l))
+                .map(|u| {
+                    let name = format!("{prefix}decoder.{l}.{u}");
+                    conv_unit(params, stats, &name, [width(l); 2], 3, CUBE3, false)
+                })
+                .collect(),
+        );
+    }
+    let name = format!("{prefix}head");
+    let head = Conv::new(params, &name, [width(0), config.classes], [1; 3], POINT);
+    Decoder { up, levels, head }
 }
 
 fn chain<B: NetBackend>(f: &Forward<B>, units: &[ConvNormAct], x: Var<B>) -> Result<Var<B>> {
@@ -216,6 +270,37 @@ impl Network for VNet {
     }
 
     fn forward<B: NetBackend>(&self, f: &Forward<B>, x: &Var<B>) -> Result<Outputs<B>> {
+        let (mut h, skips) = self.encode(f, x)?;
+        if let Some(p) = self.config.dropout {
+            h = dropout(f, &h, p, 0)?;
+        }
+        let features = self.decode(f, &self.decoder, h.clone(), &skips, 1)?;
+        let logits = self.decoder.head.apply(f, &features)?;
+        let logits_b = match &self.decoder_b {
+            Some(d) => Some(d.head.apply(f, &self.decode(f, d, h, &skips, 2)?)?),
+            None => None,
+        };
+        let sdf = match &self.sdf {
+            Some(c) => Some(c.apply(f, &features)?.tanh()?),
+            None => None,
+        };
+        let embedding = match &self.projection {
+            Some((hidden, out)) => Some(out.apply(f, &hidden.apply(f, &features)?)?),
+            None => None,
+        };
+        Ok(Outputs {
+            logits,
+            logits_b,
+            sdf,
+            embedding,
+            batch_stats: f.batch_stats.take(),
+        })
+    }
+}
+
+impl VNet {
+    /// The encoder: the bottleneck's features and the skip connections (level 0 first).
+    fn encode<B: NetBackend>(&self, f: &Forward<B>, x: &Var<B>) -> Result<(Var<B>, Vec<Var<B>>)> {
         let m = self.patch_multiple();
         check_input("vnet", x.shape(), self.config.in_channels, [m; 3])?;
         let levels = self.config.levels;
@@ -228,30 +313,45 @@ impl Network for VNet {
                 h = self.down[l].apply(f, &h)?;
             }
         }
-        if let Some(p) = self.config.dropout {
-            h = dropout(f, &h, p, 0)?;
-        }
+        Ok((h, skips))
+    }
+
+    /// A decoder's last features (before its head) from the bottleneck `h`, with the dropout
+    /// before the head as layer `dropout_layer`.
+    fn decode<B: NetBackend>(
+        &self,
+        f: &Forward<B>,
+        decoder: &Decoder,
+        mut h: Var<B>,
+        skips: &[Var<B>],
+        dropout_layer: u64,
+    ) -> Result<Var<B>> {
         for (i, skip) in skips.iter().rev().enumerate() {
-            h = self.up[i].apply(f, &h)?.add(skip)?;
-            h = chain(f, &self.decoder[i], h)?;
+            h = decoder.up[i].apply(f, &h)?.add(skip)?;
+            h = chain(f, &decoder.levels[i], h)?;
         }
-        if let Some(p) = self.config.dropout {
-            h = dropout(f, &h, p, 1)?;
+        match self.config.dropout {
+            Some(p) => dropout(f, &h, p, dropout_layer),
+            None => Ok(h),
         }
-        let logits = self.head.apply(f, &h)?;
-        let sdf = match &self.sdf {
-            Some(c) => Some(c.apply(f, &h)?.tanh()?),
-            None => None,
-        };
-        let embedding = match &self.projection {
-            Some((hidden, out)) => Some(out.apply(f, &hidden.apply(f, &h)?)?),
-            None => None,
-        };
-        Ok(Outputs {
-            logits,
-            sdf,
-            embedding,
-            batch_stats: f.batch_stats.take(),
-        })
+    }
+
+    /// The encoder alone and its bottleneck projection: dense embeddings [N, E, patch / 2^(L-1)]
+    /// (not normalised) for dense contrastive pre-training, with the batch statistics of a
+    /// training pass. Needs `encoder_projection`.
+    pub fn dense_embedding<B: NetBackend>(
+        &self,
+        f: &Forward<B>,
+        x: &Var<B>,
+    ) -> Result<(Var<B>, PassStats<B>)> {
+        let projection = self.encoder_projection.as_ref().ok_or_else(|| {
+            metaseg_autograd::Error::InvalidArgument {
+                op: "vnet",
+                message: "dense_embedding needs a network with encoder_projection".into(),
+            }
+        })?;
+        let (h, _) = self.encode(f, x)?;
+        let embedding = projection.apply(f, &h)?;
+        Ok((embedding, f.batch_stats.take()))
     }
 }

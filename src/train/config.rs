@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     /// supervised, full, mean-teacher, mlb-seg, online-pl (online-pl-teacher: its first stage),
-    /// dtml or local-contrastive.
+    /// dtml, local-contrastive or ideal (ideal-pretrain: its first stage).
     pub method: String,
     pub seed: u64,
     pub iterations: u64,
@@ -33,6 +33,9 @@ pub struct TrainConfig {
     /// The local contrastive method's settings (METHODS.md, section 2), defaults as `mlb_seg`.
     #[serde(default)]
     pub local_contrastive: super::local_contrastive::LocalContrastiveConfig,
+    /// IDEAL's settings (METHODS.md, section 4), defaults as `mlb_seg`.
+    #[serde(default)]
+    pub ideal: super::ideal::IdealConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -186,7 +189,7 @@ pub struct LogConfig {
 }
 
 /// The presets shipped with metaseg, by name.
-pub const PRESETS: [(&str, &str); 6] = [
+pub const PRESETS: [(&str, &str); 7] = [
     ("default", include_str!("../../presets/default.toml")),
     ("la-vnet", include_str!("../../presets/la-vnet.toml")),
     ("mlb-seg", include_str!("../../presets/mlb-seg.toml")),
@@ -196,13 +199,14 @@ pub const PRESETS: [(&str, &str); 6] = [
         "local-contrastive",
         include_str!("../../presets/local-contrastive.toml"),
     ),
+    ("ideal", include_str!("../../presets/ideal.toml")),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
         "unknown preset '{0}'; the presets are default, la-vnet, mlb-seg, online-pl, dtml, \
-         local-contrastive (or give a .toml file)"
+         local-contrastive, ideal (or give a .toml file)"
     )]
     UnknownPreset(String),
     #[error("reading {path}: {message}")]
@@ -246,12 +250,13 @@ impl TrainConfig {
 
     /// Whether the method trains on unlabeled patches.
     pub fn uses_unlabeled(&self) -> bool {
-        self.has_teacher() || ["dtml", "local-contrastive"].contains(&self.method.as_str())
+        self.has_teacher() || ["dtml", "local-contrastive", "ideal"].contains(&self.method.as_str())
     }
 
-    /// Whether the method keeps a mean teacher (online-pl: the teacher of its pseudo-labels).
+    /// Whether the method keeps a mean teacher (online-pl: the teacher of its pseudo-labels;
+    /// ideal-pretrain: the momentum key encoder).
     pub fn has_teacher(&self) -> bool {
-        ["mean-teacher", "mlb-seg", "online-pl"].contains(&self.method.as_str())
+        ["mean-teacher", "mlb-seg", "online-pl", "ideal-pretrain"].contains(&self.method.as_str())
     }
 
     /// Whether the method keeps a momentum copy of its network (online-pl, both stages).
@@ -266,6 +271,7 @@ impl TrainConfig {
             "mlb-seg" => self.mlb_seg.stage0_iterations,
             "online-pl" => self.online_pl.stage1_iterations,
             "local-contrastive" => self.local_contrastive.stage1_iterations,
+            "ideal" if self.ideal.encoder.is_empty() => self.ideal.pretrain_iterations,
             _ => 0,
         }
     }
@@ -292,6 +298,8 @@ impl TrainConfig {
                 "online-pl-teacher",
                 "dtml",
                 "local-contrastive",
+                "ideal",
+                "ideal-pretrain",
             ],
         )?;
         one_of("network.kind", &self.network.kind, &["vnet", "unet"])?;
@@ -336,6 +344,9 @@ impl TrainConfig {
         }
         if self.method == "local-contrastive" {
             self.local_contrastive.check(self)?;
+        }
+        if self.method.starts_with("ideal") {
+            self.ideal.check(self)?;
         }
         let (rotate, scale) = (self.batch.rotate, self.batch.scale);
         if !(0.0..=180.0).contains(&rotate) || !(0.0..1.0).contains(&scale) {

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod dtml;
+pub mod ideal;
 pub mod local_contrastive;
 pub mod mlb_seg;
 pub mod online_pl;

@@ -491,6 +491,9 @@ pub fn train<B: NetBackend>(
     if config.method == "local-contrastive" {
         return super::local_contrastive::train(backend, config, data, paths, options);
     }
+    if config.method == "ideal" {
+        return super::ideal::train(backend, config, data, paths, options);
+    }
     let trainer = Trainer::new(backend, config, data.labeled[0].image.channels)?;
     train_from(backend, trainer, data, paths, options)
 }
@@ -567,7 +570,9 @@ pub fn train_from<B: NetBackend>(
         }
         line.insert("seconds".into(), began.elapsed().as_secs_f64().into());
         let last = done == config.iterations;
-        if (done % config.log.validate_every.max(1) == 0 || last) && !data.test.is_empty() {
+        // IDEAL's pre-training trains no decoder: nothing to validate.
+        let validates = !data.test.is_empty() && config.method != "ideal-pretrain";
+        if (done % config.log.validate_every.max(1) == 0 || last) && validates {
             let (dice, predictions) = validation_dice(backend, &trainer, &data.test)?;
             line.insert("validation_dice".into(), dice.into());
             summary.validation_dice = Some(dice);

@@ -16,6 +16,8 @@
 //!   see [`super::dtml`].
 //! - local-contrastive: the supervised loss plus lambda times the local contrastive loss on
 //!   labeled and pseudo-labeled patches, in pseudo-label rounds; see [`super::local_contrastive`].
+//! - ideal: dense contrastive pre-training of the encoder, then two decoders supervising each
+//!   other; see [`super::ideal`].
 
 use super::config::TrainConfig;
 use crate::nn::layers::{updated_stats, BN_MOMENTUM};
@@ -60,6 +62,11 @@ impl Net {
                 // The local contrastive loss reads the projection head's embeddings.
                 projection: (config.method == "local-contrastive")
                     .then_some(config.local_contrastive.embedding),
+                // IDEAL: cross pseudo supervision between two decoders, after dense contrastive
+                // pre-training of the encoder through a bottleneck projection.
+                second_decoder: config.method == "ideal",
+                encoder_projection: (config.method == "ideal-pretrain")
+                    .then_some(config.ideal.embedding),
             })?)),
         })
     }
@@ -215,6 +222,12 @@ impl<B: NetBackend> Trainer<B> {
         if self.config.method == "local-contrastive" {
             return super::local_contrastive::step(self, batch, t);
         }
+        if self.config.method == "ideal-pretrain" {
+            return super::ideal::pretrain_step(self, batch, t);
+        }
+        if self.config.method == "ideal" {
+            return super::ideal::step(self, batch, t);
+        }
         let seed = self.config.seed;
         let mode = Mode::Train {
             seed,
@@ -278,7 +291,11 @@ impl<B: NetBackend> Trainer<B> {
         }
         self.params = self.optimizer.step(&self.params, &grads, lr)?;
         if let Some(teacher) = self.teacher.as_mut() {
-            let decay = teacher_decay(t, self.config.mean_teacher.ema_decay);
+            let decay = match self.config.method.as_str() {
+                // IDEAL's key encoder: a fixed momentum from the start, as MoCo's.
+                "ideal-pretrain" => self.config.ideal.key_momentum,
+                _ => teacher_decay(t, self.config.mean_teacher.ema_decay),
+            };
             teacher.params = teacher.params.ema(&self.params, decay)?;
         }
         Ok(())

@@ -1,0 +1,452 @@
+//! IDEAL (Basak et al., ICASSP 2023; METHODS.md, section 4): dense contrastive pre-training of the
+//! encoder, then fine-tuning with two decoders that supervise each other.
+//!
+//! - Pre-training (`ideal-pretrain`, a run of its own in RUN_DIR/pretrain for
+//!   `ideal.pretrain_iterations`, on every training patch, labels unused): the query encoder is
+//!   the V-Net's encoder with a 1x1 conv projection of the bottleneck (`embedding` channels); the
+//!   key encoder is its momentum copy (the trainer's teacher, EMA with `key_momentum` after every
+//!   update, MoCo's initialisation as a copy). View 1 is the batch; view 2 is the batch flipped
+//!   along a random non-empty set of axes (one draw per step) plus Gaussian noise of std `noise`.
+//!   The keys of view 2 are flipped back at the bottleneck's resolution, so location i of the
+//!   queries and of the keys is the same anatomical location (the k2 s2 down-sampling maps the
+//!   blocks of a flipped patch onto the flipped blocks), and the loss is dense InfoNCE at
+//!   temperature `tau`: each query location against every key location of the batch. The query
+//!   encoder's tensors are written to RUN_DIR/pretrain/encoder.safetensors (+ .json), loadable on
+//!   their own through `ideal.encoder`.
+//! - Fine-tuning (`ideal`, in RUN_DIR): the V-Net with a second decoder and head on the shared
+//!   encoder, which starts from the pre-trained encoder (its decoders fresh). Each step:
+//!   0.5 (CE + Dice) of each decoder on the labeled patches plus weight(t) times cross pseudo
+//!   supervision on every patch, CE(logits_A, onehot(argmax logits_B)) + CE(logits_B,
+//!   onehot(argmax logits_A)), the hard labels taken without gradient; weight(t) = `cps` *
+//!   exp(-5 (1 - min(t', T) / T)^2), t' = t // `rampup_unit`, T = `rampup`. Validation, test
+//!   figures and `metaseg predict` read decoder A.
+
+use super::checkpoint::{self, HostTensor, Sidecar};
+use super::config::{ConfigError, TrainConfig};
+use super::run::{self, RunData, RunError, RunOptions, RunPaths, Summary};
+use super::stages::{self, FirstStage};
+use super::trainer::{slice_batch, supervised_loss, DeviceBatch, Net, StepLog, Trainer};
+use crate::data;
+use crate::nn::layers::{updated_stats, BN_MOMENTUM};
+use crate::nn::{Forward, Mode, NetBackend, ParamStore};
+use crate::optim::sigmoid_rampup;
+use metaseg_autograd::{
+    grad, no_grad, random, Distribution, Error, Interp, Reduction, Result, Shape, UnaryOp, Var,
+    Warp, Window3d,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Salt of the key encoder's dropout and batch streams and of view 2's flips and noise.
+const KEY_SALT: u64 = 0x1dea_1000;
+
+/// The `[ideal]` keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdealConfig {
+    /// Pre-training iterations (a run in RUN_DIR/pretrain); ignored when `encoder` is given.
+    pub pretrain_iterations: u64,
+    /// Channels of the bottleneck projection's dense embeddings (ours).
+    pub embedding: usize,
+    /// Temperature of dense InfoNCE ("a parameter" in the paper; ours 0.1).
+    pub tau: f64,
+    /// Momentum of the key encoder (ours; MoCo's 0.999 suits far longer runs).
+    pub key_momentum: f64,
+    /// Std of the Gaussian noise added to view 2.
+    pub noise: f64,
+    /// Weight of cross pseudo supervision at the end of the ramp-up (0.1).
+    pub cps: f64,
+    /// Ramp-up length T in units of `rampup_unit` iterations.
+    pub rampup: f64,
+    pub rampup_unit: u64,
+    /// A pre-trained encoder (the stem or the .safetensors file of one written by pre-training)
+    /// to fine-tune from instead of pre-training; empty: pre-train.
+    #[serde(default)]
+    pub encoder: String,
+}
+
+impl Default for IdealConfig {
+    fn default() -> Self {
+        IdealConfig {
+            pretrain_iterations: 3000,
+            embedding: 64,
+            tau: 0.1,
+            key_momentum: 0.99,
+            noise: 0.1,
+            cps: 0.1,
+            rampup: 40.0,
+            rampup_unit: 150,
+            encoder: String::new(),
+        }
+    }
+}
+
+impl IdealConfig {
+    /// What the types cannot check; every message names its key.
+    pub fn check(&self, config: &TrainConfig) -> std::result::Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if config.network.kind != "vnet" {
+            return bad(
+                "ideal needs network.kind = \"vnet\" (the second decoder and the encoder \
+                 projection are the V-Net's)"
+                    .into(),
+            );
+        }
+        if self.pretrain_iterations == 0 && self.encoder.is_empty() {
+            return bad(
+                "ideal.pretrain_iterations must be at least 1 (or name ideal.encoder)".into(),
+            );
+        }
+        if self.embedding == 0 {
+            return bad("ideal.embedding must be at least 1".into());
+        }
+        if !(self.tau.is_finite() && self.tau > 0.0) {
+            return bad(format!("ideal.tau {} must be > 0", self.tau));
+        }
+        if !(0.0..=1.0).contains(&self.key_momentum) {
+            return bad(format!(
+                "ideal.key_momentum {} must be in [0, 1]",
+                self.key_momentum
+            ));
+        }
+        if !(self.noise.is_finite() && self.noise >= 0.0) {
+            return bad(format!("ideal.noise {} must be >= 0", self.noise));
+        }
+        if !(self.cps.is_finite() && self.cps >= 0.0) {
+            return bad(format!("ideal.cps {} must be >= 0", self.cps));
+        }
+        if !(self.rampup.is_finite() && self.rampup >= 0.0) || self.rampup_unit == 0 {
+            return bad("ideal.rampup must be >= 0 and ideal.rampup_unit at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The weight of cross pseudo supervision at iteration `t`.
+    pub fn cps_weight(&self, t: u64) -> f64 {
+        self.cps * sigmoid_rampup((t / self.rampup_unit.max(1)) as f64, self.rampup)
+    }
+}
+
+/// The pre-training run: every training patch, the query encoder and its momentum key encoder.
+pub fn pretrain_config(config: &TrainConfig) -> TrainConfig {
+    let mut c = config.clone();
+    c.method = "ideal-pretrain".into();
+    c.iterations = config.ideal.pretrain_iterations;
+    c
+}
+
+pub fn pretrain_paths(paths: &RunPaths) -> RunPaths {
+    RunPaths {
+        dir: paths.dir.join("pretrain"),
+    }
+}
+
+/// The stem of the pre-trained encoder's files (`.safetensors` and `.json`).
+pub fn encoder_stem(paths: &RunPaths) -> PathBuf {
+    pretrain_paths(paths).dir.join("encoder")
+}
+
+/// Whether a tensor belongs to the encoder (the part pre-training trains and fine-tuning shares).
+pub fn is_encoder(name: &str) -> bool {
+    name.starts_with("encoder.") || name.starts_with("down.")
+}
+
+/// Pre-training (unless `ideal.encoder` names one), then fine-tuning (see the top).
+pub fn train<B: NetBackend>(
+    backend: &B,
+    config: &TrainConfig,
+    data: &RunData,
+    paths: &RunPaths,
+    options: RunOptions,
+) -> run::Result<Summary> {
+    if data.unlabeled.is_empty() {
+        return Err(RunError::Data(data::DataError::invalid(
+            "split",
+            "ideal needs unlabeled training cases: the split has none",
+        )));
+    }
+    let channels = data.labeled[0].image.channels;
+    let given = &config.ideal.encoder;
+    if !given.is_empty() {
+        let stem = Path::new(given).with_extension("");
+        let resuming = options.resume;
+        let trainer = fine_tuning_trainer(backend, config, channels, &stem, resuming)?;
+        return run::train_from(backend, trainer, data, paths, options);
+    }
+    let pretrain = pretrain_config(config);
+    let pretrain_paths = pretrain_paths(paths);
+    let first = FirstStage {
+        config: &pretrain,
+        paths: &pretrain_paths,
+        message: format!(
+            "pre-training: dense contrastive on {} training cases for {} iterations, in {}",
+            data.labeled.len() + data.unlabeled.len(),
+            pretrain.iterations,
+            pretrain_paths.dir.display()
+        ),
+    };
+    stages::train(
+        backend,
+        data,
+        paths,
+        options,
+        first,
+        |main_started, main_options| {
+            let stem = encoder_stem(paths);
+            if !main_started {
+                let network = run::restore_trainer(backend, &pretrain, channels, &pretrain_paths)?;
+                save_encoder(&network, &stem)?;
+            }
+            let trainer = fine_tuning_trainer(backend, config, channels, &stem, main_started)?;
+            run::train_from(backend, trainer, data, paths, main_options)
+        },
+    )
+}
+
+/// Writes the query encoder's parameters and statistics (`params/NAME`, `stats/NAME`) to
+/// `stem`.safetensors with a JSON sidecar (its pre-training step, seed and configuration).
+pub fn save_encoder<B: NetBackend>(network: &Trainer<B>, stem: &Path) -> run::Result<()> {
+    let mut tensors = BTreeMap::new();
+    run::host(&network.params, "params", &mut tensors)?;
+    run::host(&network.stats, "stats", &mut tensors)?;
+    tensors.retain(|name, _| name.split_once('/').is_some_and(|(_, n)| is_encoder(n)));
+    let sidecar = Sidecar {
+        step: network.optimizer.steps,
+        seed: network.config.seed,
+        config: serde_json::to_value(&network.config).expect("a configuration serialises"),
+        counters: BTreeMap::new(),
+    };
+    Ok(checkpoint::save(stem, &tensors, &sidecar)?)
+}
+
+/// The fine-tuning trainer: fresh, with the encoder read from `stem` (unless the run resumes,
+/// which restores everything from its checkpoint anyway).
+pub fn fine_tuning_trainer<B: NetBackend>(
+    backend: &B,
+    config: &TrainConfig,
+    channels: usize,
+    stem: &Path,
+    resuming: bool,
+) -> run::Result<Trainer<B>> {
+    let mut trainer = Trainer::new(backend, config, channels)?;
+    if !resuming {
+        let (tensors, _) = checkpoint::load(stem)?;
+        trainer.params = load_encoder(backend, &trainer.params, "params", &tensors, stem)?;
+        trainer.stats = load_encoder(backend, &trainer.stats, "stats", &tensors, stem)?;
+    }
+    Ok(trainer)
+}
+
+/// `store` with its encoder tensors replaced by the file's `prefix/NAME` ones; every encoder
+/// tensor must be there with its shape.
+fn load_encoder<B: NetBackend>(
+    backend: &B,
+    store: &ParamStore<B>,
+    prefix: &str,
+    tensors: &BTreeMap<String, HostTensor>,
+    stem: &Path,
+) -> run::Result<ParamStore<B>> {
+    let mut values = Vec::with_capacity(store.len());
+    for (spec, own) in store.specs().iter().zip(store.values()) {
+        if !is_encoder(&spec.name) {
+            values.push(own.value().clone());
+            continue;
+        }
+        let name = format!("{prefix}/{}", spec.name);
+        let t = tensors
+            .get(&name)
+            .filter(|t| t.shape == spec.shape.dims())
+            .ok_or_else(|| {
+                RunError::Resume(format!(
+                    "{}.safetensors has no tensor {name} of shape {}: it is not an encoder of \
+                     this network (network.base_width, levels and the image channels must match)",
+                    stem.display(),
+                    spec.shape
+                ))
+            })?;
+        let data: Vec<f64> = t.data.iter().map(|&x| f64::from(x)).collect();
+        values.push(backend.tensor(&data, &spec.shape)?);
+    }
+    Ok(store.with_values(values)?)
+}
+
+fn not_a_vnet() -> Error {
+    Error::InvalidArgument {
+        op: "ideal",
+        message: "ideal runs on a V-Net".into(),
+    }
+}
+
+/// The axes view 2 of step `t` is flipped along: a random non-empty subset of those longer than
+/// one voxel.
+pub fn view_flips(seed: u64, t: u64, patch: [usize; 3]) -> Vec<usize> {
+    let bits = random::random_bits(seed ^ KEY_SALT, t);
+    let axes: Vec<usize> = (0..3).filter(|&a| patch[a] > 1).collect();
+    let chosen: Vec<usize> = axes
+        .iter()
+        .copied()
+        .filter(|&a| bits >> a & 1 == 1)
+        .collect();
+    match (chosen.is_empty(), axes.last()) {
+        (true, Some(&last)) => vec![last],
+        _ => chosen,
+    }
+}
+
+/// The flips along `axes` of a grid of `size`, sampled exactly (nearest: the map is onto voxel
+/// centres). A flip is its own inverse.
+pub fn flips(size: [usize; 3], axes: &[usize]) -> Warp {
+    axes.iter()
+        .fold(Warp::identity(size), |w, &a| Warp::flip(size, a).then(&w))
+        .with_interp(Interp::Nearest)
+}
+
+/// One pre-training step at `t` (see the top).
+pub fn pretrain_step<B: NetBackend>(
+    trainer: &mut Trainer<B>,
+    batch: &DeviceBatch<B>,
+    t: u64,
+) -> Result<StepLog> {
+    let config = &trainer.config;
+    let ideal = &config.ideal;
+    let Net::VNet(vnet) = &trainer.net else {
+        return Err(not_a_vnet());
+    };
+    let teacher = trainer
+        .teacher
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument {
+            op: "ideal",
+            message: "the pre-training trainer has no key encoder".into(),
+        })?;
+    let axes = view_flips(config.seed, t, config.batch.patch);
+    let x = &batch.x;
+    let noise = Var::random(
+        x.backend(),
+        x.shape(),
+        Distribution::Normal,
+        config.seed ^ KEY_SALT,
+        (t << 32) | 1,
+    )?
+    .scale(ideal.noise)?;
+    let view2 = x.warp(&flips(config.batch.patch, &axes))?.add(&noise)?;
+    let mode = |seed| Mode::Train {
+        seed,
+        step: t as u32,
+    };
+    let (queries, query_stats) = vnet.dense_embedding(
+        &Forward::new(
+            trainer.params.values(),
+            trainer.stats.values(),
+            mode(config.seed),
+        ),
+        x,
+    )?;
+    let (keys, key_stats) = no_grad(|| -> Result<_> {
+        let f = Forward::new(
+            teacher.params.values(),
+            teacher.stats.values(),
+            mode(config.seed ^ KEY_SALT),
+        );
+        let (keys, batch_stats) = vnet.dense_embedding(&f, &view2)?;
+        let grid: [usize; 3] = keys.shape().dims()[2..].try_into().expect("rank 5");
+        let stats = updated_stats(teacher.stats.values(), &batch_stats, BN_MOMENTUM)?;
+        Ok((keys.warp(&flips(grid, &axes))?.detach(), stats))
+    })?;
+    let infonce = queries.dense_infonce(&keys, ideal.tau)?;
+    let wrt: Vec<&Var<B>> = trainer.params.values().iter().collect();
+    let grads = grad(&infonce, &wrt, None, false)?;
+    let lr = trainer.schedule().lr(config.optimizer.lr, t);
+    let clip = config.optimizer.clip;
+    let key_stats =
+        (teacher.stats).with_values(key_stats.iter().map(|v| v.value().clone()).collect())?;
+    trainer.keep_stats(&query_stats)?;
+    trainer.update(grads, clip, lr, t)?;
+    trainer.teacher.as_mut().expect("checked").stats = key_stats;
+    let mut log = trainer.read_back(&[("loss", infonce)])?;
+    log.insert(1, ("lr", lr));
+    Ok(log)
+}
+
+/// One-hot of the argmax over the channels of logits [N, C, ...], without gradient (a voxel
+/// whose largest logit is shared by two classes is one-hot in both; with f32 logits this is rare).
+pub fn hard_labels<B: NetBackend>(logits: &Var<B>) -> Result<Var<B>> {
+    no_grad(|| {
+        let d = logits.shape().dims().to_vec();
+        let (n, c) = (d[0], d[1]);
+        let s: usize = d[2..].iter().product();
+        let b = logits.backend();
+        let volume = b.reshape(logits.value(), &Shape::from([n, 1, c, s, 1]))?;
+        let window = Window3d {
+            kernel: [c, 1, 1],
+            stride: [c, 1, 1],
+        };
+        let max = b.max_pool3d(&volume, window)?;
+        let mut one = d.clone();
+        one[1] = 1;
+        let max = Var::constant(b, b.reshape(&max, &Shape(one))?);
+        // 1 where max - x <= 0, i.e. x is the maximum.
+        let is_max = max
+            .sub(logits)?
+            .unary(UnaryOp::ReluMask)?
+            .neg()?
+            .add_scalar(1.0)?;
+        Ok(is_max.detach())
+    })
+}
+
+/// One fine-tuning step at `t` (see the top).
+pub fn step<B: NetBackend>(
+    trainer: &mut Trainer<B>,
+    batch: &DeviceBatch<B>,
+    t: u64,
+) -> Result<StepLog> {
+    let config = &trainer.config;
+    let mode = Mode::Train {
+        seed: config.seed,
+        step: t as u32,
+    };
+    let out = crate::nn::Network::run(
+        &trainer.net,
+        &trainer.params,
+        &trainer.stats,
+        &batch.x,
+        mode,
+    )?;
+    let logits_b = out
+        .logits_b
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument {
+            op: "ideal",
+            message: "the network has no second decoder: it was not made for ideal".into(),
+        })?;
+    let y = slice_batch(&batch.y, 0, batch.labeled)?;
+    let (ce_a, dice_a) = supervised_loss(&slice_batch(&out.logits, 0, batch.labeled)?, &y)?;
+    let (ce_b, dice_b) = supervised_loss(&slice_batch(logits_b, 0, batch.labeled)?, &y)?;
+    let supervised = ce_a.add(&dice_a)?.add(&ce_b)?.add(&dice_b)?.scale(0.5)?;
+    let cps = out
+        .logits
+        .cross_entropy(&hard_labels(logits_b)?, None, Reduction::Mean)?
+        .add(&logits_b.cross_entropy(&hard_labels(&out.logits)?, None, Reduction::Mean)?)?;
+    let weight = config.ideal.cps_weight(t);
+    let total = supervised.add(&cps.scale(weight)?)?;
+    let wrt: Vec<&Var<B>> = trainer.params.values().iter().collect();
+    let grads = grad(&total, &wrt, None, false)?;
+    let lr = trainer.schedule().lr(config.optimizer.lr, t);
+    let clip = config.optimizer.clip;
+    trainer.keep_stats(&out.batch_stats)?;
+    trainer.update(grads, clip, lr, t)?;
+    let named = [
+        ("loss", total),
+        ("ce", ce_a),
+        ("dice", dice_a),
+        ("ce_b", ce_b),
+        ("dice_b", dice_b),
+        ("cps", cps),
+    ];
+    let mut log = trainer.read_back(&named)?;
+    log.insert(1, ("lr", lr));
+    log.push(("cps_weight", weight));
+    Ok(log)
+}
