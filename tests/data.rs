@@ -532,6 +532,21 @@ fn msd_first_n_split_and_split_file() {
         (names(&split.labeled), names(&split.unlabeled)),
         (vec!["c3".into()], vec!["c0".into(), "t0".into()])
     );
+    // The ceiling's split: the unlabeled cases join the labeled ones with their labels.
+    let full = msd.split_all_labeled(&SplitSpec::File(file.clone()));
+    let err = full.unwrap_err().to_string();
+    assert!(err.contains("imagesTr/t0.nii.gz"), "t0 has no label: {err}");
+    std::fs::write(
+        &file,
+        r#"{"labeled": ["c3"], "unlabeled": ["c0", "c2"], "test": ["c1"]}"#,
+    )
+    .unwrap();
+    let full = msd
+        .split_all_labeled(&SplitSpec::File(file.clone()))
+        .unwrap();
+    assert_eq!(names(&full.labeled), ["c3", "c0", "c2"]);
+    assert!(full.unlabeled.is_empty() && full.labeled.iter().all(|c| c.label.is_some()));
+    assert_eq!(names(&full.test), ["c1"]);
     let bad = |json: &str| {
         std::fs::write(&file, json).unwrap();
         msd.split(&SplitSpec::File(file.clone()))

@@ -98,11 +98,23 @@ impl Msd {
     }
 
     pub fn split(&self, spec: &SplitSpec) -> Result<Split> {
-        let file = match spec {
-            SplitSpec::File(path) => read_split_file(path)?,
-            SplitSpec::FirstN { labeled, test } => self.first_n(*labeled, *test)?,
-        };
+        self.resolve(&self.split_file(spec)?)
+    }
+
+    /// The split with its unlabeled cases labeled too (each must have a label file): the fully
+    /// supervised ceiling on the same cases and test set.
+    pub fn split_all_labeled(&self, spec: &SplitSpec) -> Result<Split> {
+        let mut file = self.split_file(spec)?;
+        let unlabeled = std::mem::take(&mut file.unlabeled);
+        file.labeled.extend(unlabeled);
         self.resolve(&file)
+    }
+
+    fn split_file(&self, spec: &SplitSpec) -> Result<SplitFile> {
+        match spec {
+            SplitSpec::File(path) => read_split_file(path),
+            SplitSpec::FirstN { labeled, test } => self.first_n(*labeled, *test),
+        }
     }
 
     fn first_n(&self, labeled: usize, test: Option<usize>) -> Result<SplitFile> {

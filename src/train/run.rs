@@ -112,7 +112,12 @@ pub fn load_data(config: &TrainConfig) -> Result<RunData> {
         } else {
             SplitSpec::File(PathBuf::from(&d.split))
         };
-        let split = msd.split(&spec)?;
+        // The ceiling trains on the unlabeled cases with their labels.
+        let split = if full {
+            msd.split_all_labeled(&spec)?
+        } else {
+            msd.split(&spec)?
+        };
         let load = |cases: &[data::Case]| -> Result<Vec<LoadedCase>> {
             cases
                 .iter()
