@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The comparison on real anatomy that installs offline (../shared/DATA.md): Debian's mricron-data
+# holds the Colin27 T1 (ch2.nii.gz) and its hand-drawn AAL regions on the same grid. The task is the
+# deep grey nuclei (AAL 71-78: caudate, putamen, pallidum, thalamus) in 16^3-voxel cubes tiled
+# without overlap over the single brain (examples/colin27.rs), 4 labeled, 8 test, the rest
+# unlabeled. Then every method, 3 seeds, the default preset with the cube as the patch.
+#
+#   scripts/colin27.sh [WORK_DIR]        (default runs/colin27)
+#   METHODS=supervised,full SEEDS=1 scripts/colin27.sh   (a subset)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work="${1:-runs/colin27}"
+methods="${METHODS:-supervised,mean-teacher,full,mlb-seg,online-pl,dtml,local-contrastive,ideal}"
+seeds="${SEEDS:-3}"
+templates="$work/download/usr/share/mricron/templates"
+
+if [[ ! -f "$templates/aal.nii.gz" ]]; then
+    mkdir -p "$work/download"
+    # apt-get download needs no root; dpkg -x unpacks without installing.
+    (cd "$work/download" && apt-get download mricron-data && dpkg -x mricron-data_*.deb .)
+fi
+cargo run --release --quiet --example colin27 -- "$templates" "$work/data" 16 4 8 0.02
+cargo run --release --quiet -- train --data "$work/data" --seeds "$seeds" --method "$methods" \
+    --set "data.split=\"$work/data/split.json\"" 'batch.patch=[16, 16, 16]' --out "$work/runs"
