@@ -197,6 +197,42 @@ fn rounds_write_pseudo_labels_and_resume_as_the_uninterrupted_run() {
 }
 
 #[test]
+fn the_agreement_filter_records_each_cases_flip_dice() {
+    let g = gpu();
+    let config = tiny(&[
+        "iterations=2",
+        "local_contrastive.rounds=1",
+        "local_contrastive.agreement=0.001",
+    ]);
+    let data = run::load_data(&config).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let paths = RunPaths {
+        dir: dir.path().to_path_buf(),
+    };
+    run::train(&g, &config, &data, &paths, RunOptions::default()).unwrap();
+    let text = std::fs::read_to_string(pseudo_label_dir(&paths, 0).join("agreement.json")).unwrap();
+    let recorded: std::collections::BTreeMap<String, f64> = serde_json::from_str(&text).unwrap();
+    // Recomputed from stage 1's network: the prediction against the flipped image's, flipped back.
+    let stage1 = run::restore_trainer(&g, &stage1_config(&config), 1, &stage1_paths(&paths));
+    let stage1 = stage1.unwrap();
+    assert_eq!(recorded.len(), data.unlabeled.len());
+    for case in &data.unlabeled {
+        let plain = run::predict_case(&g, &stage1, case).unwrap();
+        let mut flipped = case.clone();
+        let w = case.image.dims[2];
+        flipped
+            .image
+            .data
+            .chunks_mut(w)
+            .for_each(|row| row.reverse());
+        let mut back = run::predict_case(&g, &stage1, &flipped).unwrap();
+        back.chunks_mut(w).for_each(|row| row.reverse());
+        let dice = metaseg::eval::metrics::overlap(&plain, &back, |v| v > 0).dice();
+        assert_eq!(recorded[&case.name], dice, "{}", case.name);
+    }
+}
+
+#[test]
 fn the_network_starts_from_stage_1_with_a_fresh_projection_head() {
     let g = gpu();
     let config = tiny(&["iterations=3", "local_contrastive.rounds=1"]);

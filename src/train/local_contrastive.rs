@@ -28,8 +28,9 @@
 use super::batch::LoadedCase;
 use super::config::{ConfigError, TrainConfig};
 use super::pseudo_labels;
-use super::run::{self, io, predict_case, restore_trainer, RunData, RunError, RunOptions};
-use super::run::{RunPaths, Summary};
+use super::run::{
+    self, io, predict_case, restore_trainer, RunData, RunError, RunOptions, RunPaths, Summary,
+};
 use super::stages::{self, say, FirstStage};
 use super::trainer::{slice_batch, supervised_loss, DeviceBatch, StepLog, Trainer};
 use crate::data;
