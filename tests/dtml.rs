@@ -6,14 +6,13 @@
 
 mod common;
 
-use common::{gpu, seeded};
+use common::{gpu, log_lines, logged, seeded};
 use metaseg::nn::{Mode, Network};
 use metaseg::train::config::TrainConfig;
 use metaseg::train::dtml::{signed_distance, terms};
 use metaseg::train::run::{self, RunOptions, RunPaths};
 use metaseg::train::trainer::{DeviceBatch, Trainer};
 use metaseg_autograd::{Cpu64, Shape, Var};
-use std::path::Path;
 
 /// 16^3 volumes, 8^3 patches, a 2-level V-Net of width 4; 2 labeled, 2 unlabeled, 1 test case;
 /// 3 iterations, the mutual term ramped up over 2 iterations.
@@ -143,13 +142,6 @@ fn signed_distance_treats_each_channel_as_its_own_mask() {
     }
 }
 
-fn value(log: &[(&str, f64)], name: &str) -> f64 {
-    log.iter()
-        .find(|(n, _)| *n == name)
-        .unwrap_or_else(|| panic!("no {name} in {log:?}"))
-        .1
-}
-
 #[test]
 fn the_loss_is_the_weighted_sum_of_its_logged_terms_with_l1_a_flag() {
     let g = gpu();
@@ -179,18 +171,18 @@ fn the_loss_is_the_weighted_sum_of_its_logged_terms_with_l1_a_flag() {
         for (step, t) in log.iter().zip([0.0f64, 4.0]) {
             // exp(-5 (1 - min(t, T) / T)^2) with T = 2 units of 1 iteration.
             let ramp = (-5.0 * (1.0 - t.min(2.0) / 2.0).powi(2)).exp();
-            let weight = value(step, "mutual_weight");
+            let weight = logged(step, "mutual_weight");
             assert!((weight - ramp).abs() < 1e-12, "{weight} vs {ramp}");
             let l1 = if config.dtml.l1_sdf {
-                value(step, "sdf_l1")
+                logged(step, "sdf_l1")
             } else {
                 0.0
             };
-            let sum = 0.5 * (value(step, "ce") + value(step, "dice"))
-                + value(step, "sdf_dice")
+            let sum = 0.5 * (logged(step, "ce") + logged(step, "dice"))
+                + logged(step, "sdf_dice")
                 + l1
-                + weight * value(step, "mutual");
-            let loss = value(step, "loss");
+                + weight * logged(step, "mutual");
+            let loss = logged(step, "loss");
             assert!(
                 (loss - sum).abs() <= 1e-5 * sum.abs(),
                 "{loss} vs {sum}: {step:?}"
@@ -201,9 +193,9 @@ fn the_loss_is_the_weighted_sum_of_its_logged_terms_with_l1_a_flag() {
     // The flag changes the sum only: the first step's terms are those of the same networks.
     let (without, with) = (&logs[0].1[0], &logs[1].1[0]);
     for name in ["ce", "dice", "sdf_dice", "sdf_l1", "mutual"] {
-        assert_eq!(value(without, name), value(with, name), "{name}");
+        assert_eq!(logged(without, name), logged(with, name), "{name}");
     }
-    assert!(value(with, "sdf_l1") > 0.0);
+    assert!(logged(with, "sdf_l1") > 0.0);
 }
 
 /// Of the labeled voxels off the masks' boundary (where the reference SDF is 0): the share inside
@@ -275,18 +267,6 @@ fn the_sdf_head_takes_the_sign_of_the_mask_on_a_fixed_batch() {
 /// Iterations of the fixed-batch fit: both shares pass 0.9 from about 50 on (0.3 and 0.8 after the
 /// first step).
 const FIT_ITERATIONS: u64 = 80;
-
-fn log_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("seconds");
-            v
-        })
-        .collect()
-}
 
 #[test]
 fn a_resumed_run_repeats_the_uninterrupted_one_with_both_networks() {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::gpu;
+use common::{gpu, log_lines, logged};
 use metaseg::nn::{NetBackend, ParamStore};
 use metaseg::train::checkpoint;
 use metaseg::train::config::TrainConfig;
@@ -17,7 +17,6 @@ use metaseg::train::ideal::{
 use metaseg::train::run::{self, RunOptions, RunPaths};
 use metaseg::train::trainer::Trainer;
 use metaseg_autograd::{Shape, Tolerance, Var};
-use std::path::Path;
 
 /// 16^3 volumes, 8^3 patches, a 2-level V-Net of width 4; 2 labeled, 3 unlabeled, 1 test case; 2
 /// iterations of pre-training and 3 of fine-tuning.
@@ -52,13 +51,6 @@ fn flat<B: NetBackend>(store: &ParamStore<B>) -> Vec<f64> {
         .unwrap()
 }
 
-fn value(log: &[(&str, f64)], name: &str) -> f64 {
-    log.iter()
-        .find(|(n, _)| *n == name)
-        .unwrap_or_else(|| panic!("no {name} in {log:?}"))
-        .1
-}
-
 #[test]
 fn the_key_encoder_follows_the_query_encoder_by_its_momentum() {
     let g = gpu();
@@ -74,7 +66,7 @@ fn the_key_encoder_follows_the_query_encoder_by_its_momentum() {
     for t in 0..2 {
         let key = flat(&trainer.teacher.as_ref().unwrap().params);
         let log = trainer.step(&batch, t).unwrap();
-        let loss = value(&log, "loss");
+        let loss = logged(&log, "loss");
         assert!(loss.is_finite() && loss > 0.0, "{log:?}");
         let query = flat(&trainer.params);
         let expected: Vec<f64> = key
@@ -126,24 +118,15 @@ fn the_fine_tuning_loss_is_the_weighted_sum_of_its_logged_terms() {
     let mut trainer = Trainer::new(&g, &config, 1).unwrap();
     let batch = run::device_batch(&g, &trainer, &data, 0).unwrap();
     let log = trainer.step(&batch, 0).unwrap();
-    assert_eq!(value(&log, "cps_weight"), 0.5, "no ramp-up");
+    assert_eq!(logged(&log, "cps_weight"), 0.5, "no ramp-up");
     let supervised = 0.5
-        * (value(&log, "ce") + value(&log, "dice") + value(&log, "ce_b") + value(&log, "dice_b"));
-    let expected = supervised + 0.5 * value(&log, "cps");
-    assert!((value(&log, "loss") - expected).abs() < 1e-5, "{log:?}");
-    assert!(value(&log, "cps") > 0.0, "{log:?}");
-}
-
-fn log_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("seconds");
-            v
-        })
-        .collect()
+        * (logged(&log, "ce")
+            + logged(&log, "dice")
+            + logged(&log, "ce_b")
+            + logged(&log, "dice_b"));
+    let expected = supervised + 0.5 * logged(&log, "cps");
+    assert!((logged(&log, "loss") - expected).abs() < 1e-5, "{log:?}");
+    assert!(logged(&log, "cps") > 0.0, "{log:?}");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::gpu;
+use common::{gpu, log_lines, logged};
 use metaseg::nn::{Mode, NetBackend, Network, ParamStore};
 use metaseg::train::checkpoint;
 use metaseg::train::config::TrainConfig;
@@ -14,7 +14,6 @@ use metaseg::train::pseudo_labels;
 use metaseg::train::run::{self, RunData, RunOptions, RunPaths};
 use metaseg::train::trainer::{DeviceBatch, Trainer};
 use metaseg_autograd::{no_grad, Var};
-use std::path::Path;
 
 /// 16^3 volumes, 8^3 patches, a 2-level V-Net of width 4 with 4 embedding channels; 2 labeled, 3
 /// unlabeled, 1 test case; 2 iterations of stage 1, then 6 in 3 rounds of 2.
@@ -50,13 +49,6 @@ fn with_reference_labels(data: &RunData) -> RunData {
         .map(|c| c.label.clone().unwrap())
         .collect();
     pseudo_labels::with_labels(data, labels)
-}
-
-fn value(log: &[(&str, f64)], name: &str) -> f64 {
-    log.iter()
-        .find(|(n, _)| *n == name)
-        .unwrap_or_else(|| panic!("no {name} in {log:?}"))
-        .1
 }
 
 /// L_local of the trainer's embeddings of `batch` with fixed anchors and a fixed training-mode
@@ -99,8 +91,9 @@ fn the_step_is_supervised_plus_lambda_local_and_training_lowers_l_local_on_a_fix
     let before = contrastive(&trainer, &batch, &anchors);
     for t in 0..12 {
         let log = trainer.step(&batch, t).unwrap();
-        let expected = 0.5 * (value(&log, "ce") + value(&log, "dice")) + value(&log, "contrastive");
-        let loss = value(&log, "loss");
+        let expected =
+            0.5 * (logged(&log, "ce") + logged(&log, "dice")) + logged(&log, "contrastive");
+        let loss = logged(&log, "loss");
         assert!(
             (loss - expected).abs() < 1e-5 * expected.abs().max(1.0),
             "{log:?}"
@@ -116,18 +109,6 @@ fn the_step_is_supervised_plus_lambda_local_and_training_lowers_l_local_on_a_fix
 
 fn host<B: NetBackend>(store: &ParamStore<B>) -> Vec<Vec<f64>> {
     store.values().iter().map(|v| v.to_f64().unwrap()).collect()
-}
-
-fn log_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("seconds");
-            v
-        })
-        .collect()
 }
 
 #[test]

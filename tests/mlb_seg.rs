@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::gpu;
+use common::{gpu, log_lines};
 use metaseg::data::nifti;
 use metaseg::train::config::TrainConfig;
 use metaseg::train::mlb_seg::stages::{self, stage0_config, stage0_paths};
@@ -14,7 +14,6 @@ use metaseg::train::mlb_seg::views::{Average, Views, VIEWS};
 use metaseg::train::run::{self, RunOptions, RunPaths};
 use metaseg::train::trainer::Trainer;
 use metaseg_autograd::{Cpu64, Shape, Tolerance, Var};
-use std::path::Path;
 
 /// 16^3 volumes, 8^3 patches, a 2-level V-Net of width 4; 2 labeled, 3 unlabeled, 1 test case;
 /// 2 stage-0 and 3 main iterations.
@@ -286,18 +285,6 @@ fn meta_weights_are_a_distribution_agree_on_both_paths_and_move_with_the_network
         .zip(&after)
         .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
     assert!(moved > 1e-2 * scale, "the weights did not change: {moved}");
-}
-
-fn log_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("seconds");
-            v
-        })
-        .collect()
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::gpu;
+use common::{gpu, log_lines, logged};
 use metaseg::eval::trained::SavedRun;
 use metaseg::nn::NetBackend;
 use metaseg::nn::ParamStore;
@@ -57,13 +57,6 @@ fn ema(a: &[f64], b: &[f64], m: f64) -> Vec<f64> {
         .collect()
 }
 
-fn value(log: &[(&str, f64)], name: &str) -> f64 {
-    log.iter()
-        .find(|(n, _)| *n == name)
-        .unwrap_or_else(|| panic!("no {name} in {log:?}"))
-        .1
-}
-
 #[test]
 fn stage1_keeps_a_momentum_copy_of_the_teacher() {
     let g = gpu();
@@ -85,7 +78,7 @@ fn stage1_keeps_a_momentum_copy_of_the_teacher() {
         let copy = host(&trainer.momentum.as_ref().unwrap().params);
         let log = trainer.step(&batch, t).unwrap();
         assert!(log.iter().all(|(_, v)| v.is_finite()), "{log:?}");
-        assert_eq!(value(&log, "loss"), value(&log, "dice"));
+        assert_eq!(logged(&log, "loss"), logged(&log, "dice"));
         let student = host(&trainer.params);
         let expected = ema(&copy, &student, 0.95);
         let got = host(&trainer.momentum.as_ref().unwrap().params);
@@ -107,8 +100,8 @@ fn stage2_step(extra: &[&str]) -> (Vec<f64>, Vec<f64>, Vec<(&'static str, f64)>)
     let copy = host(&trainer.momentum.as_ref().unwrap().params);
     let log = trainer.step(&batch, 0).unwrap();
     assert!(log.iter().all(|(_, v)| v.is_finite()), "{log:?}");
-    let total = value(&log, "dice") + 0.3 * value(&log, "dice_unlabeled");
-    assert!((value(&log, "loss") - total).abs() < 1e-5, "{log:?}");
+    let total = logged(&log, "dice") + 0.3 * logged(&log, "dice_unlabeled");
+    assert!((logged(&log, "loss") - total).abs() < 1e-5, "{log:?}");
     let student = host(&trainer.params);
     let got = host(&trainer.momentum.as_ref().unwrap().params);
     Tolerance::new(1e-6, 1e-5).assert("momentum copy, m = 0.99", &got, &ema(&copy, &student, 0.99));
@@ -130,24 +123,12 @@ fn the_teacher_moves_online_and_not_offline() {
         .sum::<f64>()
         .sqrt();
     assert!(norm > 1e-4, "the teacher moved by {norm}");
-    let logged = value(&log, "teacher_change");
-    assert!((logged - norm).abs() <= 1e-3 * norm, "{logged} vs {norm}");
+    let change = logged(&log, "teacher_change");
+    assert!((change - norm).abs() <= 1e-3 * norm, "{change} vs {norm}");
 
     let (before, after, log) = stage2_step(&["online_pl.online=false"]);
     assert_eq!(before, after, "the offline teacher moved");
-    assert_eq!(value(&log, "teacher_change"), 0.0);
-}
-
-fn log_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("seconds");
-            v
-        })
-        .collect()
+    assert_eq!(logged(&log, "teacher_change"), 0.0);
 }
 
 /// The tensors `prefix/*` of a checkpoint, by their names without the prefix.

@@ -290,8 +290,7 @@ pub fn step<B: NetBackend>(
         ("sdf_l1", terms.sdf_l1),
         ("mutual", terms.mutual),
     ];
-    let mut log = trainer.read_back(&named)?;
-    log.insert(1, ("lr", lr));
+    let mut log = trainer.step_log(&named, lr)?;
     log.push(("mutual_weight", weight));
     Ok(log)
 }

@@ -26,13 +26,12 @@ use super::config::{ConfigError, TrainConfig};
 use super::run::{self, RunData, RunError, RunOptions, RunPaths, Summary};
 use super::stages::{self, FirstStage};
 use super::trainer::{slice_batch, supervised_loss, DeviceBatch, Net, StepLog, Trainer};
-use crate::data;
 use crate::nn::layers::{updated_stats, BN_MOMENTUM};
 use crate::nn::{Forward, Mode, NetBackend, ParamStore};
 use crate::optim::sigmoid_rampup;
 use metaseg_autograd::{
-    grad, no_grad, random, Distribution, Error, Interp, Reduction, Result, Shape, UnaryOp, Var,
-    Warp, Window3d,
+    no_grad, random, Distribution, Error, Interp, Reduction, Result, Shape, UnaryOp, Var, Warp,
+    Window3d,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -130,16 +129,11 @@ impl IdealConfig {
 
 /// The pre-training run: every training patch, the query encoder and its momentum key encoder.
 pub fn pretrain_config(config: &TrainConfig) -> TrainConfig {
-    let mut c = config.clone();
-    c.method = "ideal-pretrain".into();
-    c.iterations = config.ideal.pretrain_iterations;
-    c
+    stages::stage_config(config, "ideal-pretrain", config.ideal.pretrain_iterations)
 }
 
 pub fn pretrain_paths(paths: &RunPaths) -> RunPaths {
-    RunPaths {
-        dir: paths.dir.join("pretrain"),
-    }
+    paths.sub("pretrain")
 }
 
 /// The stem of the pre-trained encoder's files (`.safetensors` and `.json`).
@@ -160,12 +154,7 @@ pub fn train<B: NetBackend>(
     paths: &RunPaths,
     options: RunOptions,
 ) -> run::Result<Summary> {
-    if data.unlabeled.is_empty() {
-        return Err(RunError::Data(data::DataError::invalid(
-            "split",
-            "ideal needs unlabeled training cases: the split has none",
-        )));
-    }
+    stages::require_unlabeled(data, "ideal")?;
     let channels = data.labeled[0].image.channels;
     let given = &config.ideal.encoder;
     if !given.is_empty() {
@@ -355,18 +344,14 @@ pub fn pretrain_step<B: NetBackend>(
         Ok((keys.warp(&flips(grid, &axes))?.detach(), stats))
     })?;
     let infonce = queries.dense_infonce(&keys, ideal.tau)?;
-    let wrt: Vec<&Var<B>> = trainer.params.values().iter().collect();
-    let grads = grad(&infonce, &wrt, None, false)?;
     let lr = trainer.schedule().lr(config.optimizer.lr, t);
     let clip = config.optimizer.clip;
     let key_stats =
         (teacher.stats).with_values(key_stats.iter().map(|v| v.value().clone()).collect())?;
-    trainer.keep_stats(&query_stats)?;
-    trainer.update(grads, clip, lr, t)?;
+    // The key encoder's EMA in `descend` moves its parameters only: its statistics are set here.
     trainer.teacher.as_mut().expect("checked").stats = key_stats;
-    let mut log = trainer.read_back(&[("loss", infonce)])?;
-    log.insert(1, ("lr", lr));
-    Ok(log)
+    trainer.descend(&infonce, &query_stats, clip, lr, t)?;
+    trainer.step_log(&[("loss", infonce)], lr)
 }
 
 /// One-hot of the argmax over the channels of logits [N, C, ...], without gradient (a voxel
@@ -431,12 +416,9 @@ pub fn step<B: NetBackend>(
         .add(&logits_b.cross_entropy(&hard_labels(&out.logits)?, None, Reduction::Mean)?)?;
     let weight = config.ideal.cps_weight(t);
     let total = supervised.add(&cps.scale(weight)?)?;
-    let wrt: Vec<&Var<B>> = trainer.params.values().iter().collect();
-    let grads = grad(&total, &wrt, None, false)?;
     let lr = trainer.schedule().lr(config.optimizer.lr, t);
     let clip = config.optimizer.clip;
-    trainer.keep_stats(&out.batch_stats)?;
-    trainer.update(grads, clip, lr, t)?;
+    trainer.descend(&total, &out.batch_stats, clip, lr, t)?;
     let named = [
         ("loss", total),
         ("ce", ce_a),
@@ -445,8 +427,7 @@ pub fn step<B: NetBackend>(
         ("dice_b", dice_b),
         ("cps", cps),
     ];
-    let mut log = trainer.read_back(&named)?;
-    log.insert(1, ("lr", lr));
+    let mut log = trainer.step_log(&named, lr)?;
     log.push(("cps_weight", weight));
     Ok(log)
 }

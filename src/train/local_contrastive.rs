@@ -36,7 +36,7 @@ use super::trainer::{slice_batch, supervised_loss, DeviceBatch, StepLog, Trainer
 use crate::data;
 use crate::eval::metrics;
 use crate::nn::{Mode, NetBackend, Network};
-use metaseg_autograd::{grad, no_grad, Error, Result, Var};
+use metaseg_autograd::{no_grad, Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -147,16 +147,15 @@ impl LocalContrastiveConfig {
 
 /// Stage 1's run: supervised on the labeled cases, with the run's optimiser.
 pub fn stage1_config(config: &TrainConfig) -> TrainConfig {
-    let mut c = config.clone();
-    c.method = "supervised".into();
-    c.iterations = config.local_contrastive.stage1_iterations;
-    c
+    stages::stage_config(
+        config,
+        "supervised",
+        config.local_contrastive.stage1_iterations,
+    )
 }
 
 pub fn stage1_paths(paths: &RunPaths) -> RunPaths {
-    RunPaths {
-        dir: paths.dir.join("stage1"),
-    }
+    paths.sub("stage1")
 }
 
 /// Where round `r`'s (from 0) pseudo-labels are written.
@@ -175,12 +174,7 @@ pub fn train<B: NetBackend>(
     paths: &RunPaths,
     options: RunOptions,
 ) -> run::Result<Summary> {
-    if data.unlabeled.is_empty() {
-        return Err(RunError::Data(data::DataError::invalid(
-            "split",
-            "local-contrastive needs unlabeled training cases: the split has none",
-        )));
-    }
+    stages::require_unlabeled(data, "local-contrastive")?;
     let stage1 = stage1_config(config);
     let stage1_paths = stage1_paths(paths);
     let first = FirstStage {
@@ -437,21 +431,16 @@ pub fn step<B: NetBackend>(
         .add(&dice)?
         .scale(0.5)?
         .add(&contrastive.scale(lc.lambda)?)?;
-    let wrt: Vec<&Var<B>> = trainer.params.values().iter().collect();
-    let grads = grad(&total, &wrt, None, false)?;
     let lr = trainer.schedule().lr(config.optimizer.lr, t);
     let clip = config.optimizer.clip;
-    trainer.keep_stats(&out.batch_stats)?;
-    trainer.update(grads, clip, lr, t)?;
+    trainer.descend(&total, &out.batch_stats, clip, lr, t)?;
     let named = [
         ("loss", total),
         ("ce", ce),
         ("dice", dice),
         ("contrastive", contrastive),
     ];
-    let mut log = trainer.read_back(&named)?;
-    log.insert(1, ("lr", lr));
-    Ok(log)
+    trainer.step_log(&named, lr)
 }
 
 #[cfg(test)]

@@ -17,10 +17,9 @@
 //! ([`super::stages`]) gives resumption across both stages.
 
 use super::config::TrainConfig;
-use super::run::{self, restore_trainer, RunData, RunError, RunOptions, RunPaths, Summary};
+use super::run::{self, restore_trainer, RunData, RunOptions, RunPaths, Summary};
 use super::stages::{self, FirstStage};
 use super::trainer::{slice_batch, DeviceBatch, StepLog, Teacher, Trainer};
-use crate::data;
 use crate::nn::{Mode, NetBackend, Network, ParamStore};
 use crate::optim::clip_grad_norm;
 use metaseg_autograd::{grad, no_grad, DiceOptions, Result, Var};
@@ -108,16 +107,15 @@ impl OnlinePlConfig {
 
 /// Stage 1's run: the teacher on the labeled cases, with the run's optimiser.
 pub fn stage1_config(config: &TrainConfig) -> TrainConfig {
-    let mut c = config.clone();
-    c.method = "online-pl-teacher".into();
-    c.iterations = config.online_pl.stage1_iterations;
-    c
+    stages::stage_config(
+        config,
+        "online-pl-teacher",
+        config.online_pl.stage1_iterations,
+    )
 }
 
 pub fn stage1_paths(paths: &RunPaths) -> RunPaths {
-    RunPaths {
-        dir: paths.dir.join("stage1"),
-    }
+    paths.sub("stage1")
 }
 
 /// Both stages (see the top).
@@ -128,12 +126,7 @@ pub fn train<B: NetBackend>(
     paths: &RunPaths,
     options: RunOptions,
 ) -> run::Result<Summary> {
-    if data.unlabeled.is_empty() {
-        return Err(RunError::Data(data::DataError::invalid(
-            "split",
-            "online-pl needs unlabeled training cases: the split has none",
-        )));
-    }
+    stages::require_unlabeled(data, "online-pl")?;
     let stage1 = stage1_config(config);
     let stage1_paths = stage1_paths(paths);
     let first = FirstStage {
@@ -271,9 +264,7 @@ pub fn step<B: NetBackend>(
         ));
         trainer.teacher = Some(moved);
     }
-    let mut log = trainer.read_back(&terms)?;
-    log.insert(1, ("lr", lr));
-    Ok(log)
+    trainer.step_log(&terms, lr)
 }
 
 /// `network` moved towards (params, stats) by EMA with momentum `m`.

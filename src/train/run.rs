@@ -166,6 +166,12 @@ impl RunPaths {
     pub fn config(&self) -> PathBuf {
         self.dir.join("config.toml")
     }
+    /// The paths of a run kept in the subdirectory `name` (a first stage's).
+    pub fn sub(&self, name: &str) -> RunPaths {
+        RunPaths {
+            dir: self.dir.join(name),
+        }
+    }
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {

@@ -9,7 +9,8 @@
 
 use super::checkpoint;
 use super::config::TrainConfig;
-use super::run::{self, RunData, RunOptions, RunPaths, Summary};
+use super::run::{self, RunData, RunError, RunOptions, RunPaths, Summary};
+use crate::data::DataError;
 use crate::nn::NetBackend;
 
 /// The first stage: its run's configuration and directory, and what to say when it starts.
@@ -60,6 +61,24 @@ pub fn train<B: NetBackend>(
         },
         None => main,
     })
+}
+
+/// The configuration of a first stage: `config` with its own method and length.
+pub fn stage_config(config: &TrainConfig, method: &str, iterations: u64) -> TrainConfig {
+    TrainConfig {
+        method: method.into(),
+        iterations,
+        ..config.clone()
+    }
+}
+
+/// Refuses a split without unlabeled training cases: `method` learns from them.
+pub fn require_unlabeled(data: &RunData, method: &str) -> run::Result<()> {
+    if data.unlabeled.is_empty() {
+        let reason = format!("{method} needs unlabeled training cases: the split has none");
+        return Err(RunError::Data(DataError::invalid("split", reason)));
+    }
+    Ok(())
 }
 
 /// A line on stderr when the run shows its progress.

@@ -248,15 +248,11 @@ impl<B: NetBackend> Trainer<B> {
             terms.push(("consistency", consistency));
             self.teacher.as_mut().expect("checked").stats = teacher_stats;
         }
-        let wrt: Vec<&Var<B>> = self.params.values().iter().collect();
-        let grads = grad(&total, &wrt, None, false)?;
         let lr = self.schedule().lr(self.config.optimizer.lr, t);
-        self.keep_stats(&out.batch_stats)?;
-        self.update(grads, self.config.optimizer.clip, lr, t)?;
+        let clip = self.config.optimizer.clip;
+        self.descend(&total, &out.batch_stats, clip, lr, t)?;
         terms.insert(0, ("loss", total));
-        let mut log = self.read_back(&terms)?;
-        log.insert(1, ("lr", lr));
-        Ok(log)
+        self.step_log(&terms, lr)
     }
 
     /// The network that is validated, tested and predicts: the momentum copy if the method keeps
@@ -275,6 +271,22 @@ impl<B: NetBackend> Trainer<B> {
             .stats
             .with_values(stats.iter().map(|v| v.value().clone()).collect())?;
         Ok(())
+    }
+
+    /// One descent step on `total`: its gradient with respect to every parameter, the running
+    /// statistics of the forward pass that measured `batch_stats`, then [`Trainer::update`].
+    pub(crate) fn descend(
+        &mut self,
+        total: &Var<B>,
+        batch_stats: &[(usize, BatchStats<B>)],
+        clip: f64,
+        lr: f64,
+        t: u64,
+    ) -> Result<()> {
+        let wrt: Vec<&Var<B>> = self.params.values().iter().collect();
+        let grads = grad(total, &wrt, None, false)?;
+        self.keep_stats(batch_stats)?;
+        self.update(grads, clip, lr, t)
     }
 
     /// One optimiser update with `grads` clipped to global norm `clip` (0: none) at `lr`, then
@@ -301,12 +313,15 @@ impl<B: NetBackend> Trainer<B> {
         Ok(())
     }
 
-    /// The named scalars read back in one transfer.
-    pub(crate) fn read_back(&self, terms: &[(&'static str, Var<B>)]) -> Result<StepLog> {
+    /// A step's log: the named scalars read back in one transfer (the first is the loss), the
+    /// learning rate `lr` second.
+    pub(crate) fn step_log(&self, terms: &[(&'static str, Var<B>)], lr: f64) -> Result<StepLog> {
         let backend = self.params.values()[0].backend();
         let scalars: Vec<&B::Tensor> = terms.iter().map(|(_, v)| v.value()).collect();
         let values = backend.to_f64(&backend.concat_flat(&scalars)?)?;
-        Ok(terms.iter().map(|(n, _)| *n).zip(values).collect())
+        let mut log: StepLog = terms.iter().map(|(n, _)| *n).zip(values).collect();
+        log.insert(1, ("lr", lr));
+        Ok(log)
     }
 
     /// The teacher's logits on `x` plus its input noise clamp(0.1 N(0, 1), -0.2, 0.2), drawn from

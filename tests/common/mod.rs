@@ -139,3 +139,25 @@ pub fn value<B: Backend>(
         .collect();
     f(&xs).unwrap().to_f64().unwrap()
 }
+
+/// Every line of a run's log.jsonl, without its wall-clock time: the part a resumed run must
+/// repeat.
+pub fn log_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        })
+        .collect()
+}
+
+/// The scalar `name` of a step's log.
+pub fn logged(log: &[(&str, f64)], name: &str) -> f64 {
+    log.iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no {name} in {log:?}"))
+        .1
+}

@@ -29,16 +29,11 @@ use std::path::PathBuf;
 
 /// The supervised run of stage 0: the run's configuration with its own method and length.
 pub fn stage0_config(config: &TrainConfig) -> TrainConfig {
-    let mut c = config.clone();
-    c.method = "supervised".into();
-    c.iterations = config.mlb_seg.stage0_iterations;
-    c
+    stages::stage_config(config, "supervised", config.mlb_seg.stage0_iterations)
 }
 
 pub fn stage0_paths(paths: &RunPaths) -> RunPaths {
-    RunPaths {
-        dir: paths.dir.join("stage0"),
-    }
+    paths.sub("stage0")
 }
 
 pub fn initial_labels_dir(paths: &RunPaths) -> PathBuf {
@@ -55,12 +50,7 @@ pub fn train<B: NetBackend>(
     paths: &RunPaths,
     options: RunOptions,
 ) -> run::Result<Summary> {
-    if data.unlabeled.is_empty() {
-        return Err(RunError::Data(data::DataError::invalid(
-            "split",
-            "mlb-seg needs unlabeled training cases: the split has none",
-        )));
-    }
+    stages::require_unlabeled(data, "mlb-seg")?;
     let stage0 = stage0_config(config);
     let stage0_paths = stage0_paths(paths);
     let labels_dir = initial_labels_dir(paths);

@@ -23,7 +23,7 @@ use super::views::{Average, Views};
 use crate::meta::{MetaPath, MetaStep, Sgd};
 use crate::nn::{Forward, Mode, NetBackend, Network, Outputs};
 use crate::optim::sigmoid_rampup;
-use metaseg_autograd::{grad, no_grad, Normalization, Reduction, Result, Var};
+use metaseg_autograd::{no_grad, Normalization, Reduction, Result, Var};
 
 /// Salt of the meta batch's dropout and teacher-noise streams, apart from the unlabeled views'.
 const META_SALT: u64 = 0x3e7a_0001;
@@ -204,12 +204,8 @@ fn supervised_step<B: NetBackend>(
     let mt = out.logits.softmax_mse(&teacher_logits)?;
     let weight = consistency_weight(config, t);
     let total = ce.add(&cons.add(&mt)?.scale(weight)?)?;
-    let wrt: Vec<&Var<B>> = trainer.params.values().iter().collect();
-    let grads = grad(&total, &wrt, None, false)?;
-    let clip = config.mlb_seg.clip;
     trainer.teacher.as_mut().expect("checked").stats = teacher_stats;
-    trainer.keep_stats(&out.batch_stats)?;
-    trainer.update(grads, clip, lr, t)?;
+    trainer.descend(&total, &out.batch_stats, config.mlb_seg.clip, lr, t)?;
     Ok([total, ce, cons, mt].map(|v| v.detach()))
 }
 
@@ -253,10 +249,7 @@ pub fn step<B: NetBackend>(
         .mul(&w)?
         .sum()?;
     let total = weighted.add(&u.cons.add(&u.mt)?.scale(weight)?)?;
-    let wrt: Vec<&Var<B>> = trainer.params.values().iter().collect();
-    let grads = grad(&total, &wrt, None, false)?;
-    trainer.keep_stats(&u.student.batch_stats)?;
-    trainer.update(grads, m.clip, lr, t)?;
+    trainer.descend(&total, &u.student.batch_stats, m.clip, lr, t)?;
     // Only their values are logged: the record of step 1 goes before step 4 records its own.
     let (total, weighted) = (total.detach(), weighted.detach());
     let (cons, mt) = (u.cons.detach(), u.mt.detach());
@@ -280,7 +273,5 @@ pub fn step<B: NetBackend>(
         ("weight_init", weight_init),
         ("weight_ple", weight_ple),
     ];
-    let mut log = trainer.read_back(&terms)?;
-    log.insert(1, ("lr", lr));
-    Ok(log)
+    trainer.step_log(&terms, lr)
 }
