@@ -4,8 +4,10 @@
 
 use metaseg::data::nifti::{self, Dtype, Volume};
 use metaseg::data::preprocess::{self, Clip, CropBox};
-use metaseg::data::synthetic::{self, SyntheticConfig};
+use metaseg::data::synthetic::{self, SyntheticConfig, SyntheticKnobs};
 use metaseg::data::{DataError, Msd, SplitFile, SplitSpec};
+use metaseg::train::config::TrainConfig;
+use metaseg::train::run;
 use metaseg_autograd::random::uniform;
 use std::path::{Path, PathBuf};
 use tempfile::TempDir;
@@ -655,6 +657,70 @@ fn synthetic_labels_are_sized_sanely_and_not_an_intensity_threshold() {
         let dice = best_threshold_dice(&c.image.data, &c.label.data);
         assert!(dice < 0.75, "case {i}: a threshold reaches Dice {dice}");
     }
+}
+
+/// The default preset names the generator's defaults, and `--set data.synthetic.KEY` reaches the
+/// generator: the training data are the normalised cases of the generator with those knobs.
+#[test]
+fn the_training_configuration_carries_the_generator_knobs() {
+    let preset = TrainConfig::load("default", &[]).unwrap();
+    assert_eq!(preset.data.synthetic, SyntheticKnobs::default());
+    let sets = [
+        "data.synthetic.noise=0.3",
+        "data.synthetic.tissue_level=[0.6, 0.7]",
+        "data.cases=2",
+        "data.size=[12, 14, 16]",
+        "data.labeled=1",
+        "data.test=1",
+    ]
+    .map(String::from);
+    let config = TrainConfig::load("default", &sets).unwrap();
+    assert_eq!(config.data.synthetic.noise, 0.3);
+    assert_eq!(config.data.synthetic.tissue_level, (0.6, 0.7));
+    let generator = |knobs: SyntheticKnobs| {
+        let c = SyntheticConfig {
+            seed: config.seed,
+            cases: 2,
+            size: [12, 14, 16],
+            knobs,
+            ..SyntheticConfig::default()
+        };
+        let case = synthetic::case(&c, 0).unwrap();
+        run::normalised("synth_000".into(), case.image, None)
+            .unwrap()
+            .image
+            .data
+    };
+    let data = run::load_data(&config).unwrap();
+    assert_eq!(
+        data.labeled[0].image.data,
+        generator(config.data.synthetic.clone())
+    );
+    assert_ne!(
+        data.labeled[0].image.data,
+        generator(SyntheticKnobs::default())
+    );
+}
+
+#[test]
+fn bad_generator_knobs_are_errors_that_name_them() {
+    let bad = |knobs: SyntheticKnobs| {
+        let config = SyntheticConfig {
+            knobs,
+            ..SyntheticConfig::default()
+        };
+        synthetic::case(&config, 0).unwrap_err().to_string()
+    };
+    let e = bad(SyntheticKnobs {
+        tissue_level: (0.8, 0.4),
+        ..SyntheticKnobs::default()
+    });
+    assert!(e.contains("tissue_level"), "{e}");
+    let e = bad(SyntheticKnobs {
+        tubes: (3, 1),
+        ..SyntheticKnobs::default()
+    });
+    assert!(e.contains("tubes"), "{e}");
 }
 
 #[test]

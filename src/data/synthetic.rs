@@ -40,6 +40,14 @@ pub struct SyntheticConfig {
     pub size: [usize; 3],
     /// Voxel size along [D, H, W] in mm, written to the header (the anatomy is drawn in voxels).
     pub spacing: [f64; 3],
+    pub knobs: SyntheticKnobs,
+}
+
+/// What makes the task hard: shape variability, distractors and image degradation. A training
+/// configuration names them as `[data.synthetic]`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyntheticKnobs {
     /// Range of the target body's semi-axes, in unit coordinates (1 = half the shortest axis).
     pub body_radius: (f64, f64),
     /// Range of the number of tubes on the target (inclusive).
@@ -48,6 +56,9 @@ pub struct SyntheticConfig {
     pub blobs: usize,
     /// Each distractor's mean intensity is the target's times 1 + U(-c, c).
     pub distractor_contrast: f64,
+    /// Range of the surrounding tissue's intensity, relative to the target's blood (1): above 1,
+    /// the blood pools are darker than the tissue, as in another MRI contrast.
+    pub tissue_level: (f64, f64),
     /// Rician noise sigma, relative to the target's mean intensity.
     pub noise: f64,
     /// Amplitude of the log bias field: the field lies within exp(+-bias).
@@ -63,10 +74,19 @@ impl Default for SyntheticConfig {
             cases: 30,
             size: [48, 48, 48],
             spacing: [1.0, 1.0, 1.0],
+            knobs: SyntheticKnobs::default(),
+        }
+    }
+}
+
+impl Default for SyntheticKnobs {
+    fn default() -> Self {
+        SyntheticKnobs {
             body_radius: (0.34, 0.5),
             tubes: (2, 4),
             blobs: 3,
             distractor_contrast: 0.08,
+            tissue_level: (0.38, 0.5),
             noise: 0.1,
             bias: 0.3,
             blur: 0.8,
@@ -86,17 +106,24 @@ impl SyntheticConfig {
         if self.cases == 0 {
             return bad("no cases".into());
         }
-        let (r0, r1) = self.body_radius;
+        let k = &self.knobs;
+        let (r0, r1) = k.body_radius;
         if !(0.05 <= r0 && r0 <= r1 && r1 <= 0.8) {
             return bad(format!(
                 "body_radius ({r0}, {r1}) must satisfy 0.05 <= lo <= hi <= 0.8"
             ));
         }
-        if self.tubes.0 > self.tubes.1 {
-            return bad(format!("tubes {:?}: lo > hi", self.tubes));
+        let (t0, t1) = k.tissue_level;
+        if !(0.0 <= t0 && t0 <= t1 && t1.is_finite()) {
+            return bad(format!(
+                "tissue_level ({t0}, {t1}) must satisfy 0 <= lo <= hi"
+            ));
         }
-        let knobs = [self.distractor_contrast, self.noise, self.bias, self.blur];
-        if knobs.iter().any(|k| !(k.is_finite() && *k >= 0.0)) || self.distractor_contrast >= 1.0 {
+        if k.tubes.0 > k.tubes.1 {
+            return bad(format!("tubes {:?}: lo > hi", k.tubes));
+        }
+        let levels = [k.distractor_contrast, k.noise, k.bias, k.blur];
+        if levels.iter().any(|v| !(v.is_finite() && *v >= 0.0)) || k.distractor_contrast >= 1.0 {
             return bad("contrast (< 1), noise, bias and blur must be finite and >= 0".into());
         }
         if self.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
@@ -396,25 +423,25 @@ struct Anatomy {
 
 impl Anatomy {
     fn draw(d: &mut Draws, config: &SyntheticConfig) -> Anatomy {
-        let body = draw_body(d, config.body_radius);
-        let mut target: Vec<Shape> = (0..d.count(config.tubes))
+        let body = draw_body(d, config.knobs.body_radius);
+        let mut target: Vec<Shape> = (0..d.count(config.knobs.tubes))
             .map(|_| draw_tube(d, &body))
             .collect();
         let mut distractors = vec![draw_ventricle(d, &body), draw_aorta(d, &body)];
-        distractors.extend((0..config.blobs).map(|_| draw_blob(d, config.size)));
+        distractors.extend((0..config.knobs.blobs).map(|_| draw_blob(d, config.size)));
         for part in &mut distractors {
-            part.level = 1.0 + d.range(-1.0, 1.0) * config.distractor_contrast;
+            part.level = 1.0 + d.range(-1.0, 1.0) * config.knobs.distractor_contrast;
         }
         target.insert(0, body);
         Anatomy {
             target,
             target_wall: d.range(0.03, 0.05),
             distractors,
-            tissue_level: d.range(0.38, 0.5),
+            tissue_level: d.range(config.knobs.tissue_level.0, config.knobs.tissue_level.1),
             tissue: Waves::draw(d, 4, (2.0, 6.0), 0.3),
             wall_level: d.range(0.15, 0.25),
             blood_texture: Waves::draw(d, 3, (2.0, 5.0), 0.06),
-            bias: Waves::draw(d, 3, (0.8, 2.0), config.bias),
+            bias: Waves::draw(d, 3, (0.8, 2.0), config.knobs.bias),
             gain: 100.0 * d.range(0.7, 1.4),
         }
     }
@@ -454,8 +481,8 @@ impl Anatomy {
                 (v, if inside { 1.0 } else { 0.0 })
             })
             .unzip();
-        gaussian_blur(&mut clean, config.size, config.blur);
-        let sigma = config.noise;
+        gaussian_blur(&mut clean, config.size, config.knobs.blur);
+        let sigma = config.knobs.noise;
         let image = (clean.iter().zip(&points).enumerate())
             .map(|(i, (&v, &p))| {
                 let signal = v * self.bias.at(p).exp();

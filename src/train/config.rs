@@ -54,6 +54,10 @@ pub struct DataConfig {
     /// A JSON split file with lists `labeled`, `unlabeled`, `test` (empty: use the counts).
     pub split: String,
     pub classes: usize,
+    /// The embedded data set's generator knobs (defaults when the preset has no
+    /// `[data.synthetic]`); unused for a folder.
+    #[serde(default)]
+    pub synthetic: crate::data::synthetic::SyntheticKnobs,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -75,6 +75,7 @@ pub fn load_data(config: &TrainConfig) -> Result<RunData> {
             seed: config.seed,
             cases: d.cases,
             size: d.size,
+            knobs: d.synthetic.clone(),
             ..SyntheticConfig::default()
         };
         let mut all = Vec::with_capacity(d.cases);
