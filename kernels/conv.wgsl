@@ -234,6 +234,11 @@ fn conv3d_grad_weight_direct(@builtin(workgroup_id) group: vec3<u32>,
 // Wider blocks (all kh taps along H per invocation, or 16 output channels) measured 3-20x slower
 // on lavapipe: their unrolled body is past what the driver unrolls, and the accumulators then
 // live in indexed memory. Any larger tile here has to keep each unrolled loop nest this small.
+// Measured again (cargo bench --bench conv -- "grad-weight v2", 3x3x3 16-16 on 2 x 64^3, 9.9
+// GFLOP/s here): two kh taps per invocation sharing each dy load ran at 1.1-3.4 GFLOP/s, and
+// holding a whole W block of dy in registers first (so more taps could share it) at 6.7 even with
+// one tap; only the k2 s2 layers gained (4.2 -> 5.8 GFLOP/s with two taps), too little for a
+// second code path.
 //
 // The blocked kernels need W and Wo to be multiples of 4 and a segment of at most MAX_SEGMENT
 // vec4s; the host runs variant 1 otherwise. Their loops over override constants must be unrolled
