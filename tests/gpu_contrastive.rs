@@ -195,6 +195,46 @@ fn anchors_on<B: metaseg::runner::OpBackend>(
     (anchors.to_f64().unwrap(), d)
 }
 
+/// The kernel against the reference where each invocation scans many voxels and the merge
+/// matters: 16^3 voxels per image, 1 to 16 anchors, classes absent, a class with a single voxel.
+#[test]
+fn the_anchor_kernel_draws_the_reference_mask() {
+    let g = gpu();
+    let shape = Shape::from([3, 4, 16, 16, 16]);
+    let (mut values, _) = labels(&shape, &[Some(2), None, Some(3)], 17);
+    let s = 16 * 16 * 16;
+    // Image 1 keeps one voxel of class 3; the rest of that class becomes background.
+    let mut kept = false;
+    for v in 0..s {
+        if values[(4 + 3) * s + v] == 1.0 {
+            if kept {
+                values[(4 + 3) * s + v] = 0.0;
+                values[4 * s + v] = 1.0;
+            }
+            kept = true;
+        }
+    }
+    for (per_class, seed) in [(1, 3), (3, 4), (16, 5)] {
+        let reference =
+            metaseg_autograd::contrastive::sample_anchors(&values, &shape, per_class, seed)
+                .unwrap();
+        let y = g.tensor(&values, &shape).unwrap();
+        let on_gpu = g.sample_anchors(&y, per_class, seed).unwrap();
+        assert_eq!(
+            g.to_f64(&on_gpu).unwrap(),
+            reference,
+            "{per_class} per class, seed {seed}"
+        );
+        // 2 + 3 + 2 present foreground classes, one of them with a single voxel.
+        let expected = (7 * per_class - (per_class - 1)) as f64;
+        assert_eq!(reference.iter().sum::<f64>(), expected);
+    }
+    let Err(e) = g.sample_anchors(&g.tensor(&values, &shape).unwrap(), 17, 0) else {
+        panic!("17 anchors per class: an error");
+    };
+    assert!(e.to_string().contains("at most 16"), "{e}");
+}
+
 #[test]
 fn sampled_anchors_are_the_same_on_both_backends_and_have_no_gradient() {
     let y = labels(

@@ -48,6 +48,13 @@ pub trait ContrastiveBackend: Backend {
         g: &Self::Tensor,
         tau: f64,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// The anchor mask [N, 1, ...] of labels [N, C, ...], as [`sample_anchors`] defines it.
+    fn sample_anchors(
+        &self,
+        labels: &Self::Tensor,
+        per_class: usize,
+        seed: u64,
+    ) -> Result<Self::Tensor>;
 }
 
 fn check_tau(op: &'static str, tau: f64) -> Result<()> {
@@ -318,61 +325,85 @@ fn masked_logsumexp<B: LayerBackend>(logits: &Var<B>, terms: &Var<B>, tau: f64) 
 
 /// Anchor voxels for the local contrastive loss: for each image and each foreground class c >= 1
 /// present in it (a voxel is of class c when labels[n, c, v] > 0.5), `per_class` distinct voxels
-/// of that class drawn uniformly (all of them when it has fewer), as a mask [N, 1, ...]. The
-/// draw is a partial Fisher-Yates shuffle driven by the counter-based generator at
-/// (seed, counter), counter = ((n C + c) << 32) + k for the k-th draw: deterministic from the seed,
-/// the same on every backend (it runs on the host). The mask is a constant: no gradient flows
-/// through sampling.
+/// of that class drawn uniformly (all of them when it has fewer), as a mask [N, 1, ...]. Each voxel
+/// v of the class gets the key random_bits(seed, ((n C + c) << 32) + v) of the counter-based
+/// generator, and the `per_class` smallest keys (ties by voxel index) are the draw: uniform without
+/// replacement, deterministic from the seed, and computable in parallel, so the GPU kernel
+/// (`sample_anchors` in kernels/random.wgsl) makes the same mask. The mask is a constant: no
+/// gradient flows through sampling.
 pub fn sample_anchors(
     labels: &[f64],
     shape: &Shape,
     per_class: usize,
     seed: u64,
 ) -> Result<Vec<f64>> {
-    let [n, c, ..] = *shape.dims() else {
-        return Err(Error::InvalidArgument {
-            op: "sample_anchors",
-            message: format!("expected labels [N, C, ...] (rank >= 2), got shape {shape}"),
-        });
-    };
+    let (n, c, s) = anchor_dims(shape, per_class)?;
     if labels.len() != shape.numel() {
         return Err(Error::InvalidArgument {
             op: "sample_anchors",
             message: format!("{} label values for shape {shape}", labels.len()),
         });
     }
-    let s = shape.numel() / (n * c).max(1);
     let mut mask = vec![0.0; n * s];
     for image in 0..n {
         for class in 1..c {
-            let base = (image * c + class) * s;
-            let mut voxels: Vec<usize> = (0..s).filter(|&v| labels[base + v] > 0.5).collect();
-            let take = per_class.min(voxels.len());
-            for k in 0..take {
-                let counter = (((image * c + class) as u64) << 32) + k as u64;
-                let bits = random::random_bits(seed, counter) as u64;
-                // Multiply-shift maps 32 random bits onto k..len.
-                let pick = k + ((bits * (voxels.len() - k) as u64) >> 32) as usize;
-                voxels.swap(k, pick);
-                mask[image * s + voxels[k]] = 1.0;
+            let plane = image * c + class;
+            let mut keyed: Vec<(u32, usize)> = (0..s)
+                .filter(|&v| labels[plane * s + v] > 0.5)
+                .map(|v| {
+                    (
+                        random::random_bits(seed, ((plane as u64) << 32) + v as u64),
+                        v,
+                    )
+                })
+                .collect();
+            keyed.sort_unstable();
+            for &(_, v) in keyed.iter().take(per_class) {
+                mask[image * s + v] = 1.0;
             }
         }
     }
     Ok(mask)
 }
 
-/// [`sample_anchors`] on a tensor of any backend: reads the labels back, returns the mask as an op
+/// Most anchors per image and class: the GPU kernel keeps that many candidates per invocation.
+pub const MAX_ANCHORS: usize = 16;
+
+/// (N, C, voxels per image) of labels [N, C, ...] for `per_class` anchors, or the error.
+pub fn anchor_dims(shape: &Shape, per_class: usize) -> Result<(usize, usize, usize)> {
+    let [n, c, ..] = *shape.dims() else {
+        return Err(Error::InvalidArgument {
+            op: "sample_anchors",
+            message: format!("expected labels [N, C, ...] (rank >= 2), got shape {shape}"),
+        });
+    };
+    if per_class > MAX_ANCHORS {
+        return Err(Error::InvalidArgument {
+            op: "sample_anchors",
+            message: format!("{per_class} anchors per class: at most {MAX_ANCHORS}"),
+        });
+    }
+    Ok((n, c, shape.numel() / (n * c).max(1)))
+}
+
+/// [`sample_anchors`] on a tensor of any backend (the backend's own kernel): the mask as an op
 /// with no gradient (differentiating through it is `Error::NoGradient`).
-impl<B: Backend> Var<B> {
+impl<B: ContrastiveBackend> Var<B> {
     pub fn sample_anchors(&self, per_class: usize, seed: u64) -> Result<Self> {
-        let mask = sample_anchors(&self.to_f64()?, self.shape(), per_class, seed)?;
-        let value = self.backend().tensor(&mask, &self.shape().reduced(&[1]))?;
+        let value = self
+            .backend()
+            .sample_anchors(self.value(), per_class, seed)?;
         Ok(Var::from_op("sample_anchors", value, &[self], Rule::None))
     }
 }
 
 /// The reference: plain f64 loops over the M x M similarities, one row at a time.
 impl ContrastiveBackend for Cpu64 {
+    fn sample_anchors(&self, labels: &CpuTensor, per_class: usize, seed: u64) -> Result<CpuTensor> {
+        let mask = sample_anchors(&labels.data, &labels.shape, per_class, seed)?;
+        Ok(cpu(mask, labels.shape.reduced(&[1])))
+    }
+
     fn infonce_logsumexp(&self, qn: &CpuTensor, kn: &CpuTensor, tau: f64) -> Result<CpuTensor> {
         let (n, e, s) = infonce_dims("dense_infonce", &qn.shape, &kn.shape)?;
         let lse = (0..n * s)

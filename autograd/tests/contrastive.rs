@@ -314,6 +314,36 @@ fn sampled_anchors_are_distinct_voxels_of_each_present_class_and_repeat_with_the
     ));
 }
 
+/// The draw is uniform without replacement: over 3000 seeds, each of a class's 10 voxels is among
+/// the 3 anchors 3 / 10 of the time (binomial standard deviation 0.008; the bound is 5 of them),
+/// and every draw holds exactly 3 of them.
+#[test]
+fn sampled_anchors_are_uniform_over_the_class() {
+    let s = 16;
+    // One image, 2 classes: voxels 3..13 are foreground.
+    let mut labels = vec![0.0; 2 * s];
+    for v in 0..s {
+        let fg = (3..13).contains(&v);
+        labels[v] = if fg { 0.0 } else { 1.0 };
+        labels[s + v] = if fg { 1.0 } else { 0.0 };
+    }
+    let shape = Shape::from([1, 2, s]);
+    let seeds = 3000;
+    let mut counts = vec![0usize; s];
+    for seed in 0..seeds {
+        let mask = sample_anchors(&labels, &shape, 3, seed).unwrap();
+        assert_eq!(mask.iter().sum::<f64>(), 3.0, "seed {seed}");
+        for (v, &m) in mask.iter().enumerate() {
+            counts[v] += (m == 1.0) as usize;
+        }
+    }
+    for (v, &count) in counts.iter().enumerate() {
+        let share = count as f64 / seeds as f64;
+        let expected = if (3..13).contains(&v) { 0.3 } else { 0.0 };
+        assert!((share - expected).abs() < 0.04, "voxel {v}: {share}");
+    }
+}
+
 /// Dense InfoNCE by its definition: every location i of the batch against every location j.
 fn infonce_reference(q: &[f64], k: &[f64], n: usize, e: usize, s: usize, tau: f64) -> f64 {
     let qs: Vec<Vec<f64>> = (0..n * s)

@@ -88,12 +88,13 @@ struct MatmulParams {
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct RandomParams {
-    n: u32,
-    seed_lo: u32,
-    seed_hi: u32,
-    counter_lo: u32,
-    counter_hi: u32,
+pub(crate) struct RandomParams {
+    pub n: u32,
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+    pub counter_lo: u32,
+    pub counter_hi: u32,
+    pub classes: u32,
 }
 
 /// Invocations per workgroup of the 1D kernels (their `WG` override default).
@@ -585,6 +586,7 @@ impl Backend for Gpu {
             seed_hi: (seed >> 32) as u32,
             counter_lo: counter as u32,
             counter_hi: (counter >> 32) as u32,
+            classes: 0,
         };
         let entry = match dist {
             Distribution::Uniform => "random_uniform",

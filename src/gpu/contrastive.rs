@@ -1,11 +1,12 @@
 //! The contrastive family on the GPU: dense InfoNCE's streamed log-sum-exp and its backward
 //! (kernels/contrastive.wgsl), the primitives of `metaseg_autograd::ContrastiveBackend`. The
 //! local contrastive loss needs no kernel of its own (it is composed from matmuls and elementwise
-//! ops), so it runs on the existing ones.
+//! ops), so it runs on the existing ones; its anchors are drawn by `sample_anchors`
+//! (kernels/random.wgsl).
 
-use super::backend::{Gpu, GpuTensor};
+use super::backend::{Gpu, GpuTensor, RandomParams};
 use super::kernels::{Kernel, KernelFile};
-use metaseg_autograd::contrastive::{infonce_backward_dims, infonce_dims};
+use metaseg_autograd::contrastive::{anchor_dims, infonce_backward_dims, infonce_dims};
 use metaseg_autograd::{Backend, ContrastiveBackend, Error, Result, Shape, TensorShape};
 
 /// The uniform of kernels/contrastive.wgsl.
@@ -111,6 +112,42 @@ impl Gpu {
 }
 
 impl ContrastiveBackend for Gpu {
+    fn sample_anchors(&self, labels: &GpuTensor, per_class: usize, seed: u64) -> Result<GpuTensor> {
+        let (n, c, s) = anchor_dims(labels.shape(), per_class)?;
+        let mask = self.fill(&labels.shape().reduced(&[1]), 0.0)?;
+        let groups = n * c.saturating_sub(1);
+        if groups == 0 || per_class == 0 || s == 0 {
+            return Ok(mask);
+        }
+        let limit = self
+            .context()
+            .adapter
+            .limits
+            .max_compute_workgroups_per_dimension;
+        if groups > limit as usize {
+            return Err(Error::InvalidArgument {
+                op: "sample_anchors",
+                message: format!("{n} images x {} classes: at most {limit}", c - 1),
+            });
+        }
+        let params = RandomParams {
+            n: s as u32,
+            seed_lo: seed as u32,
+            seed_hi: (seed >> 32) as u32,
+            counter_lo: 0,
+            counter_hi: 0,
+            classes: c as u32,
+        };
+        self.launch(
+            &Kernel::new(KernelFile::Random, "sample_anchors").with("K", per_class as f64),
+            bytemuck::bytes_of(&params),
+            &[(1, labels)],
+            &mask,
+            [groups as u32, 1, 1],
+        )?;
+        Ok(mask)
+    }
+
     fn infonce_logsumexp(&self, qn: &GpuTensor, kn: &GpuTensor, tau: f64) -> Result<GpuTensor> {
         let dims = infonce_dims("dense_infonce", qn.shape(), kn.shape())?;
         let out_shape = qn.shape().reduced(&[1]);
