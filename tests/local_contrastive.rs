@@ -275,6 +275,10 @@ fn local_contrastive_configuration_mistakes_name_the_key() {
             "local_contrastive.anchors",
         ),
         (
+            &["local_contrastive.anchors=17"],
+            "local_contrastive.anchors",
+        ),
+        (
             &["local_contrastive.agreement=1"],
             "local_contrastive.agreement",
         ),

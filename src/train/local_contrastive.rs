@@ -36,6 +36,7 @@ use super::trainer::{slice_batch, supervised_loss, DeviceBatch, StepLog, Trainer
 use crate::data;
 use crate::eval::metrics;
 use crate::nn::{Mode, NetBackend, Network};
+use metaseg_autograd::contrastive::MAX_ANCHORS;
 use metaseg_autograd::{no_grad, Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -120,6 +121,12 @@ impl LocalContrastiveConfig {
         }
         if self.anchors == 0 || self.embedding == 0 {
             return bad("local_contrastive.anchors and .embedding must be at least 1".into());
+        }
+        if self.anchors > MAX_ANCHORS {
+            return bad(format!(
+                "local_contrastive.anchors {} is more than the {MAX_ANCHORS} the sampler draws",
+                self.anchors
+            ));
         }
         if !(0.0..1.0).contains(&self.agreement) {
             return bad(format!(
