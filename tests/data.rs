@@ -702,6 +702,28 @@ fn the_training_configuration_carries_the_generator_knobs() {
     );
 }
 
+/// Scanner variety changes each case's noise and blur, not its anatomy: the labels stay, the
+/// images differ, and differently per case.
+#[test]
+fn degradation_spread_varies_the_images_and_keeps_the_labels() {
+    let plain = small_config(3);
+    let varied = SyntheticConfig {
+        knobs: SyntheticKnobs {
+            degradation_spread: 1.0,
+            ..SyntheticKnobs::default()
+        },
+        ..small_config(3)
+    };
+    for i in 0..2 {
+        let (a, b) = (
+            synthetic::case(&plain, i).unwrap(),
+            synthetic::case(&varied, i).unwrap(),
+        );
+        assert_eq!(a.label.data, b.label.data, "case {i}");
+        assert_ne!(a.image.data, b.image.data, "case {i}");
+    }
+}
+
 #[test]
 fn bad_generator_knobs_are_errors_that_name_them() {
     let bad = |knobs: SyntheticKnobs| {
@@ -721,6 +743,11 @@ fn bad_generator_knobs_are_errors_that_name_them() {
         ..SyntheticKnobs::default()
     });
     assert!(e.contains("tubes"), "{e}");
+    let e = bad(SyntheticKnobs {
+        degradation_spread: -1.0,
+        ..SyntheticKnobs::default()
+    });
+    assert!(e.contains("degradation_spread"), "{e}");
 }
 
 #[test]

@@ -15,10 +15,12 @@
 //!   partial-volume blur (Gaussian), a smooth multiplicative bias field, Rician noise and a random
 //!   overall gain.
 //!
-//! The knobs are the fields of [`SyntheticConfig`]. Harder: more `noise`, `bias`, `blur`, `blobs`,
-//! a wider `distractor_contrast` (the distractors' intensity may then differ from the target's in
-//! either direction, so an intensity window cannot cut them off), a wider `body_radius` range and
-//! more `tubes` (more shape variability, which few labels cover worse).
+//! The knobs are the fields of [`SyntheticKnobs`] (`[data.synthetic]` of a training
+//! configuration). Harder: more `noise`, `bias`, `blur`, `blobs`, a wider `distractor_contrast`
+//! (the distractors' intensity may then differ from the target's in either direction, so an
+//! intensity window cannot cut them off), a wider `body_radius` range and more `tubes` (more shape
+//! variability), a wider `tissue_level` range (varying contrast), a `degradation_spread` (noise and
+//! blur that differ from case to case, as between scanners).
 //!
 //! Geometry is drawn in "unit" coordinates: voxel centres mapped so that the shortest axis spans
 //! [-1, 1] (isotropic in voxels), so a case looks the same at every size.
@@ -65,6 +67,9 @@ pub struct SyntheticKnobs {
     pub bias: f64,
     /// Partial-volume blur: Gaussian sigma in voxels (0 for none).
     pub blur: f64,
+    /// Scanner variety: each case's noise and blur are `noise` and `blur` times exp(U(-s, s)),
+    /// drawn independently per case (0: every case alike).
+    pub degradation_spread: f64,
 }
 
 impl Default for SyntheticConfig {
@@ -90,6 +95,7 @@ impl Default for SyntheticKnobs {
             noise: 0.1,
             bias: 0.3,
             blur: 0.8,
+            degradation_spread: 0.0,
         }
     }
 }
@@ -122,9 +128,18 @@ impl SyntheticConfig {
         if k.tubes.0 > k.tubes.1 {
             return bad(format!("tubes {:?}: lo > hi", k.tubes));
         }
-        let levels = [k.distractor_contrast, k.noise, k.bias, k.blur];
+        let levels = [
+            k.distractor_contrast,
+            k.noise,
+            k.bias,
+            k.blur,
+            k.degradation_spread,
+        ];
         if levels.iter().any(|v| !(v.is_finite() && *v >= 0.0)) || k.distractor_contrast >= 1.0 {
-            return bad("contrast (< 1), noise, bias and blur must be finite and >= 0".into());
+            return bad(
+                "contrast (< 1), noise, bias, blur and degradation_spread must be finite and >= 0"
+                    .into(),
+            );
         }
         if self.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
             return bad(format!("spacing {:?} must be positive", self.spacing));
@@ -145,7 +160,8 @@ pub fn case(config: &SyntheticConfig, index: usize) -> Result<SyntheticCase> {
     config.check()?;
     let mut draws = Draws::new(case_key(config.seed, index, 0));
     let anatomy = Anatomy::draw(&mut draws, config);
-    let (image, label) = anatomy.render(config, case_key(config.seed, index, 1));
+    let scanner = Scanner::draw(config, index);
+    let (image, label) = anatomy.render(config, scanner, case_key(config.seed, index, 1));
     Ok(SyntheticCase {
         image: Volume::new(image, config.size, config.spacing)?,
         label: Volume::new(label, config.size, config.spacing)?,
@@ -201,6 +217,28 @@ pub fn write_msd(dir: &Path, config: &SyntheticConfig, labeled: usize, test: usi
         test: names[rest..].to_vec(),
     };
     msd::write_json(&dir.join("split.json"), &split)
+}
+
+/// Salt of the per-case scanner draws (`degradation_spread`).
+const SCANNER_SALT: u64 = 0x5ca1_1e55;
+
+/// A case's image degradation: its blur sigma and noise level.
+#[derive(Clone, Copy)]
+struct Scanner {
+    blur: f64,
+    noise: f64,
+}
+
+impl Scanner {
+    /// The knobs' blur and noise, each times exp(U(-s, s)) with s = `degradation_spread`, from a
+    /// stream of their own: a spread of 0 leaves every other draw of the case as it was.
+    fn draw(config: &SyntheticConfig, index: usize) -> Scanner {
+        let mut d = Draws::new(case_key(config.seed ^ SCANNER_SALT, index, 0));
+        let s = config.knobs.degradation_spread;
+        let blur = config.knobs.blur * d.range(-s, s).exp();
+        let noise = config.knobs.noise * d.range(-s, s).exp();
+        Scanner { blur, noise }
+    }
 }
 
 /// A 64-bit key for a case's stream (0: anatomy, 1: noise), from the seed by the shared hash.
@@ -472,7 +510,12 @@ impl Anatomy {
     }
 
     /// The image (blurred, biased, noisy, scaled) and the label, [D, H, W].
-    fn render(&self, config: &SyntheticConfig, noise_key: u64) -> (Vec<f32>, Vec<f32>) {
+    fn render(
+        &self,
+        config: &SyntheticConfig,
+        scanner: Scanner,
+        noise_key: u64,
+    ) -> (Vec<f32>, Vec<f32>) {
         let points = grid_points(config.size);
         let (mut clean, label): (Vec<f64>, Vec<f32>) = points
             .iter()
@@ -481,8 +524,8 @@ impl Anatomy {
                 (v, if inside { 1.0 } else { 0.0 })
             })
             .unzip();
-        gaussian_blur(&mut clean, config.size, config.knobs.blur);
-        let sigma = config.knobs.noise;
+        gaussian_blur(&mut clean, config.size, scanner.blur);
+        let sigma = scanner.noise;
         let image = (clean.iter().zip(&points).enumerate())
             .map(|(i, (&v, &p))| {
                 let signal = v * self.bias.at(p).exp();
