@@ -45,6 +45,19 @@ fn cases() -> Vec<Case> {
             [9, 1, 3, 3, 3],
             pad1,
         ),
+        // Kernel 3 tall with no padding, and with more padding than the kernel reaches, along H.
+        (
+            "3x3x3, H padding 0",
+            [1, 3, 3, 6, 8],
+            [5, 3, 3, 3, 3],
+            spec([1; 3], [1, 0, 1]),
+        ),
+        (
+            "3x3x3, H padding 3",
+            [2, 2, 2, 3, 4],
+            [6, 2, 3, 3, 3],
+            spec([1; 3], [1, 3, 1]),
+        ),
         (
             "1x1x1",
             [2, 6, 3, 5, 7],
@@ -313,7 +326,8 @@ fn the_blocked_variant_runs_where_its_conditions_hold() {
         blocked.runs(&geo)
     };
     let pad1 = spec([1; 3], [1; 3]);
-    // Forward, grad-input (the forward of the flipped weight) and grad-weight all blocked.
+    // Forward, grad-input (the forward of the flipped weight) and grad-weight (sliding down H) all
+    // blocked.
     let vnet = ([1, 2, 3, 4, 8], [3, 2, 3, 3, 3], pad1);
     assert_eq!(plan(vnet.0, vnet.1, vnet.2), [blocked; 3]);
     // Stride 2: grad-input by the patch kernel (stride = kernel, exact tiling) or by its own
@@ -337,7 +351,8 @@ fn the_blocked_variant_runs_where_its_conditions_hold() {
     let dy = g.fill(&geo.output_shape(), 1.0).unwrap();
     let w2 = Shape::from([3, 2, 2, 2, 2]);
     let geo2 = Conv3dGeometry::new(&Shape::from([1, 2, 4, 4, 16]), &w2, down).unwrap();
-    let (wt2, dy2) = (
+    let (xt2, wt2, dy2) = (
+        g.fill(&geo2.input_shape(), 1.0).unwrap(),
         g.fill(&w2, 1.0).unwrap(),
         g.fill(&geo2.output_shape(), 1.0).unwrap(),
     );
@@ -351,6 +366,8 @@ fn the_blocked_variant_runs_where_its_conditions_hold() {
         .unwrap();
     g.conv3d_grad_input_variant(blocked, &dy2, &wt2, None, &geo2)
         .unwrap();
+    g.conv3d_grad_weight_variant(blocked, &xt2, &dy2, &geo2)
+        .unwrap();
     g.conv3d_grad_input_variant(blocked, &dy3, &wt2, None, &geo3)
         .unwrap();
     let (times, _) = g.context().take_kernel_times().unwrap();
@@ -358,6 +375,7 @@ fn the_blocked_variant_runs_where_its_conditions_hold() {
     for entry in [
         "conv3d_blocked",
         "conv3d_arrange_weight[FLIP=1]",
+        "conv3d_grad_weight_rows",
         "conv3d_grad_weight_blocked",
         "conv3d_grad_input_patches",
         "conv3d_grad_input_blocked",

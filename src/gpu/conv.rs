@@ -39,10 +39,11 @@ impl ConvVariant {
         let grad_input = flipped(g).is_some_and(|f| Tiling::of(self, &f).is_some())
             || Tiling::of_patches(self, g).is_some()
             || Tiling::of_grad_input(self, g).is_some();
+        let grad_weight = blocked || Tiling::of_rows(self, g).is_some();
         [
             or_direct(blocked),
             or_direct(grad_input),
-            or_direct(blocked),
+            or_direct(grad_weight),
         ]
     }
 
@@ -111,6 +112,13 @@ fn grad_weight_workgroup(combos: usize) -> usize {
 /// Vec4s of one input row segment and vec4 accumulators, as MAX_SEGMENT and MAX_ACC in conv.wgsl.
 const MAX_SEGMENT: usize = 16;
 const MAX_ACC: usize = 32;
+/// Vec4 accumulators per kh tap of `conv3d_grad_weight_rows`, as ROW_ACC in conv.wgsl.
+const ROW_ACC: usize = 12;
+/// The blocking of `conv3d_grad_weight_rows`.
+const ROWS: ConvVariant = ConvVariant::Blocked {
+    channels: 4,
+    width: 4,
+};
 /// Input channels per invocation of `conv3d_grad_input_patches`, at most.
 const MAX_CHANNELS: usize = 16;
 
@@ -142,6 +150,19 @@ impl Tiling {
             && channels / 4 * width <= MAX_ACC
             && segment <= MAX_SEGMENT;
         fits.then_some(Tiling { channels, width })
+    }
+
+    /// The tiling for `conv3d_grad_weight_rows`, if the kernel is 3 tall with stride and
+    /// dilation 1 along H and the W axis meets the blocked kernels' conditions. 4 output channels
+    /// x 4 W positions whatever the variant's own sizes: with 8 of either, the loop nest over a
+    /// row grew past what lavapipe unrolls and ran at a tenth of the speed (see conv.wgsl).
+    fn of_rows(variant: ConvVariant, g: &Conv3dGeometry) -> Option<Tiling> {
+        let ConvVariant::Blocked { .. } = variant else {
+            return None;
+        };
+        let tiling = Tiling::of(ROWS, g)?;
+        let tall = g.kernel[1] == 3 && g.spec.stride[1] == 1 && g.spec.dilation[1] == 1;
+        (tall && g.kernel[2] * tiling.channels / 4 <= ROW_ACC).then_some(tiling)
     }
 
     /// The tiling for `conv3d_grad_input_blocked` (grad-input at any stride), if its conditions
@@ -453,10 +474,57 @@ impl Gpu {
             ("dy", dy.shape(), g.output_shape()),
             None,
         )?;
+        if let Some(tiling) = Tiling::of_rows(variant, g) {
+            return self.grad_weight_rows(tiling, x, dy, g);
+        }
         match Tiling::of(variant, g) {
             Some(tiling) => self.grad_weight_blocked(tiling, x, dy, g),
             None => self.grad_weight_direct(x, dy, g),
         }
+    }
+
+    /// Variant 2 of grad-weight for kernels 3 tall at stride 1 along H: partial sums over chunks
+    /// of (n, od, W block), each invocation one (c, td) for a block of output channels and every
+    /// tap along H and W (see `conv3d_grad_weight_rows`).
+    fn grad_weight_rows(
+        &self,
+        tiling: Tiling,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        g: &Conv3dGeometry,
+    ) -> Result<GpuTensor> {
+        let combos = g.c_in * g.kernel[0];
+        let wg = grad_weight_workgroup(combos);
+        let channel_blocks = g.c_out.div_ceil(tiling.channels);
+        let units = g.batch * g.output[0] * g.output[2].div_ceil(tiling.width);
+        let max_chunks = self
+            .context()
+            .adapter
+            .limits
+            .max_compute_workgroups_per_dimension;
+        let wanted = GRAD_WEIGHT_INVOCATIONS
+            .div_ceil(combos * channel_blocks)
+            .clamp(1, units.min(max_chunks as usize));
+        let units_per_chunk = units.div_ceil(wanted);
+        let chunks = units.div_ceil(units_per_chunk);
+        let mut params = ConvParams::new(g);
+        params.rows_per_chunk = units_per_chunk as u32;
+        let partial = self.empty(&Shape::from([chunks, g.weight_shape().numel()]))?;
+        let grid = [
+            combos.div_ceil(wg) as u32,
+            chunks as u32,
+            channel_blocks as u32,
+        ];
+        self.launch(
+            &tiling
+                .kernel("conv3d_grad_weight_rows", g)
+                .with("WG", wg as f64),
+            bytemuck::bytes_of(&params),
+            &[(1, x), (2, dy)],
+            &partial,
+            grid,
+        )?;
+        self.sum_chunks(partial, g)
     }
 
     /// Variant 2 of grad-weight: partial sums over chunks of output rows (n, od, oh), each
