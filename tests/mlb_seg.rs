@@ -9,10 +9,10 @@ use common::{gpu, log_lines};
 use metaseg::data::nifti;
 use metaseg::train::config::TrainConfig;
 use metaseg::train::mlb_seg::stages::{self, stage0_config, stage0_paths};
-use metaseg::train::mlb_seg::step::{meta_weights, unlabeled_terms};
+use metaseg::train::mlb_seg::step::{meta_batch_loss, meta_weights, unlabeled_terms};
 use metaseg::train::mlb_seg::views::{Average, Views, VIEWS};
 use metaseg::train::run::{self, RunOptions, RunPaths};
-use metaseg::train::trainer::Trainer;
+use metaseg::train::trainer::{supervised_loss, Trainer};
 use metaseg_autograd::{Cpu64, Shape, Tolerance, Var};
 
 /// 16^3 volumes, 8^3 patches, a 2-level V-Net of width 4; 2 labeled, 3 unlabeled, 1 test case;
@@ -364,6 +364,36 @@ fn both_stages_write_initial_labels_train_and_resume_as_the_uninterrupted_run() 
     let (a, _) = metaseg::train::checkpoint::load(&paths.checkpoint()).unwrap();
     let (b, _) = metaseg::train::checkpoint::load(&paths_b.checkpoint()).unwrap();
     assert_eq!(a, b, "the final checkpoints differ");
+}
+
+#[test]
+fn the_supervised_dice_flag_gives_the_meta_batch_the_baselines_loss() {
+    // Zero logits (p = 1/2 for both classes) against labels with a quarter foreground: the CE is
+    // ln 2 whatever the labels, the Dice term is not zero.
+    let voxels = 4 * 4 * 4;
+    let mut labels = Vec::new();
+    for v in 0..voxels {
+        labels.push(if v % 4 == 0 { 0.0 } else { 1.0 });
+    }
+    for v in 0..voxels {
+        labels.push(if v % 4 == 0 { 1.0 } else { 0.0 });
+    }
+    let shape = Shape::from([1, 2, 4, 4, 4]);
+    let y = Var::from_f64(&Cpu64, &labels, &shape, false).unwrap();
+    let logits = Var::from_f64(&Cpu64, &vec![0.0; 2 * voxels], &shape, false).unwrap();
+    let value = |v: Var<Cpu64>| v.value().data[0];
+
+    let paper = meta_batch_loss(&tiny(&[]), &logits, &y).unwrap();
+    Tolerance::F64.assert("CE", &[value(paper)], &[std::f64::consts::LN_2]);
+    let flagged = meta_batch_loss(&tiny(&["mlb_seg.supervised_dice=true"]), &logits, &y).unwrap();
+    let (ce, dice) = supervised_loss(&logits, &y).unwrap();
+    let dice = value(dice);
+    assert!(dice > 0.1, "Dice loss {dice}");
+    Tolerance::F64.assert(
+        "0.5 (CE + Dice)",
+        &[value(flagged)],
+        &[0.5 * (value(ce) + dice)],
+    );
 }
 
 #[test]

@@ -128,10 +128,7 @@ pub type StepLog = Vec<(&'static str, f64)>;
 
 /// The supervised terms of labeled logits against one-hot labels: softmax CE and the softmax
 /// Dice loss over the foreground classes (the loss is their mean).
-pub(crate) fn supervised_loss<B: NetBackend>(
-    logits: &Var<B>,
-    y: &Var<B>,
-) -> Result<(Var<B>, Var<B>)> {
+pub fn supervised_loss<B: NetBackend>(logits: &Var<B>, y: &Var<B>) -> Result<(Var<B>, Var<B>)> {
     let ce = logits.cross_entropy(y, None, Reduction::Mean)?;
     let dice = logits.softmax_dice(
         y,

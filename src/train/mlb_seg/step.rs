@@ -18,7 +18,7 @@
 //! instead would cost a forward pass of all K * U views.
 
 use super::super::config::TrainConfig;
-use super::super::trainer::{slice_batch, DeviceBatch, StepLog, Trainer};
+use super::super::trainer::{slice_batch, supervised_loss, DeviceBatch, StepLog, Trainer};
 use super::views::{Average, Views};
 use crate::meta::{MetaPath, MetaStep, Sgd};
 use crate::nn::{Forward, Mode, NetBackend, Network, Outputs};
@@ -182,8 +182,23 @@ fn momentum_buffers<B: NetBackend>(trainer: &Trainer<B>) -> Result<Option<Vec<Va
     ))
 }
 
-/// Step 4 on the meta batch's views (x, y): mean CE + L_cons + L_mt, an update and the teacher's
-/// EMA. Returns the loss and its three terms, detached.
+/// The supervised term of step 4 on logits of the meta batch against one-hot labels y: mean CE,
+/// or with `mlb_seg.supervised_dice` the baselines' 0.5 (CE + Dice).
+pub fn meta_batch_loss<B: NetBackend>(
+    config: &TrainConfig,
+    logits: &Var<B>,
+    y: &Var<B>,
+) -> Result<Var<B>> {
+    if config.mlb_seg.supervised_dice {
+        let (ce, dice) = supervised_loss(logits, y)?;
+        ce.add(&dice)?.scale(0.5)
+    } else {
+        logits.cross_entropy(y, None, Reduction::Mean)
+    }
+}
+
+/// Step 4 on the meta batch's views (x, y): mean CE (or 0.5 (CE + Dice) with
+/// `mlb_seg.supervised_dice`) + L_cons + L_mt, an update and the teacher's EMA. Returns the loss and its three terms, detached.
 fn supervised_step<B: NetBackend>(
     trainer: &mut Trainer<B>,
     views: &Views,
@@ -199,7 +214,7 @@ fn supervised_step<B: NetBackend>(
         step: t as u32,
     };
     let out = trainer.net.run(&trainer.params, &trainer.stats, x, mode)?;
-    let ce = out.logits.cross_entropy(y, None, Reduction::Mean)?;
+    let ce = meta_batch_loss(config, &out.logits, y)?;
     let cons = views.consistency(&out.logits.softmax_channels()?)?;
     let mt = out.logits.softmax_mse(&teacher_logits)?;
     let weight = consistency_weight(config, t);
