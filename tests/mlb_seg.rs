@@ -272,7 +272,23 @@ fn meta_weights_are_a_distribution_agree_on_both_paths_and_move_with_the_network
     let reverse = weights(&trainer);
     let scale = fast.iter().fold(0.0f64, |m, v| m.max(*v));
     Tolerance::new(1e-3 * scale, 1e-3).assert("fast vs reverse weights", &fast, &reverse);
+    // With Dice in the meta loss (mlb_seg.meta_batch_dice) the paths agree too, on other weights.
+    trainer.config.mlb_seg.meta_batch_dice = true;
+    let dice_reverse = weights(&trainer);
     trainer.config.mlb_seg.meta_path = "fast".into();
+    let dice_fast = weights(&trainer);
+    let dice_scale = dice_fast.iter().fold(0.0f64, |m, v| m.max(*v));
+    Tolerance::new(1e-3 * dice_scale, 1e-3).assert(
+        "fast vs reverse weights, Dice meta loss",
+        &dice_fast,
+        &dice_reverse,
+    );
+    let changed = fast
+        .iter()
+        .zip(&dice_fast)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(changed > 1e-2 * scale, "Dice left the weights as they were");
+    trainer.config.mlb_seg.meta_batch_dice = false;
 
     let log = trainer.step(&batch, 0).unwrap();
     let value = |name: &str| log.iter().find(|(n, _)| *n == name).unwrap().1;
@@ -367,7 +383,7 @@ fn both_stages_write_initial_labels_train_and_resume_as_the_uninterrupted_run() 
 }
 
 #[test]
-fn the_supervised_dice_flag_gives_the_meta_batch_the_baselines_loss() {
+fn the_meta_batch_dice_flag_gives_the_meta_batch_the_baselines_loss() {
     // Zero logits (p = 1/2 for both classes) against labels with a quarter foreground: the CE is
     // ln 2 whatever the labels, the Dice term is not zero.
     let voxels = 4 * 4 * 4;
@@ -385,7 +401,7 @@ fn the_supervised_dice_flag_gives_the_meta_batch_the_baselines_loss() {
 
     let paper = meta_batch_loss(&tiny(&[]), &logits, &y).unwrap();
     Tolerance::F64.assert("CE", &[value(paper)], &[std::f64::consts::LN_2]);
-    let flagged = meta_batch_loss(&tiny(&["mlb_seg.supervised_dice=true"]), &logits, &y).unwrap();
+    let flagged = meta_batch_loss(&tiny(&["mlb_seg.meta_batch_dice=true"]), &logits, &y).unwrap();
     let (ce, dice) = supervised_loss(&logits, &y).unwrap();
     let dice = value(dice);
     assert!(dice > 0.1, "Dice loss {dice}");

@@ -152,10 +152,10 @@ pub struct MlbSegConfig {
     pub meta_views: bool,
     /// Weight of L_cons and L_mt in both updates (1 in the paper and the released code).
     pub consistency: f64,
-    /// false: the supervised step on the meta batch is mean CE (+ L_cons + L_mt), as in the paper
-    /// and the released code; true: 0.5 (CE + Dice) as the baselines' supervised loss (in
-    /// neither: it tests whether a CE-only objective drifts to background on small structures).
-    pub supervised_dice: bool,
+    /// false: the meta batch's losses (the meta loss and the supervised step) are mean CE, as in
+    /// the paper and the released code; true: 0.5 (CE + Dice) as the baselines' supervised loss
+    /// (in neither: it tests whether CE-only objectives drift to background on small structures).
+    pub meta_batch_dice: bool,
     /// Ramp that weight up as the mean teacher's consistency (mean_teacher.rampup and
     /// rampup_unit); neither the paper nor the released code does.
     pub rampup: bool,
@@ -179,7 +179,7 @@ impl Default for MlbSegConfig {
             weights: "clip".into(),
             meta_views: false,
             consistency: 1.0,
-            supervised_dice: false,
+            meta_batch_dice: false,
             rampup: false,
             clip: 0.2,
             save_weights: String::new(),

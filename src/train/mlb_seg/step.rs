@@ -138,7 +138,7 @@ pub fn meta_weights<B: NetBackend>(
             .net
             .forward(&Forward::new(p, stats, meta_mode), meta.0)?
             .logits;
-        logits.cross_entropy(meta.1, None, Reduction::Mean)
+        meta_batch_loss(config, &logits, meta.1)
     };
     let buffers = momentum_buffers(trainer)?;
     let o = &config.optimizer;
@@ -182,14 +182,15 @@ fn momentum_buffers<B: NetBackend>(trainer: &Trainer<B>) -> Result<Option<Vec<Va
     ))
 }
 
-/// The supervised term of step 4 on logits of the meta batch against one-hot labels y: mean CE,
-/// or with `mlb_seg.supervised_dice` the baselines' 0.5 (CE + Dice).
+/// The loss of logits of the meta batch against one-hot labels y, in the meta loss and in the
+/// supervised term of step 4: mean CE, or with `mlb_seg.meta_batch_dice` the baselines' 0.5 (CE +
+/// Dice).
 pub fn meta_batch_loss<B: NetBackend>(
     config: &TrainConfig,
     logits: &Var<B>,
     y: &Var<B>,
 ) -> Result<Var<B>> {
-    if config.mlb_seg.supervised_dice {
+    if config.mlb_seg.meta_batch_dice {
         let (ce, dice) = supervised_loss(logits, y)?;
         ce.add(&dice)?.scale(0.5)
     } else {
@@ -198,7 +199,7 @@ pub fn meta_batch_loss<B: NetBackend>(
 }
 
 /// Step 4 on the meta batch's views (x, y): mean CE (or 0.5 (CE + Dice) with
-/// `mlb_seg.supervised_dice`) + L_cons + L_mt, an update and the teacher's EMA. Returns the loss and its three terms, detached.
+/// `mlb_seg.meta_batch_dice`) + L_cons + L_mt, an update and the teacher's EMA. Returns the loss and its three terms, detached.
 fn supervised_step<B: NetBackend>(
     trainer: &mut Trainer<B>,
     views: &Views,
