@@ -474,84 +474,73 @@ impl Gpu {
             ("dy", dy.shape(), g.output_shape()),
             None,
         )?;
+        // Each blocked kernel: the (c, ...) combinations an invocation owns along x, and the units
+        // of the reduction its chunks split.
+        let [od, oh, ow] = g.output;
         if let Some(tiling) = Tiling::of_rows(variant, g) {
-            return self.grad_weight_rows(tiling, x, dy, g);
+            let combos = g.c_in * g.kernel[0];
+            let units = g.batch * od * ow.div_ceil(tiling.width);
+            return self.grad_weight_blocked(
+                "conv3d_grad_weight_rows",
+                tiling,
+                combos,
+                units,
+                x,
+                dy,
+                g,
+            );
         }
         match Tiling::of(variant, g) {
-            Some(tiling) => self.grad_weight_blocked(tiling, x, dy, g),
+            Some(tiling) => {
+                let combos = g.c_in * g.kernel[0] * g.kernel[1];
+                let rows = g.batch * od * oh;
+                self.grad_weight_blocked(
+                    "conv3d_grad_weight_blocked",
+                    tiling,
+                    combos,
+                    rows,
+                    x,
+                    dy,
+                    g,
+                )
+            }
             None => self.grad_weight_direct(x, dy, g),
         }
     }
 
-    /// Variant 2 of grad-weight for kernels 3 tall at stride 1 along H: partial sums over chunks
-    /// of (n, od, W block), each invocation one (c, td) for a block of output channels and every
-    /// tap along H and W (see `conv3d_grad_weight_rows`).
-    fn grad_weight_rows(
-        &self,
-        tiling: Tiling,
-        x: &GpuTensor,
-        dy: &GpuTensor,
-        g: &Conv3dGeometry,
-    ) -> Result<GpuTensor> {
-        let combos = g.c_in * g.kernel[0];
-        let wg = grad_weight_workgroup(combos);
-        let channel_blocks = g.c_out.div_ceil(tiling.channels);
-        let units = g.batch * g.output[0] * g.output[2].div_ceil(tiling.width);
-        let max_chunks = self
-            .context()
-            .adapter
-            .limits
-            .max_compute_workgroups_per_dimension;
+    /// How a reduction over `units` terms splits into chunks of partial sums so that about
+    /// GRAD_WEIGHT_INVOCATIONS invocations run when each chunk has `parallel` of them: the units
+    /// per chunk and the number of chunks.
+    fn chunks(&self, units: usize, parallel: usize) -> (usize, usize) {
+        let limits = &self.context().adapter.limits;
+        let max_chunks = limits.max_compute_workgroups_per_dimension as usize;
         let wanted = GRAD_WEIGHT_INVOCATIONS
-            .div_ceil(combos * channel_blocks)
-            .clamp(1, units.min(max_chunks as usize));
-        let units_per_chunk = units.div_ceil(wanted);
-        let chunks = units.div_ceil(units_per_chunk);
-        let mut params = ConvParams::new(g);
-        params.rows_per_chunk = units_per_chunk as u32;
-        let partial = self.empty(&Shape::from([chunks, g.weight_shape().numel()]))?;
-        let grid = [
-            combos.div_ceil(wg) as u32,
-            chunks as u32,
-            channel_blocks as u32,
-        ];
-        self.launch(
-            &tiling
-                .kernel("conv3d_grad_weight_rows", g)
-                .with("WG", wg as f64),
-            bytemuck::bytes_of(&params),
-            &[(1, x), (2, dy)],
-            &partial,
-            grid,
-        )?;
-        self.sum_chunks(partial, g)
+            .div_ceil(parallel)
+            .clamp(1, units.min(max_chunks));
+        let per_chunk = units.div_ceil(wanted);
+        (per_chunk, units.div_ceil(per_chunk))
     }
 
-    /// Variant 2 of grad-weight: partial sums over chunks of output rows (n, od, oh), each
-    /// invocation one (c, td, th) for a block of output channels and every tap along W.
+    /// Variant 2 of grad-weight: partial sums over chunks of `units`, each invocation one of
+    /// `combos` for a block of output channels, by `entry`: `conv3d_grad_weight_blocked` (units:
+    /// output rows (n, od, oh); combos: (c, td, th)) or `conv3d_grad_weight_rows` (units: (n, od,
+    /// W block); combos: (c, td), every kh tap).
+    #[allow(clippy::too_many_arguments)]
     fn grad_weight_blocked(
         &self,
+        entry: &'static str,
         tiling: Tiling,
+        combos: usize,
+        units: usize,
         x: &GpuTensor,
         dy: &GpuTensor,
         g: &Conv3dGeometry,
     ) -> Result<GpuTensor> {
-        let combos = g.c_in * g.kernel[0] * g.kernel[1];
         let wg = grad_weight_workgroup(combos);
         let channel_blocks = g.c_out.div_ceil(tiling.channels);
-        let rows = g.batch * g.output[0] * g.output[1];
-        let max_chunks = self
-            .context()
-            .adapter
-            .limits
-            .max_compute_workgroups_per_dimension;
-        let wanted = GRAD_WEIGHT_INVOCATIONS
-            .div_ceil(combos * channel_blocks)
-            .clamp(1, rows.min(max_chunks as usize));
-        let rows_per_chunk = rows.div_ceil(wanted);
-        let chunks = rows.div_ceil(rows_per_chunk);
+        let (per_chunk, chunks) = self.chunks(units, combos * channel_blocks);
         let mut params = ConvParams::new(g);
-        params.rows_per_chunk = rows_per_chunk as u32;
+        params.rows_per_chunk = per_chunk as u32;
         let partial = self.empty(&Shape::from([chunks, g.weight_shape().numel()]))?;
         let grid = [
             combos.div_ceil(wg) as u32,
@@ -559,9 +548,7 @@ impl Gpu {
             channel_blocks as u32,
         ];
         self.launch(
-            &tiling
-                .kernel("conv3d_grad_weight_blocked", g)
-                .with("WG", wg as f64),
+            &tiling.kernel(entry, g).with("WG", wg as f64),
             bytemuck::bytes_of(&params),
             &[(1, x), (2, dy)],
             &partial,
@@ -579,17 +566,7 @@ impl Gpu {
         g: &Conv3dGeometry,
     ) -> Result<GpuTensor> {
         let weights = g.weight_shape().numel();
-        let rows = g.batch * g.output[0];
-        let max_chunks = self
-            .context()
-            .adapter
-            .limits
-            .max_compute_workgroups_per_dimension;
-        let wanted = GRAD_WEIGHT_INVOCATIONS
-            .div_ceil(weights)
-            .clamp(1, rows.min(max_chunks as usize));
-        let rows_per_chunk = rows.div_ceil(wanted);
-        let chunks = rows.div_ceil(rows_per_chunk);
+        let (rows_per_chunk, chunks) = self.chunks(g.batch * g.output[0], weights);
         let mut params = ConvParams::new(g);
         params.rows_per_chunk = rows_per_chunk as u32;
         let partial = self.conv_launch(
