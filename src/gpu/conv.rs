@@ -15,7 +15,8 @@ pub enum ConvVariant {
     /// 1: one result per invocation, straight from the definition.
     Direct,
     /// 2: register-blocked, `channels` output channels x `width` W positions per invocation
-    /// (grad-input where stride = kernel picks its own, see `conv3d_grad_input_patches`). Where
+    /// (grad-input where stride = kernel picks its own, see `conv3d_grad_input_patches`, and so
+    /// does grad-weight for kernels 3 tall, see `conv3d_grad_weight_rows`). Where
     /// its conditions do not hold (W or Wo not a multiple of 4; for grad-input, a stride along W
     /// that does not divide width / 4; kernels too wide for its registers) the direct kernel runs
     /// instead: see [`ConvVariant::runs`].
