@@ -216,7 +216,9 @@ fn conv3d_grad_weight_direct(@builtin(workgroup_id) group: vec3<u32>,
 // once the loops over tw, the WB positions and the KB/4 vec4s are unrolled every register index is
 // a constant. The invocations of a workgroup share the channel block (workgroup_id.z), so a weight
 // address is the same for all of them: one load, broadcast. At 3x3x3 this is 4 vec4 input loads
-// and 6 vec4 weight loads per 192 multiply-adds.
+// and 6 vec4 weight loads per 192 multiply-adds. Other blocks measured worse on lavapipe (3x3x3
+// 16-16 on 2 x 64^3, cargo bench --bench conv -- "forward v2/3x3x3 16-16 2x64"): 12.1 GFLOP/s at
+// KB 8 x WB 8, 8.0 at 16 x 4, 7.3 at 8 x 4, 2.7 at 4 x 16.
 //
 // Grad-input at stride 1 is this forward on dy with the weight flipped in space and its channel
 // axes swapped (`conv3d_arrange_weight` with FLIP), padding dilation (k - 1) - padding. Where the
