@@ -209,16 +209,25 @@ fn conv3d_grad_weight_direct(@builtin(workgroup_id) group: vec3<u32>,
 // Forward (`conv3d_blocked`): an invocation computes WB consecutive W positions of one output row
 // (n, od, oh) for KB output channels, in WB x KB/4 vec4 accumulators. For each input channel and
 // each (td, th) it loads the input row segment those WB outputs read as whole vec4s (its first
-// element is aligned because W and WB are multiples of 4), and for each tw the KB weights as KB/4
+// element is aligned because W and WB are multiples of 4), and the KW x KB weights as KW x KB/4
 // vec4s from a copy of the weight arranged [C, kd, kh, kw, K] (output channels contiguous, padded
-// with zeros to a multiple of KB: `conv3d_arrange_weight`). Then WB x KB multiply-adds use them.
-// Along W the kernel size, stride, padding and dilation are override constants (KW, SW, PW, DW), so
-// once the loops over tw, the WB positions and the KB/4 vec4s are unrolled every register index is
-// a constant. The invocations of a workgroup share the channel block (workgroup_id.z), so a weight
-// address is the same for all of them: one load, broadcast. At 3x3x3 this is 4 vec4 input loads
-// and 6 vec4 weight loads per 192 multiply-adds. Other blocks measured worse on lavapipe (3x3x3
-// 16-16 on 2 x 64^3, cargo bench --bench conv -- "forward v2/3x3x3 16-16 2x64"): 12.1 GFLOP/s at
-// KB 8 x WB 8, 8.0 at 16 x 4, 7.3 at 8 x 4, 2.7 at 4 x 16.
+// with zeros to a multiple of KB: `conv3d_arrange_weight`). Then KW x WB x KB multiply-adds use
+// them. Along W the kernel size, stride, padding and dilation are override constants (KW, SW, PW,
+// DW), so once the loops over tw, the WB positions and the KB/4 vec4s are unrolled every register
+// index is a constant. The invocations of a workgroup share the channel block (workgroup_id.z), so
+// on a GPU the weight loads are one cached address for all of them. At 3x3x3 and the host's KB 8 x
+// WB 16 this is 6 vec4 input loads and 6 vec4 weight loads per 384 multiply-adds.
+//
+// The driver unrolls a loop only while its trip count times its body stays under a limit (Mesa's
+// NIR unroller), and past it the accumulators live in indexed memory and the kernel runs several
+// times slower. A nest over 16 positions is past the limit, so the positions go through nests of
+// at most PART = 8 (`accumulate_part`, `store_part`: functions called with a constant offset,
+// inlined, each nest unrolled on its own). On lavapipe the timings fit every load costing about
+// the same, input or weight, so what counts is multiply-adds per vec4 loaded: 16 at 8 x 16, 9.6 at
+// 8 x 8. Measured (3x3x3 16-16 on 2 x 64^3, cargo bench --bench conv -- "forward v2/3x3x3 16-16
+// 2x64", alternating runs): 15.3-16.8 GFLOP/s at KB 8 x WB 16 against 10.3-11.3 at 8 x 8 (k2 s2
+// down 16-32: 7.3 against 6.1). Earlier, with one nest for all WB positions: 8 x 8 12.1, 16 x 4 8.0,
+// 8 x 4 7.3, 4 x 16 2.7 and 8 x 16 4.4 (not unrolled); 16 x 8 still collapses with parts (1.5).
 //
 // Grad-input at stride 1 is this forward on dy with the weight flipped in space and its channel
 // axes swapped (`conv3d_arrange_weight` with FLIP), padding dilation (k - 1) - padding. Where the
@@ -245,7 +254,9 @@ fn conv3d_grad_weight_direct(@builtin(workgroup_id) group: vec3<u32>,
 // The blocked kernels need W and Wo to be multiples of 4 and a segment of at most MAX_SEGMENT
 // vec4s; the host runs variant 1 otherwise. Their loops over override constants must be unrolled
 // by the driver for the accumulators to live in registers: the host creates shader modules without
-// wgpu's loop-bounding counter, which hides trip counts (src/gpu/kernels.rs).
+// wgpu's loop-bounding counter, which hides trip counts (src/gpu/kernels.rs). Only the forward
+// splits its positions into parts; the host runs the blocked grad-input and grad-weight kernels at
+// WB <= PART.
 
 override KB: u32 = 8u;   // output channels per invocation, a multiple of 4 (at most 16)
 override WB: u32 = 8u;   // W positions per invocation, a multiple of 4 (KB / 4 x WB <= MAX_ACC)
@@ -258,6 +269,8 @@ override REVERSE: bool = true;   // with FLIP: reverse the taps too (off for gra
 
 const MAX_SEGMENT: u32 = 16u;   // vec4s of one input row segment
 const MAX_ACC: u32 = 32u;       // vec4 accumulators
+const MAX_TAP_WEIGHTS: u32 = 28u;   // the forward's weight vec4s of one (c, td, th): KW x KB / 4
+const PART: u32 = 8u;   // W positions per unrolled loop nest
 
 @group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
@@ -317,32 +330,52 @@ fn conv3d_blocked(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgrou
                     + u32(max(ih, 0))) * sz.z;
                 var seg = load_segment(row, ow0, id >= 0 && ih >= 0);
                 let w_tap = (((c * params.kernel.x + td) * params.kernel.y + th) * KW * kp + k0) / 4u;
+                var wv: array<vec4<f32>, MAX_TAP_WEIGHTS>;   // wv[tw * KB / 4 + q]
                 for (var tw = 0u; tw < KW; tw++) {
-                    var wv: array<vec4<f32>, 4>;
-                    for (var q = 0u; q < KB / 4u; q++) { wv[q] = b4[w_tap + tw * kp / 4u + q]; }
-                    for (var j = 0u; j < WB; j++) {
-                        let xv = tap(&seg, j, tw);
-                        for (var q = 0u; q < KB / 4u; q++) {
-                            acc[j * KB / 4u + q] = fma(vec4<f32>(xv), wv[q], acc[j * KB / 4u + q]);
-                        }
+                    for (var q = 0u; q < KB / 4u; q++) {
+                        wv[tw * KB / 4u + q] = b4[w_tap + tw * kp / 4u + q];
                     }
                 }
+                accumulate_part(&acc, &seg, &wv, 0u);
+                if WB > PART { accumulate_part(&acc, &seg, &wv, PART); }
             }
         }
     }
     if (group.y * groups.x + group.x) * WG + lane >= count { return; }
-    // Stores as vec4s along W: component r of channel vec4 q at positions ow0 + 4v .. + 3.
+    store_part(&acc, n, od, oh, ow0, k0, 0u);
+    if WB > PART { store_part(&acc, n, od, oh, ow0, k0, PART); }
+}
+
+// The forward's multiply-adds for W positions j0 .. j0 + PART - 1 of the block (those below WB).
+fn accumulate_part(acc: ptr<function, array<vec4<f32>, MAX_ACC>>,
+                   seg: ptr<function, array<vec4<f32>, MAX_SEGMENT>>,
+                   wv: ptr<function, array<vec4<f32>, MAX_TAP_WEIGHTS>>, j0: u32) {
+    for (var tw = 0u; tw < KW; tw++) {
+        for (var j = j0; j < min(j0 + PART, WB); j++) {
+            let xv = tap(seg, j, tw);
+            for (var q = 0u; q < KB / 4u; q++) {
+                (*acc)[j * KB / 4u + q] = fma(vec4<f32>(xv), (*wv)[tw * KB / 4u + q],
+                                              (*acc)[j * KB / 4u + q]);
+            }
+        }
+    }
+}
+
+// The forward's stores for the same W positions, as vec4s along W: component r of channel vec4 q
+// at positions ow0 + 4v .. + 3.
+fn store_part(acc: ptr<function, array<vec4<f32>, MAX_ACC>>, n: u32, od: u32, oh: u32, ow0: u32,
+              k0: u32, j0: u32) {
+    let o = params.output.xyz;
     for (var q = 0u; q < KB / 4u; q++) {
         for (var r = 0u; r < 4u; r++) {
             let k = k0 + 4u * q + r;
             if k >= params.c_out { continue; }
             let plane = ((n * params.c_out + k) * o.x + od) * o.y + oh;
-            for (var v = 0u; v < WB / 4u; v++) {
-                let ow = ow0 + 4u * v;
+            for (var j = j0; j < min(j0 + PART, WB); j += 4u) {
+                let ow = ow0 + j;
                 if ow >= o.z { continue; }
-                let j = 4u * v;
-                let y = vec4<f32>(acc[j * KB / 4u + q][r], acc[(j + 1u) * KB / 4u + q][r],
-                                  acc[(j + 2u) * KB / 4u + q][r], acc[(j + 3u) * KB / 4u + q][r]);
+                let y = vec4<f32>((*acc)[j * KB / 4u + q][r], (*acc)[(j + 1u) * KB / 4u + q][r],
+                                  (*acc)[(j + 2u) * KB / 4u + q][r], (*acc)[(j + 3u) * KB / 4u + q][r]);
                 out4[(plane * o.z + ow) / 4u] = y + bias[k];
             }
         }

@@ -26,8 +26,9 @@ type Case = (&'static str, [usize; 5], [usize; 5], ConvSpec);
 
 /// The geometries of V-Net and U-Net and the general cases (per-axis stride and padding, dilation,
 /// kernels up to 7), each at an odd width (where the blocked variant runs the direct kernel) and
-/// at a width that is a multiple of 4 but not of the 8 positions an invocation computes. Channel
-/// counts are not multiples of the 8 channels an invocation computes either.
+/// at a width that is a multiple of 4 but not of the 16 positions a forward invocation computes
+/// (20 takes one whole and one partial part of 8 in its last block). Channel counts are not
+/// multiples of the 8 channels an invocation computes either.
 fn cases() -> Vec<Case> {
     let dilated = ConvSpec {
         stride: [1, 2, 1],

@@ -14,9 +14,12 @@ use metaseg_autograd::{
 pub enum ConvVariant {
     /// 1: one result per invocation, straight from the definition.
     Direct,
-    /// 2: register-blocked, `channels` output channels x `width` W positions per invocation
-    /// (grad-input where stride = kernel picks its own, see `conv3d_grad_input_patches`, and so
-    /// does grad-weight for kernels 3 tall, see `conv3d_grad_weight_rows`). Where
+    /// 2: register-blocked, `channels` output channels x `width` W positions per invocation of
+    /// the forward kernel (at most Wo); the blocked grad-input and grad-weight kernels take at
+    /// most 8 of those positions, whose loop nests are not split into parts of 8 as the
+    /// forward's (see kernels/conv.wgsl). Grad-input where stride = kernel picks its own
+    /// tiling, see `conv3d_grad_input_patches`, and so does grad-weight for kernels 3 tall, see
+    /// `conv3d_grad_weight_rows`. Where
     /// its conditions do not hold (W or Wo not a multiple of 4; for grad-input, a stride along W
     /// that does not divide width / 4; kernels too wide for its registers) the direct kernel runs
     /// instead: see [`ConvVariant::runs`].
@@ -26,7 +29,7 @@ pub enum ConvVariant {
 impl ConvVariant {
     pub const BLOCKED: ConvVariant = ConvVariant::Blocked {
         channels: 8,
-        width: 8,
+        width: 16,
     };
     pub const ALL: [ConvVariant; 2] = [ConvVariant::Direct, ConvVariant::BLOCKED];
     /// What `ConvBackend` runs.
@@ -113,6 +116,9 @@ fn grad_weight_workgroup(combos: usize) -> usize {
 /// Vec4s of one input row segment and vec4 accumulators, as MAX_SEGMENT and MAX_ACC in conv.wgsl.
 const MAX_SEGMENT: usize = 16;
 const MAX_ACC: usize = 32;
+/// W positions per unrolled loop nest of the forward kernel, as PART in conv.wgsl: the most the
+/// other blocked kernels take.
+const PART: usize = 8;
 /// Vec4 accumulators per kh tap of `conv3d_grad_weight_rows`, as ROW_ACC in conv.wgsl.
 const ROW_ACC: usize = 12;
 /// The blocking of `conv3d_grad_weight_rows`.
@@ -136,6 +142,7 @@ impl Tiling {
         let ConvVariant::Blocked { channels, width } = variant else {
             return None;
         };
+        let width = width.min(g.output[2]);
         let (p, s, d, k) = (
             g.spec.padding[2],
             g.spec.stride[2],
@@ -173,6 +180,7 @@ impl Tiling {
         let ConvVariant::Blocked { channels, width } = variant else {
             return None;
         };
+        let width = width.min(PART);
         let [p, s, d, k, w] = [
             g.spec.padding[2],
             g.spec.stride[2],
@@ -218,6 +226,14 @@ impl Tiling {
             .min(g.c_in.next_multiple_of(4));
         let fits = disjoint && g.output[2].is_multiple_of(width) && channels >= 4;
         fits.then_some(Tiling { channels, width })
+    }
+
+    /// This tiling for the kernels whose loop nests take at most PART W positions.
+    fn narrow(self) -> Tiling {
+        Tiling {
+            width: self.width.min(PART),
+            ..self
+        }
     }
 
     /// The blocked kernel `entry` specialised for this tiling and the W axis of `g`.
@@ -491,7 +507,7 @@ impl Gpu {
                 g,
             );
         }
-        match Tiling::of(variant, g) {
+        match Tiling::of(variant, g).map(Tiling::narrow) {
             Some(tiling) => {
                 let combos = g.c_in * g.kernel[0] * g.kernel[1];
                 let rows = g.batch * od * oh;
