@@ -491,13 +491,16 @@ fn conv3d_grad_weight_blocked(@builtin(workgroup_id) group: vec3<u32>,
 // per block) outnumber the rest. Here an invocation owns (c, td) and all three kh taps, 3 x KW x
 // KB/4 vec4 accumulators, and walks the output rows oh of one (n, od, W block) in order: row oh
 // reads input rows oh - PH + 0, 1, 2, so each step loads one new input segment, keeps the two
-// before it, and uses every dy vec4 for 3 x KW taps. At KB = WB = 4 (the host's choice): 4 dy and
-// 3 input vec4 loads per 144 multiply-adds, against 20 per 192 in the blocked kernel at 8 x 8.
-// Measured (cargo bench --bench conv -- "grad-weight v2"): 3x3x3 16-16 on 2 x 64^3 13.4 GFLOP/s
-// (blocked 9.9), 32-32 on 2 x 32^3 14.2 (8.0), 1-16 4.5 (4.7). With KB or WB 8 the loop nest over
-// a row is past what lavapipe unrolls and it ran at 1.1-2.9. The taps' segments and accumulators
-// are separate variables, not a nested array, and the body stays this small for the same reason.
-const ROW_ACC: u32 = 12u;   // vec4 accumulators per kh tap: KW x KB / 4
+// before it, and uses every dy vec4 for 3 x KW taps. WB is 4, and the channels go through one
+// part of 4 per call of `rows_part` (KB 8: two calls with a constant q, each nest unrolled on its
+// own, as the forward's parts): 8 dy and 3 input vec4 loads per 288 multiply-adds, against 20 per
+// 192 in the blocked kernel at 8 x 8. Measured (cargo bench --bench conv -- "grad-weight v2"):
+// 3x3x3 16-16 on 2 x 64^3 13.4 GFLOP/s at KB = WB = 4 (blocked 9.9), 32-32 on 2 x 32^3 14.2
+// (8.0), 1-16 4.5 (4.7); then alternating runs of KB 4 and 8 in parts: 12.6-12.8 against
+// 13.9-18.1 (16-16), 12.7-12.8 against 14.3-16.9 (32-32). With KB or WB 8 in one nest it was past
+// what lavapipe unrolls and ran at 1.1-2.9. The taps' segments and accumulators are separate
+// variables, not a nested array, for the same reason.
+const ROW_ACC: u32 = 14u;   // vec4 accumulators per kh tap: KW x KB / 4
 
 fn accumulate_tap(acc: ptr<function, array<vec4<f32>, ROW_ACC>>,
                   seg: ptr<function, array<vec4<f32>, MAX_SEGMENT>>, d: vec4<f32>, j: u32, q: u32) {
@@ -527,6 +530,31 @@ fn store_tap(acc: ptr<function, array<vec4<f32>, ROW_ACC>>, chunk: u32, k0: u32,
     }
 }
 
+// One output row's multiply-adds for channels k0 + 4q .. + 3 at the block's W positions (WB = 4):
+// one dy vec4 per channel, each value for the 3 x KW taps.
+fn rows_part(acc0: ptr<function, array<vec4<f32>, ROW_ACC>>,
+             acc1: ptr<function, array<vec4<f32>, ROW_ACC>>,
+             acc2: ptr<function, array<vec4<f32>, ROW_ACC>>,
+             seg0: ptr<function, array<vec4<f32>, MAX_SEGMENT>>,
+             seg1: ptr<function, array<vec4<f32>, MAX_SEGMENT>>,
+             seg2: ptr<function, array<vec4<f32>, MAX_SEGMENT>>,
+             dy_row: u32, ow0: u32, k0: u32, q: u32) {
+    let o = params.output.xyz;
+    let plane = o.x * o.y * o.z;
+    let at = dy_row + 4u * q * plane + ow0;
+    let live = ow0 < o.z;
+    let d0 = dy_vec(at, live && k0 + 4u * q < params.c_out);
+    let d1 = dy_vec(at + plane, live && k0 + 4u * q + 1u < params.c_out);
+    let d2 = dy_vec(at + 2u * plane, live && k0 + 4u * q + 2u < params.c_out);
+    let d3 = dy_vec(at + 3u * plane, live && k0 + 4u * q + 3u < params.c_out);
+    for (var jj = 0u; jj < 4u; jj++) {
+        let d = vec4<f32>(d0[jj], d1[jj], d2[jj], d3[jj]);
+        accumulate_tap(acc0, seg0, d, jj, q);
+        accumulate_tap(acc1, seg1, d, jj, q);
+        accumulate_tap(acc2, seg2, d, jj, q);
+    }
+}
+
 // a4 = x, b4 = dy, out = partial sums [chunks, K, C, kd, 3, kw]. Grid: x over the (c, td) in
 // groups of WG, y over the chunks of rows_per_chunk units (n, od, W block), z over the blocks of
 // KB output channels; every invocation of a workgroup reads the same dy.
@@ -542,7 +570,6 @@ fn conv3d_grad_weight_rows(@builtin(workgroup_id) group: vec3<u32>,
     let td = ct % kz.x;
     let c = ct / kz.x;
     let k0 = group.z * KB;
-    let plane = o.x * o.y * o.z;
     let blocks = (o.z + WB - 1u) / WB;
     let units = params.batch * o.x * blocks;
     let first = group.y * params.rows_per_chunk;
@@ -562,22 +589,9 @@ fn conv3d_grad_weight_rows(@builtin(workgroup_id) group: vec3<u32>,
         for (var oh = 0u; oh < o.y; oh++) {
             var seg2 = segment_at(depth_row, i32(oh) + 2 - ph, ow0, id >= 0);
             let dy_row = (((n * params.c_out + k0) * o.x + od) * o.y + oh) * o.z;
-            for (var v = 0u; v < WB / 4u; v++) {
-                for (var q = 0u; q < KB / 4u; q++) {
-                    let at = dy_row + 4u * q * plane + ow0 + 4u * v;
-                    let live = ow0 + 4u * v < o.z;
-                    let d0 = dy_vec(at, live && k0 + 4u * q < params.c_out);
-                    let d1 = dy_vec(at + plane, live && k0 + 4u * q + 1u < params.c_out);
-                    let d2 = dy_vec(at + 2u * plane, live && k0 + 4u * q + 2u < params.c_out);
-                    let d3 = dy_vec(at + 3u * plane, live && k0 + 4u * q + 3u < params.c_out);
-                    for (var jj = 0u; jj < 4u; jj++) {
-                        let d = vec4<f32>(d0[jj], d1[jj], d2[jj], d3[jj]);
-                        accumulate_tap(&acc0, &seg0, d, 4u * v + jj, q);
-                        accumulate_tap(&acc1, &seg1, d, 4u * v + jj, q);
-                        accumulate_tap(&acc2, &seg2, d, 4u * v + jj, q);
-                    }
-                }
-            }
+            // KB is 4 or 8 here (the host's ROWS).
+            rows_part(&acc0, &acc1, &acc2, &seg0, &seg1, &seg2, dy_row, ow0, k0, 0u);
+            if KB > 4u { rows_part(&acc0, &acc1, &acc2, &seg0, &seg1, &seg2, dy_row, ow0, k0, 1u); }
             seg0 = seg1;
             seg1 = seg2;
         }

@@ -120,10 +120,10 @@ const MAX_ACC: usize = 32;
 /// other blocked kernels take.
 const PART: usize = 8;
 /// Vec4 accumulators per kh tap of `conv3d_grad_weight_rows`, as ROW_ACC in conv.wgsl.
-const ROW_ACC: usize = 12;
+const ROW_ACC: usize = 14;
 /// The blocking of `conv3d_grad_weight_rows`.
 const ROWS: ConvVariant = ConvVariant::Blocked {
-    channels: 4,
+    channels: 8,
     width: 4,
 };
 /// Input channels per invocation of `conv3d_grad_input_patches`, at most.
@@ -161,9 +161,10 @@ impl Tiling {
     }
 
     /// The tiling for `conv3d_grad_weight_rows`, if the kernel is 3 tall with stride and
-    /// dilation 1 along H and the W axis meets the blocked kernels' conditions. 4 output channels
-    /// x 4 W positions whatever the variant's own sizes: with 8 of either, the loop nest over a
-    /// row grew past what lavapipe unrolls and ran at a tenth of the speed (see conv.wgsl).
+    /// dilation 1 along H and the W axis meets the blocked kernels' conditions. 8 output channels
+    /// (in two parts of 4) x 4 W positions whatever the variant's own sizes: with 8 positions, or
+    /// 8 channels in one loop nest, it grew past what lavapipe unrolls and ran at a tenth of the
+    /// speed (see conv.wgsl).
     fn of_rows(variant: ConvVariant, g: &Conv3dGeometry) -> Option<Tiling> {
         let ConvVariant::Blocked { .. } = variant else {
             return None;
