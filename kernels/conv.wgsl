@@ -418,6 +418,18 @@ fn dy_vec(at: u32, live: bool) -> vec4<f32> {
     return vec4<f32>();
 }
 
+// dy of channels k .. k + 3 at the 4 W positions from element `at` of channel k (a multiple of 4;
+// channels `plane` apart), one vec4 load per channel, transposed: element jj holds the 4 channels
+// at position jj. Zeros past the row (!live) or the channels.
+fn dy_columns(at: u32, plane: u32, k: u32, live: bool) -> array<vec4<f32>, 4> {
+    let d0 = dy_vec(at, live && k < params.c_out);
+    let d1 = dy_vec(at + plane, live && k + 1u < params.c_out);
+    let d2 = dy_vec(at + 2u * plane, live && k + 2u < params.c_out);
+    let d3 = dy_vec(at + 3u * plane, live && k + 3u < params.c_out);
+    return array<vec4<f32>, 4>(vec4<f32>(d0.x, d1.x, d2.x, d3.x), vec4<f32>(d0.y, d1.y, d2.y, d3.y),
+                               vec4<f32>(d0.z, d1.z, d2.z, d3.z), vec4<f32>(d0.w, d1.w, d2.w, d3.w));
+}
+
 // a4 = x, b4 = dy, out = partial sums [chunks, K, C, kd, kh, kw]. Grid: x over the (c, td, th) in
 // groups of WG, y over the chunks of rows_per_chunk output rows (n, od, oh), z over the blocks of KB
 // output channels; so every invocation of a workgroup reads the same dy.
@@ -454,15 +466,11 @@ fn conv3d_grad_weight_blocked(@builtin(workgroup_id) group: vec3<u32>,
             var seg = load_segment(row, ow0, id >= 0 && ih >= 0);
             for (var v = 0u; v < WB / 4u; v++) {
                 for (var q = 0u; q < KB / 4u; q++) {
-                    // dy of channels k0 + 4q .. + 3 at ow0 + 4v .. + 3, one vec4 per channel.
+                    // dy of channels k0 + 4q .. + 3 at ow0 + 4v .. + 3.
                     let at = dy_row + 4u * q * plane + ow0 + 4u * v;
-                    let live = ow0 + 4u * v < o.z;
-                    let d0 = dy_vec(at, live && k0 + 4u * q < params.c_out);
-                    let d1 = dy_vec(at + plane, live && k0 + 4u * q + 1u < params.c_out);
-                    let d2 = dy_vec(at + 2u * plane, live && k0 + 4u * q + 2u < params.c_out);
-                    let d3 = dy_vec(at + 3u * plane, live && k0 + 4u * q + 3u < params.c_out);
+                    let dy = dy_columns(at, plane, k0 + 4u * q, ow0 + 4u * v < o.z);
                     for (var jj = 0u; jj < 4u; jj++) {
-                        let d = vec4<f32>(d0[jj], d1[jj], d2[jj], d3[jj]);
+                        let d = dy[jj];
                         for (var tw = 0u; tw < KW; tw++) {
                             acc[tw * KB / 4u + q] = fma(vec4<f32>(tap(&seg, 4u * v + jj, tw)), d,
                                                         acc[tw * KB / 4u + q]);
@@ -541,14 +549,9 @@ fn rows_part(acc0: ptr<function, array<vec4<f32>, ROW_ACC>>,
              dy_row: u32, ow0: u32, k0: u32, q: u32) {
     let o = params.output.xyz;
     let plane = o.x * o.y * o.z;
-    let at = dy_row + 4u * q * plane + ow0;
-    let live = ow0 < o.z;
-    let d0 = dy_vec(at, live && k0 + 4u * q < params.c_out);
-    let d1 = dy_vec(at + plane, live && k0 + 4u * q + 1u < params.c_out);
-    let d2 = dy_vec(at + 2u * plane, live && k0 + 4u * q + 2u < params.c_out);
-    let d3 = dy_vec(at + 3u * plane, live && k0 + 4u * q + 3u < params.c_out);
+    let dy = dy_columns(dy_row + 4u * q * plane + ow0, plane, k0 + 4u * q, ow0 < o.z);
     for (var jj = 0u; jj < 4u; jj++) {
-        let d = vec4<f32>(d0[jj], d1[jj], d2[jj], d3[jj]);
+        let d = dy[jj];
         accumulate_tap(acc0, seg0, d, jj, q);
         accumulate_tap(acc1, seg1, d, jj, q);
         accumulate_tap(acc2, seg2, d, jj, q);
