@@ -5,9 +5,11 @@
 // outside the input are zeros. Bindings: 0 the sizes, 1 and 2 the operands, 3 the result, 4 a
 // per-channel bias (the host binds zeros when there is none, so one pipeline serves both).
 //
-// Two versions, numbered as the host's ConvVariant: 1, the direct kernels, and 2, the
-// register-blocked ones (described below, after variant 1). Variant 1 stays as the reference the
-// blocked kernels are measured against, and runs wherever variant 2's conditions do not hold.
+// Three versions, numbered as the host's ConvVariant: 1, the direct kernels, 2, the
+// register-blocked ones (described below, after variant 1), and 3, variant 2 with the forward's
+// weights staged in workgroup memory (the override STAGED, described after variant 2's forward).
+// Variant 1 stays as the reference the blocked kernels are measured against, and runs wherever
+// variant 2's conditions do not hold.
 //
 // Variant 1, the direct kernels (`*_direct`): one result element per invocation, computed from its
 // definition with every bound checked. They are the simple, obviously-right version that the
@@ -229,6 +231,15 @@ fn conv3d_grad_weight_direct(@builtin(workgroup_id) group: vec3<u32>,
 // down 16-32: 7.3 against 6.1). Earlier, with one nest for all WB positions: 8 x 8 12.1, 16 x 4 8.0,
 // 8 x 4 7.3, 4 x 16 2.7 and 8 x 16 4.4 (not unrolled); 16 x 8 still collapses with parts (1.5).
 //
+// Variant 3 (STAGED): for each input channel the workgroup copies that channel's weights for its
+// channel block ([kd, kh, KW, KB], at most MAX_STAGED vec4s) into workgroup memory between two
+// barriers, and the invocations read them there instead of from the storage buffer: on a GPU,
+// one global read per weight per workgroup instead of one per invocation. On lavapipe it loses,
+// as the issue's earlier measurements said it would (a barrier ends the JIT's straight-line code,
+// and every value live across it goes to memory): 3x3x3 16-16 on 1 x 32^3, cargo bench --bench
+// conv -- "16-16 1x32", one run: forward 11.4 GFLOP/s against 20.6 for variant 2, grad-input 11.8
+// against 14.7. The host runs variant 2 unless asked for 3.
+//
 // Grad-input at stride 1 is this forward on dy with the weight flipped in space and its channel
 // axes swapped (`conv3d_arrange_weight` with FLIP), padding dilation (k - 1) - padding. Where the
 // stride equals the kernel (V-Net's k2 s2 down-sampling, whose grad-input is the transposed
@@ -266,11 +277,15 @@ override PW: u32 = 1u;   // padding along W
 override DW: u32 = 1u;   // dilation along W
 override FLIP: bool = false;
 override REVERSE: bool = true;   // with FLIP: reverse the taps too (off for grad-input at stride > 1)
+override STAGED: bool = false;   // variant 3: the forward reads its weights from workgroup memory
 
 const MAX_SEGMENT: u32 = 16u;   // vec4s of one input row segment
 const MAX_ACC: u32 = 32u;       // vec4 accumulators
 const MAX_TAP_WEIGHTS: u32 = 28u;   // the forward's weight vec4s of one (c, td, th): KW x KB / 4
 const PART: u32 = 8u;   // W positions per unrolled loop nest
+const MAX_STAGED: u32 = 512u;   // vec4s of one input channel's weights for a channel block
+
+var<workgroup> staged: array<vec4<f32>, MAX_STAGED>;
 
 @group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
@@ -321,7 +336,17 @@ fn conv3d_blocked(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgrou
     let kp = params.channels_padded;
 
     var acc: array<vec4<f32>, MAX_ACC>;   // acc[j * KB / 4 + q]: channels k0 + 4q.. at ow0 + j
+    let taps = params.kernel.x * params.kernel.y * KW;
     for (var c = 0u; c < params.c_in; c++) {
+        if STAGED {
+            // Channel c's weights for this channel block, [kd, kh, KW, KB], copied by the
+            // workgroup together (the barriers sit in uniform control flow: the loop over c is).
+            workgroupBarrier();
+            for (var i = lane; i < taps * KB / 4u; i += WG) {
+                staged[i] = b4[((c * taps + i / (KB / 4u)) * kp + k0) / 4u + i % (KB / 4u)];
+            }
+            workgroupBarrier();
+        }
         for (var td = 0u; td < params.kernel.x; td++) {
             let id = input_at(0u, od, td);
             for (var th = 0u; th < params.kernel.y; th++) {
@@ -329,11 +354,16 @@ fn conv3d_blocked(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgrou
                 let row = (((n * params.c_in + c) * sz.x + u32(max(id, 0))) * sz.y
                     + u32(max(ih, 0))) * sz.z;
                 var seg = load_segment(row, ow0, id >= 0 && ih >= 0);
-                let w_tap = (((c * params.kernel.x + td) * params.kernel.y + th) * KW * kp + k0) / 4u;
+                let tap0 = (td * params.kernel.y + th) * KW;
+                let w_tap = ((c * taps + tap0) * kp + k0) / 4u;
                 var wv: array<vec4<f32>, MAX_TAP_WEIGHTS>;   // wv[tw * KB / 4 + q]
                 for (var tw = 0u; tw < KW; tw++) {
                     for (var q = 0u; q < KB / 4u; q++) {
-                        wv[tw * KB / 4u + q] = b4[w_tap + tw * kp / 4u + q];
+                        if STAGED {
+                            wv[tw * KB / 4u + q] = staged[(tap0 + tw) * KB / 4u + q];
+                        } else {
+                            wv[tw * KB / 4u + q] = b4[w_tap + tw * kp / 4u + q];
+                        }
                     }
                 }
                 accumulate_part(&acc, &seg, &wv, 0u);

@@ -343,6 +343,18 @@ fn the_blocked_variant_runs_where_its_conditions_hold() {
         [blocked, direct, blocked]
     );
     assert_eq!(plan([1, 2, 3, 4, 7], [3, 2, 3, 3, 3], pad1), [direct; 3]);
+    // Variant 3 stages the weights of the forward kernel only (the flipped forward of grad-input
+    // included); grad-weight runs variant 2's. At 7x7x7 one input channel's weights for 8
+    // output channels (686 vec4s) do not fit its 512: the forward runs direct, grad-input by
+    // variant 2's kernel for other strides.
+    let staged = ConvVariant::STAGED;
+    let geo = |x: [usize; 5], w: [usize; 5]| {
+        Conv3dGeometry::new(&Shape::from(x), &Shape::from(w), pad1).unwrap()
+    };
+    assert_eq!(staged.runs(&geo(vnet.0, vnet.1)), [staged, staged, blocked]);
+    let wide = geo([1, 2, 7, 7, 12], [3, 2, 7, 7, 7]);
+    assert_eq!(staged.runs(&wide), [direct, blocked, blocked]);
+    assert_eq!(blocked.runs(&wide), [blocked, blocked, blocked]);
 
     // And the profile names the blocked kernels when they run.
     let g = gpu();

@@ -23,39 +23,87 @@ pub enum ConvVariant {
     /// its conditions do not hold (W or Wo not a multiple of 4; for grad-input, a stride along W
     /// that does not divide width / 4; kernels too wide for its registers) the direct kernel runs
     /// instead: see [`ConvVariant::runs`].
-    Blocked { channels: usize, width: usize },
+    ///
+    /// With `staged` (variant 3), the forward kernel's workgroup first copies each input
+    /// channel's weights for its channel block into workgroup memory and the invocations read
+    /// them there: the tiling a real GPU may prefer, switched by an override constant, and
+    /// measured slower on lavapipe (see kernels/conv.wgsl). It needs those weights to fit
+    /// (kd x kh x kw x channels / 4 vec4s at most 512).
+    Blocked {
+        channels: usize,
+        width: usize,
+        staged: bool,
+    },
 }
 
 impl ConvVariant {
     pub const BLOCKED: ConvVariant = ConvVariant::Blocked {
         channels: 8,
         width: 16,
+        staged: false,
     };
-    pub const ALL: [ConvVariant; 2] = [ConvVariant::Direct, ConvVariant::BLOCKED];
+    pub const STAGED: ConvVariant = ConvVariant::Blocked {
+        channels: 8,
+        width: 16,
+        staged: true,
+    };
+    pub const ALL: [ConvVariant; 3] = [
+        ConvVariant::Direct,
+        ConvVariant::BLOCKED,
+        ConvVariant::STAGED,
+    ];
     /// What `ConvBackend` runs.
     pub const DEFAULT: ConvVariant = ConvVariant::BLOCKED;
 
     /// The variant that runs each pass of `g` (forward, grad-input, grad-weight) when this one is
-    /// asked for: the blocked kernels give way to the direct ones where their conditions fail.
+    /// asked for: the blocked kernels give way to the direct ones where their conditions fail,
+    /// and the staged variant to the unstaged one outside the forward kernel (the flipped
+    /// forward that computes grad-input at stride 1 included).
     pub fn runs(self, g: &Conv3dGeometry) -> [ConvVariant; 3] {
-        let or_direct = |fits: bool| if fits { self } else { ConvVariant::Direct };
-        let blocked = Tiling::of(self, g).is_some();
-        let grad_input = flipped(g).is_some_and(|f| Tiling::of(self, &f).is_some())
-            || Tiling::of_patches(self, g).is_some()
-            || Tiling::of_grad_input(self, g).is_some();
-        let grad_weight = blocked || Tiling::of_rows(self, g).is_some();
+        let unstaged = self.unstaged();
+        let forward = Tiling::of(self, g).is_some();
+        let grad_input = if flipped(g).is_some_and(|f| Tiling::of(self, &f).is_some()) {
+            self
+        } else if Tiling::of_patches(unstaged, g).is_some()
+            || Tiling::of_grad_input(unstaged, g).is_some()
+        {
+            unstaged
+        } else {
+            ConvVariant::Direct
+        };
+        let grad_weight =
+            Tiling::of(unstaged, g).is_some() || Tiling::of_rows(unstaged, g).is_some();
         [
-            or_direct(blocked),
-            or_direct(grad_input),
-            or_direct(grad_weight),
+            if forward { self } else { ConvVariant::Direct },
+            grad_input,
+            if grad_weight {
+                unstaged
+            } else {
+                ConvVariant::Direct
+            },
         ]
+    }
+
+    /// This variant with the forward's weights read from global memory (variant 3 -> 2).
+    pub fn unstaged(self) -> ConvVariant {
+        match self {
+            ConvVariant::Blocked {
+                channels, width, ..
+            } => ConvVariant::Blocked {
+                channels,
+                width,
+                staged: false,
+            },
+            direct => direct,
+        }
     }
 
     /// The number of the variant in the header of kernels/conv.wgsl.
     pub fn number(self) -> u32 {
         match self {
             ConvVariant::Direct => 1,
-            ConvVariant::Blocked { .. } => 2,
+            ConvVariant::Blocked { staged: false, .. } => 2,
+            ConvVariant::Blocked { staged: true, .. } => 3,
         }
     }
 }
@@ -125,7 +173,10 @@ const ROW_ACC: usize = 14;
 const ROWS: ConvVariant = ConvVariant::Blocked {
     channels: 8,
     width: 4,
+    staged: false,
 };
+/// Vec4s of the forward's staged weights, as MAX_STAGED in conv.wgsl.
+const MAX_STAGED: usize = 512;
 /// Input channels per invocation of `conv3d_grad_input_patches`, at most.
 const MAX_CHANNELS: usize = 16;
 
@@ -135,11 +186,18 @@ const MAX_CHANNELS: usize = 16;
 struct Tiling {
     channels: usize,
     width: usize,
+    /// The forward's weights staged in workgroup memory (variant 3).
+    staged: bool,
 }
 
 impl Tiling {
     fn of(variant: ConvVariant, g: &Conv3dGeometry) -> Option<Tiling> {
-        let ConvVariant::Blocked { channels, width } = variant else {
+        let ConvVariant::Blocked {
+            channels,
+            width,
+            staged,
+        } = variant
+        else {
             return None;
         };
         let width = width.min(g.output[2]);
@@ -156,8 +214,13 @@ impl Tiling {
             && (4..=16).contains(&channels)
             && width.is_multiple_of(4)
             && channels / 4 * width <= MAX_ACC
-            && segment <= MAX_SEGMENT;
-        fits.then_some(Tiling { channels, width })
+            && segment <= MAX_SEGMENT
+            && (!staged || g.kernel.iter().product::<usize>() * channels / 4 <= MAX_STAGED);
+        fits.then_some(Tiling {
+            channels,
+            width,
+            staged,
+        })
     }
 
     /// The tiling for `conv3d_grad_weight_rows`, if the kernel is 3 tall with stride and
@@ -178,7 +241,10 @@ impl Tiling {
     /// hold: blocks of input columns start at multiples of 4 x the stride, and the dy segment
     /// they read fits.
     fn of_grad_input(variant: ConvVariant, g: &Conv3dGeometry) -> Option<Tiling> {
-        let ConvVariant::Blocked { channels, width } = variant else {
+        let ConvVariant::Blocked {
+            channels, width, ..
+        } = variant
+        else {
             return None;
         };
         let width = width.min(PART);
@@ -200,7 +266,11 @@ impl Tiling {
             && width.is_multiple_of(4 * g.spec.stride[2])
             && channels / 4 * width <= MAX_ACC
             && vecs <= MAX_SEGMENT;
-        fits.then_some(Tiling { channels, width })
+        fits.then_some(Tiling {
+            channels,
+            width,
+            staged: false,
+        })
     }
 
     /// The tiling for `conv3d_grad_input_patches`, if the kernel's windows tile the input in
@@ -226,7 +296,11 @@ impl Tiling {
             .min(MAX_CHANNELS)
             .min(g.c_in.next_multiple_of(4));
         let fits = disjoint && g.output[2].is_multiple_of(width) && channels >= 4;
-        fits.then_some(Tiling { channels, width })
+        fits.then_some(Tiling {
+            channels,
+            width,
+            staged: false,
+        })
     }
 
     /// This tiling for the kernels whose loop nests take at most PART W positions.
@@ -342,7 +416,9 @@ impl Gpu {
         let mut grid = self.grid(blocks.div_ceil(WG));
         grid[2] = channel_blocks as u32;
         self.launch(
-            &tiling.kernel("conv3d_blocked", g),
+            &tiling
+                .kernel("conv3d_blocked", g)
+                .with("STAGED", f64::from(u8::from(tiling.staged))),
             bytemuck::bytes_of(&params),
             &[(1, x), (2, arranged), (4, bias)],
             &out,
@@ -492,6 +568,8 @@ impl Gpu {
             ("dy", dy.shape(), g.output_shape()),
             None,
         )?;
+        // No weights to stage here.
+        let variant = variant.unstaged();
         // Each blocked kernel: the (c, ...) combinations an invocation owns along x, and the units
         // of the reduction its chunks split.
         let [od, oh, ow] = g.output;
