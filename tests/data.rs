@@ -706,14 +706,14 @@ fn the_training_configuration_carries_the_generator_knobs() {
 /// images differ, and differently per case.
 #[test]
 fn degradation_spread_varies_the_images_and_keeps_the_labels() {
-    let plain = small_config(3);
-    let varied = SyntheticConfig {
+    let with_spread = |degradation_spread| SyntheticConfig {
         knobs: SyntheticKnobs {
-            degradation_spread: 1.0,
+            degradation_spread,
             ..SyntheticKnobs::default()
         },
         ..small_config(3)
     };
+    let (plain, varied) = (with_spread(0.0), with_spread(1.0));
     for i in 0..2 {
         let (a, b) = (
             synthetic::case(&plain, i).unwrap(),
