@@ -245,6 +245,9 @@ fn the_sdf_head_takes_the_sign_of_the_mask_on_a_fixed_batch() {
         // net B's tanh saturated at -1 everywhere after about 60 steps of this fit (and stayed).
         "dtml.l1_sdf=true",
         "dtml.lr=0.01",
+        // Without scanner variety, the data this fit's length was set on: the preset's spread
+        // draws this batch noisier, and the outside then agreed at 0.88 after the same fit.
+        "data.synthetic.degradation_spread=0",
     ]);
     let data = run::load_data(&config).unwrap();
     let mut trainer = Trainer::new(&g, &config, 1).unwrap();
@@ -361,7 +364,7 @@ fn dtml_configuration_mistakes_name_the_key() {
     let err = load(&["dtml.l1_sdf=1"]).unwrap_err();
     assert!(err.to_string().contains("l1_sdf"), "{err}");
     let small = load(&[]).unwrap();
-    assert_eq!((small.dtml.rampup, small.dtml.rampup_unit), (40.0, 3));
+    assert_eq!((small.dtml.rampup, small.dtml.rampup_unit), (40.0, 6));
     assert_eq!((small.dtml.lr, small.dtml.l1_sdf), (Some(0.01), true));
     let paper = TrainConfig::load("dtml", &[]).unwrap();
     assert_eq!(paper.method, "dtml");
