@@ -295,6 +295,28 @@ fn meta_weights_are_a_distribution_agree_on_both_paths_and_move_with_the_network
     assert!(log.iter().all(|(_, v)| v.is_finite()), "{log:?}");
     let shares = value("weight_init") + value("weight_ple");
     assert!((shares - 1.0).abs() < 1e-4, "{log:?}");
+    // The logged foreground share of the initial labels' views, against the host's count.
+    // The views depend on the step only, so these are the step's.
+    let (terms, _) = unlabeled_terms(&trainer, &x_u, &y_u, l, 0).unwrap();
+    let y_init = terms.y_init.to_f64().unwrap();
+    let dims = terms.y_init.shape().dims();
+    let voxels: usize = dims[2..].iter().product();
+    let foreground: f64 = y_init
+        .chunks(voxels)
+        .enumerate()
+        .filter(|(row, _)| row % dims[1] != 0)
+        .map(|(_, class)| class.iter().sum::<f64>())
+        .sum();
+    let expected = foreground / (dims[0] * voxels) as f64;
+    assert!(
+        expected > 0.0,
+        "the tiny set's unlabeled patches hold foreground"
+    );
+    assert!(
+        (value("init_foreground") - expected).abs() < 1e-5,
+        "{log:?}"
+    );
+    assert!((0.0..=1.0).contains(&value("ple_foreground")), "{log:?}");
     let after = weights(&trainer);
     let moved = fast
         .iter()
@@ -341,6 +363,7 @@ fn both_stages_write_initial_labels_train_and_resume_as_the_uninterrupted_run() 
             "mt",
             "meta_ce",
             "weight_init",
+            "ple_foreground",
         ] {
             assert!(line[key].as_f64().unwrap().is_finite(), "{key}: {line}");
         }

@@ -225,6 +225,15 @@ fn supervised_step<B: NetBackend>(
     Ok([total, ce, cons, mt].map(|v| v.detach()))
 }
 
+/// The share of voxels one-hot targets [N, C, patch] call foreground (any class but 0). Logged for
+/// both targets of the unlabeled views: a PLE drifting to background shows there first.
+pub fn foreground_share<B: NetBackend>(y: &Var<B>) -> Result<Var<B>> {
+    let classes = y.shape().dims()[1];
+    y.slice_channels(1, classes - 1)?
+        .mean()?
+        .scale((classes - 1) as f64)
+}
+
 /// One MLB-Seg iteration (see the top).
 pub fn step<B: NetBackend>(
     trainer: &mut Trainer<B>,
@@ -269,6 +278,8 @@ pub fn step<B: NetBackend>(
     // Only their values are logged: the record of step 1 goes before step 4 records its own.
     let (total, weighted) = (total.detach(), weighted.detach());
     let (cons, mt) = (u.cons.detach(), u.mt.detach());
+    let (init_foreground, ple_foreground) =
+        (foreground_share(&u.y_init)?, foreground_share(&u.y_ple)?);
     drop(u);
 
     // 4: the supervised step on the meta batch's views.
@@ -288,6 +299,8 @@ pub fn step<B: NetBackend>(
         ("meta_mt", meta_mt),
         ("weight_init", weight_init),
         ("weight_ple", weight_ple),
+        ("init_foreground", init_foreground),
+        ("ple_foreground", ple_foreground),
     ];
     trainer.step_log(&terms, lr)
 }
