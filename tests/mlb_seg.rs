@@ -295,11 +295,11 @@ fn meta_weights_are_a_distribution_agree_on_both_paths_and_move_with_the_network
     assert!(log.iter().all(|(_, v)| v.is_finite()), "{log:?}");
     let shares = value("weight_init") + value("weight_ple");
     assert!((shares - 1.0).abs() < 1e-4, "{log:?}");
-    // The logged foreground share of the initial labels' views, against the host's count.
-    // The views depend on the step only, so these are the step's.
-    let (terms, _) = unlabeled_terms(&trainer, &x_u, &y_u, l, 0).unwrap();
-    let y_init = terms.y_init.to_f64().unwrap();
-    let dims = terms.y_init.shape().dims();
+    // The logged foreground share of the initial labels' views, against the host's count. The
+    // views depend on the step and batch slots only, so these are the step's.
+    let y_views = Views::draw(&config, 0, l, u).labels(&y_u).unwrap();
+    let y_init = y_views.to_f64().unwrap();
+    let dims = y_views.shape().dims();
     let voxels: usize = dims[2..].iter().product();
     let foreground: f64 = y_init
         .chunks(voxels)

@@ -227,7 +227,7 @@ fn supervised_step<B: NetBackend>(
 
 /// The share of voxels one-hot targets [N, C, patch] call foreground (any class but 0). Logged for
 /// both targets of the unlabeled views: a PLE drifting to background shows there first.
-pub fn foreground_share<B: NetBackend>(y: &Var<B>) -> Result<Var<B>> {
+fn foreground_share<B: NetBackend>(y: &Var<B>) -> Result<Var<B>> {
     let classes = y.shape().dims()[1];
     y.slice_channels(1, classes - 1)?
         .mean()?
