@@ -7,12 +7,13 @@ mod common;
 
 use common::{gpu, log_lines};
 use metaseg::data::nifti;
+use metaseg::nn::{Mode, Network};
 use metaseg::train::config::TrainConfig;
 use metaseg::train::mlb_seg::stages::{self, stage0_config, stage0_paths};
 use metaseg::train::mlb_seg::step::{meta_batch_loss, meta_weights, unlabeled_terms};
 use metaseg::train::mlb_seg::views::{Average, Views, VIEWS};
 use metaseg::train::run::{self, RunOptions, RunPaths};
-use metaseg::train::trainer::{supervised_loss, Trainer};
+use metaseg::train::trainer::{slice_batch, supervised_loss, Trainer};
 use metaseg_autograd::{Cpu64, Shape, Tolerance, Var};
 
 /// 16^3 volumes, 8^3 patches, a 2-level V-Net of width 4; 2 labeled, 3 unlabeled, 1 test case;
@@ -239,20 +240,7 @@ fn meta_weights_are_a_distribution_agree_on_both_paths_and_move_with_the_network
         l + u,
         "unlabeled patches carry labels"
     );
-    let slice = |x: &Var<_>, start: usize, len: usize| {
-        let values = x.to_f64().unwrap();
-        let dims = x.shape().dims().to_vec();
-        let per: usize = dims[1..].iter().product();
-        let mut shape = dims.clone();
-        shape[0] = len;
-        Var::from_f64(
-            &g,
-            &values[start * per..(start + len) * per],
-            &Shape(shape),
-            false,
-        )
-        .unwrap()
-    };
+    let slice = |x: &Var<_>, start, len| slice_batch(x, start, len).unwrap();
     let (x_m, y_m) = (slice(&batch.x, 0, l), slice(&batch.y, 0, l));
     let (x_u, y_u) = (slice(&batch.x, l, u), slice(&batch.y, l, u));
     let weights = |trainer: &Trainer<_>| {
@@ -323,6 +311,38 @@ fn meta_weights_are_a_distribution_agree_on_both_paths_and_move_with_the_network
         .zip(&after)
         .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
     assert!(moved > 1e-2 * scale, "the weights did not change: {moved}");
+}
+
+#[test]
+fn the_ple_mode_flag_takes_the_enhanced_labels_from_an_eval_mode_pass() {
+    let g = gpu();
+    let config = tiny(&[]);
+    let data = run::load_data(&config).unwrap();
+    let mut trainer = Trainer::new(&g, &config, data.labeled[0].image.channels).unwrap();
+    let batch = run::device_batch(&g, &trainer, &data, 0).unwrap();
+    let (l, u) = (config.batch.labeled, config.batch.unlabeled);
+    let x_u = slice_batch(&batch.x, l, u).unwrap();
+    let y_u = slice_batch(&batch.y, l, u).unwrap();
+    let ple = |trainer: &Trainer<_>| {
+        let (terms, _) = unlabeled_terms(trainer, &x_u, &y_u, l, 0).unwrap();
+        terms.y_ple.to_f64().unwrap()
+    };
+    let train = ple(&trainer);
+    trainer.config.mlb_seg.ple_mode = "eval".into();
+    let eval = ple(&trainer);
+    // The same views through the network in evaluation mode (no dropout, running statistics).
+    let views = Views::draw(&config, 0, l, u);
+    let x = views.images(&x_u).unwrap();
+    let out = trainer
+        .net
+        .run(&trainer.params, &trainer.stats, &x, Mode::Eval)
+        .unwrap();
+    let p = out.logits.softmax_channels().unwrap();
+    let expected = views.enhanced_labels(&p, Average::Coverage).unwrap();
+    assert_eq!(eval, expected.to_f64().unwrap());
+    // The preset's dropout and batch statistics make the training-mode pass's labels differ.
+    let differ = train.iter().zip(&eval).filter(|(a, b)| a != b).count();
+    assert!(differ > 0, "the two modes gave the same PLE labels");
 }
 
 #[test]
@@ -443,6 +463,12 @@ fn mlb_seg_configuration_mistakes_name_the_key() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("mlb_seg.weights"), "{err}");
+    let err = TrainConfig::load(
+        "default",
+        &["method=mlb-seg".into(), "mlb_seg.ple_mode=test".into()],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("mlb_seg.ple_mode"), "{err}");
     let err = TrainConfig::load(
         "default",
         &["method=mlb-seg".into(), "optimizer.kind=adam".into()],

@@ -142,6 +142,11 @@ pub struct MlbSegConfig {
     /// (a zoom-in view covers only its centre); "views": divided by the number of views, as the
     /// released code does.
     pub ple_average: String,
+    /// The student pass the PLE labels come from: "train" (the pass the update differentiates,
+    /// dropout and batch statistics included: the paper and the released code) or "eval" (an
+    /// extra pass without gradient in evaluation mode, as stage 0 predicts the initial labels;
+    /// ours, to test whether training mode's batch statistics bias the PLE labels).
+    pub ple_mode: String,
     /// Which exact meta-gradient: "fast" (forward mode) or "reverse" (reverse over reverse).
     pub meta_path: String,
     /// Weight normalisation: "clip" (max(-g, 0) / sum, the paper's), "softmax", "sigmoid" or
@@ -175,6 +180,7 @@ impl Default for MlbSegConfig {
             zoom_range: [4, 30],
             zoom_reference: 144.0,
             ple_average: "coverage".into(),
+            ple_mode: "train".into(),
             meta_path: "fast".into(),
             weights: "clip".into(),
             meta_views: false,
@@ -390,6 +396,7 @@ impl TrainConfig {
         };
         one_of("init", &m.init, &["stage0", "scratch"])?;
         one_of("ple_average", &m.ple_average, &["coverage", "views"])?;
+        one_of("ple_mode", &m.ple_mode, &["train", "eval"])?;
         one_of("meta_path", &m.meta_path, &["fast", "reverse"])?;
         one_of("weights", &m.weights, &Normalization::NAMES)?;
         if self.optimizer.kind != "sgd" {

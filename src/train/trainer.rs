@@ -141,7 +141,7 @@ pub fn supervised_loss<B: NetBackend>(logits: &Var<B>, y: &Var<B>) -> Result<(Va
 }
 
 /// Samples `start .. start + len` of a [N, ...] tensor (rank 5).
-pub(crate) fn slice_batch<B: NetBackend>(x: &Var<B>, start: usize, len: usize) -> Result<Var<B>> {
+pub fn slice_batch<B: NetBackend>(x: &Var<B>, start: usize, len: usize) -> Result<Var<B>> {
     let d = x.shape().dims().to_vec();
     let per_sample: usize = d[1..].iter().product();
     let as_channels = Shape::from([1, d[0], per_sample, 1, 1]);

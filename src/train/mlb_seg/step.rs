@@ -86,7 +86,17 @@ pub fn unlabeled_terms<B: NetBackend>(
     };
     let student = trainer.net.run(&trainer.params, &trainer.stats, &x, mode)?;
     let probabilities = student.logits.softmax_channels()?;
-    let y_ple = no_grad(|| views.enhanced_labels(&probabilities.detach(), average(config)))?;
+    let y_ple = no_grad(|| -> Result<_> {
+        let p = if config.mlb_seg.ple_mode == "eval" {
+            let eval = trainer
+                .net
+                .run(&trainer.params, &trainer.stats, &x, Mode::Eval)?;
+            eval.logits.softmax_channels()?
+        } else {
+            probabilities.detach()
+        };
+        views.enhanced_labels(&p, average(config))
+    })?;
     let cons = views.consistency(&probabilities)?;
     let mt = student.logits.softmax_mse(&teacher_logits)?;
     let terms = UnlabeledTerms {
