@@ -252,17 +252,26 @@ fn train(args: &TrainArgs) -> AnyResult<()> {
             ));
         }
         let summary = summary?;
-        let dice = summary
-            .validation_dice
-            .map_or("no test cases".to_string(), |d| format!("{d:.4}"));
-        println!(
-            "{}, seed {}: done in {:.1} s, final loss {:.4}, test Dice {dice}; log in {}",
-            config.method,
-            config.seed,
-            summary.seconds,
-            summary.final_loss,
-            paths.log().display()
-        );
+        if summary.iterations == 0 {
+            println!(
+                "{}, seed {}: already trained; log in {}",
+                config.method,
+                config.seed,
+                paths.log().display()
+            );
+        } else {
+            let dice = summary
+                .validation_dice
+                .map_or("no test cases".to_string(), |d| format!("{d:.4}"));
+            println!(
+                "{}, seed {}: done in {:.1} s, final loss {:.4}, test Dice {dice}; log in {}",
+                config.method,
+                config.seed,
+                summary.seconds,
+                summary.final_loss,
+                paths.log().display()
+            );
+        }
         if args.stop_after.is_none() && !data.test.is_empty() {
             let overlays = paths.dir.join("overlays");
             let mut shown = 0;

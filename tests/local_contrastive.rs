@@ -164,6 +164,10 @@ fn rounds_write_pseudo_labels_and_resume_as_the_uninterrupted_run() {
     assert_eq!(log_lines(&paths_b.log()).len(), 5);
     run::train(&g, &config, &data, &paths_b, stop(true, None)).unwrap();
     assert_eq!(log_lines(&paths_b.log()), main);
+    // Resumed once more, the finished run trains nothing, as the other methods' runs.
+    let again = run::train(&g, &config, &data, &paths_b, stop(true, None)).unwrap();
+    assert_eq!(again.iterations, 0);
+    assert_eq!(log_lines(&paths_b.log()), main);
     let (a, _) = checkpoint::load(&paths.checkpoint()).unwrap();
     let (b, _) = checkpoint::load(&paths_b.checkpoint()).unwrap();
     assert_eq!(a, b, "the final checkpoints differ");

@@ -288,7 +288,8 @@ fn rounds<B: NetBackend>(
             break;
         }
     }
-    total.ok_or_else(|| RunError::Resume("the run has no iteration left to train".into()))
+    // A finished run resumed (a comparison carried on after an interruption) trains nothing.
+    Ok(total.unwrap_or_else(Summary::empty))
 }
 
 /// The main run's trainer before its first step: the stage-1 network (the projection head, which

@@ -398,6 +398,20 @@ pub struct Summary {
     pub final_predictions: Option<Vec<Vec<u8>>>,
 }
 
+impl Summary {
+    /// Before any iteration of this call (all of a finished run resumed).
+    pub fn empty() -> Summary {
+        Summary {
+            final_loss: f64::NAN,
+            validation_dice: None,
+            seconds: 0.0,
+            iterations: 0,
+            step_seconds: 0.0,
+            final_predictions: None,
+        }
+    }
+}
+
 /// The batch of iteration `t` on the device.
 pub fn device_batch<B: NetBackend>(
     backend: &B,
@@ -551,14 +565,7 @@ pub fn train_from<B: NetBackend>(
     );
     bar.set_position(start);
     let began = Instant::now();
-    let mut summary = Summary {
-        final_loss: f64::NAN,
-        validation_dice: None,
-        seconds: 0.0,
-        iterations: 0,
-        step_seconds: 0.0,
-        final_predictions: None,
-    };
+    let mut summary = Summary::empty();
     for t in start..config.iterations {
         let step_began = Instant::now();
         let batch = device_batch(backend, &trainer, data, t)?;
