@@ -483,4 +483,16 @@ fn mlb_seg_configuration_mistakes_name_the_key() {
     assert!(err.to_string().contains("zoom"), "{err}");
     let config = TrainConfig::load("mlb-seg", &[]).unwrap();
     assert_eq!(config.method, "mlb-seg");
+    // A configuration written before ple_mode existed (a checkpoint's) reads as it ran.
+    let text = std::fs::read_to_string("presets/mlb-seg.toml").unwrap();
+    let old: String = text
+        .lines()
+        .filter(|l| !l.starts_with("ple_mode"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.toml");
+    std::fs::write(&path, old).unwrap();
+    let config = TrainConfig::load(path.to_str().unwrap(), &[]).unwrap();
+    assert_eq!(config.mlb_seg.ple_mode, "train");
 }

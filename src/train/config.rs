@@ -145,7 +145,9 @@ pub struct MlbSegConfig {
     /// The student pass the PLE labels come from: "train" (the pass the update differentiates,
     /// dropout and batch statistics included: the paper and the released code) or "eval" (an
     /// extra pass without gradient in evaluation mode, as stage 0 predicts the initial labels;
-    /// ours, to test whether training mode's batch statistics bias the PLE labels).
+    /// ours, to test whether training mode's batch statistics bias the PLE labels). Absent from
+    /// configurations written before it existed, which ran "train".
+    #[serde(default = "train_mode")]
     pub ple_mode: String,
     /// Which exact meta-gradient: "fast" (forward mode) or "reverse" (reverse over reverse).
     pub meta_path: String,
@@ -169,6 +171,10 @@ pub struct MlbSegConfig {
     /// An unlabeled case whose weight maps are written as NIfTI at every validation (empty:
     /// none).
     pub save_weights: String,
+}
+
+fn train_mode() -> String {
+    "train".into()
 }
 
 /// The released code's 2D recipe where it applies to any network (METHODS.md, section 1.7).
