@@ -173,6 +173,7 @@ pub struct MlbSegConfig {
     pub save_weights: String,
 }
 
+/// `ple_mode`'s default: the paper's training-mode pass.
 fn train_mode() -> String {
     "train".into()
 }
@@ -186,7 +187,7 @@ impl Default for MlbSegConfig {
             zoom_range: [4, 30],
             zoom_reference: 144.0,
             ple_average: "coverage".into(),
-            ple_mode: "train".into(),
+            ple_mode: train_mode(),
             meta_path: "fast".into(),
             weights: "clip".into(),
             meta_views: false,
