@@ -52,8 +52,9 @@ fn atlas_result(config: &TrainConfig) -> Result<RunResult, Box<dyn std::error::E
         .filter_map(|c| c.label.as_ref())
         .collect();
     let voxels = labels.first().ok_or("the split has no labeled case")?.len();
-    if let Some(c) = data.test.iter().find(|c| c.image.voxels() != voxels) {
-        return Err(format!("test case {} is not on the labeled cases' grid", c.name).into());
+    let mut cases = data.labeled.iter().chain(&data.test);
+    if let Some(c) = cases.find(|c| c.image.voxels() != voxels) {
+        return Err(format!("case {} is not on the first labeled case's grid", c.name).into());
     }
     let classes = config.data.classes;
     let vote: Vec<u8> = (0..voxels)
