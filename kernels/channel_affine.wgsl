@@ -1,28 +1,46 @@
-// A per-channel affine map of an NCDHW tensor: out[n, c, s] = x[n, c, s] * a[k] + b[k], where k is
-// c when a and b hold one value per channel ([1, C, 1, 1, 1]) and n C + c when they hold one per
-// sample and channel ([N, C, 1, 1, 1]). Normalisation (batch and instance norm: a = gamma / std,
-// b = beta - mean a) and channel dropout (a = mask / (1 - p), b = 0) are this one pass.
+// Per-channel maps and sums of NCDHW tensors.
+//
+// channel_affine: out[n, c, s] = x[n, c, s] * a[k] + b[k], where k is c when a and b hold one
+// value per channel ([1, C, 1, 1, 1]) and n C + c when they hold one per sample and channel
+// ([N, C, 1, 1, 1]). Normalisation (batch and instance norm: a = gamma / std, b = beta - mean a)
+// and channel dropout (a = mask / (1 - p), b = 0) are this one pass; with RELU, the ReLU after a
+// batch norm too (NaN stays NaN).
 //
 // Layout: s runs over the D H W elements of a channel (`volume` of them), contiguous; x and out
 // are read and written as whole vec4s (buffers are padded to vec4s). When the volume is a multiple
 // of 4 (ALIGNED override) a vec4 lies inside one channel: one a and one b per vec4; otherwise each
 // lane finds its own channel. Workgroup: WG invocations (override, default 256), one vec4 each, in
 // a 2D grid linearised as in elementwise.wgsl; neighbouring invocations touch neighbouring vec4s.
+//
+// channel_dots: per channel c, partial sums over the batch and space of x m and of m (the
+// moments of a batch norm are those of x and x, an affine map's parameter gradients those of x
+// and g). Workgroup (t, c) of the grid (x: the N x chunks pieces t of length `chunk` of each
+// sample's channel row, y: the channel) strides over its piece with its WG invocations (vec4s
+// when ALIGNED), then sums them in a tree in workgroup memory: out[0, t, c] = sum x m,
+// out[1, t, c] = sum m, which the host adds up over t (reduce.wgsl). m is bound at 5; with SAME
+// (x and m one tensor) each value is loaded once.
 
 override WG: u32 = 256u;
 override ALIGNED: bool = true;
+override RELU: bool = false;
+override SAME: bool = false;
 
 struct Params {
     n: u32,       // elements of x
     volume: u32,  // spatial elements per channel
-    groups: u32,  // entries of a and b (C, or N C)
+    groups: u32,  // entries of a and b (C, or N C); channel_dots: C
+    chunk: u32,   // channel_dots: elements per piece (a multiple of 4)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> a: array<f32>;
+@group(0) @binding(5) var<storage, read> m: array<vec4<f32>>;      // channel_dots' second operand
 @group(0) @binding(4) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> sums: array<f32>;   // channel_dots' partials
+
+var<workgroup> tree: array<vec2<f32>, WG>;
 
 // The entry of a and b for element e: its (sample, channel) index, modulo the entries held.
 fn entry(e: u32) -> u32 {
@@ -37,7 +55,7 @@ fn channel_affine(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgrou
     let v = x[i];
     if ALIGNED {
         let k = entry(4u * i);
-        out[i] = v * a[k] + b[k];
+        out[i] = activation(v * a[k] + b[k]);
         return;
     }
     // Padding lanes past n read entry 0's parameters; their values are never read back.
@@ -49,5 +67,63 @@ fn channel_affine(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgrou
         scale[l] = a[k];
         shift[l] = b[k];
     }
-    out[i] = v * scale + shift;
+    out[i] = activation(v * scale + shift);
+}
+
+// The ReLU (with RELU). NaN stays NaN, tested from the bits: WGSL lets a compiler assume floats
+// are never NaN (llvmpipe's GL turns a NaN into 0 through a compare and select).
+fn activation(y: vec4<f32>) -> vec4<f32> {
+    if RELU {
+        let nan = (bitcast<vec4<u32>>(y) & vec4<u32>(0x7fffffffu)) > vec4<u32>(0x7f800000u);
+        return select(max(y, vec4<f32>(0.0)), y, nan);
+    }
+    return y;
+}
+
+// (sum x m, sum m) over elements [first, last) of x and m, this lane's share.
+fn lane_dots(first: u32, last: u32, lane: u32) -> vec2<f32> {
+    var xm = vec4<f32>(0.0);
+    var ms = vec4<f32>(0.0);
+    if ALIGNED {
+        for (var v = first / 4u + lane; v < last / 4u; v += WG) {
+            let xv = x[v];
+            var mv = xv;
+            if !SAME { mv = m[v]; }
+            xm = fma(xv, mv, xm);
+            ms += mv;
+        }
+    } else {
+        for (var e = first + lane; e < last; e += WG) {
+            let xv = x[e / 4u][e % 4u];
+            var mv = xv;
+            if !SAME { mv = m[e / 4u][e % 4u]; }
+            xm.x = fma(xv, mv, xm.x);
+            ms.x += mv;
+        }
+    }
+    return vec2<f32>((xm.x + xm.y) + (xm.z + xm.w), (ms.x + ms.y) + (ms.z + ms.w));
+}
+
+@compute @workgroup_size(WG)
+fn channel_dots(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+                @builtin(local_invocation_index) lane: u32) {
+    let c = group.y;
+    let channels = params.groups;
+    let pieces = (params.volume + params.chunk - 1u) / params.chunk;   // per sample
+    let n = group.x / pieces;
+    let row = (n * channels + c) * params.volume;
+    let first = row + (group.x % pieces) * params.chunk;
+    let last = min(first + params.chunk, row + params.volume);
+    tree[lane] = lane_dots(first, last, lane);
+    workgroupBarrier();
+    for (var width = WG / 2u; width > 0u; width /= 2u) {
+        if lane < width {
+            tree[lane] += tree[lane + width];
+        }
+        workgroupBarrier();
+    }
+    if lane == 0u {
+        sums[group.x * channels + c] = tree[0].x;
+        sums[(groups.x + group.x) * channels + c] = tree[0].y;
+    }
 }

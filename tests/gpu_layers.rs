@@ -156,6 +156,77 @@ fn channel_affine_matches_the_reference() {
     }
 }
 
+/// The fused primitives of a batch norm: channel_dots (of two tensors, and of one with itself,
+/// which loads each value once) and channel_affine_relu, forward, gradients and Hessian-vector
+/// products, at volumes that are and are not whole vec4s, and longer than one piece of
+/// channel_dots' rows (the partial sums added up on the host).
+#[test]
+fn fused_channel_primitives_match_the_reference() {
+    let tol = Tolerance::F32_ACCUMULATED;
+    for spatial in [[1, 5, 7], [1, 4, 9], [3, 40, 48]] {
+        let shape = Shape::from([2, 3, spatial[0], spatial[1], spatial[2]]);
+        let x = input(21, &shape, -1.0, 1.0);
+        let m = input(22, &shape, -1.0, 1.0);
+        let ab = Shape::from([1, 3, 1, 1, 1]);
+        let (a, b) = (input(23, &ab, 0.5, 1.5), input(24, &ab, -0.5, 0.5));
+        let cases: [(&str, Vec<_>); 3] = [
+            ("channel_dots", vec![x.clone(), m]),
+            ("channel_dots of x with x", vec![x.clone()]),
+            ("channel_affine_relu", vec![x, a, b]),
+        ];
+        for (what, inputs) in cases {
+            let f = |v: &[Var<_>]| {
+                match v.len() {
+                    2 => v[0].channel_dots(&v[1]),
+                    1 => v[0].channel_dots(&v[0]),
+                    _ => v[0].channel_affine_relu(&v[1], &v[2]),
+                }
+                .unwrap()
+                .square()
+                .unwrap()
+            };
+            let cpu = derivatives(&Cpu64, f, &inputs);
+            let f = |v: &[Var<_>]| {
+                match v.len() {
+                    2 => v[0].channel_dots(&v[1]),
+                    1 => v[0].channel_dots(&v[0]),
+                    _ => v[0].channel_affine_relu(&v[1], &v[2]),
+                }
+                .unwrap()
+                .square()
+                .unwrap()
+            };
+            let gpu = derivatives(&gpu(), f, &inputs);
+            let what = format!("{what} {shape}");
+            tol.assert(&format!("{what} forward"), &gpu.out, &cpu.out);
+            for k in 0..inputs.len() {
+                tol.assert(&format!("{what} gradient"), &gpu.grads[k], &cpu.grads[k]);
+                tol.assert(&format!("{what} H v"), &gpu.hvps[k], &cpu.hvps[k]);
+            }
+        }
+    }
+}
+
+/// relu(NaN) is NaN in the fused batch norm's last pass, as in the unfused ReLU.
+#[test]
+fn channel_affine_relu_keeps_nan() {
+    use metaseg_autograd::{Backend, LayerBackend};
+    let g = gpu();
+    let x = g
+        .tensor(
+            &[f64::NAN, -1.0, 2.0, f64::NAN],
+            &Shape::from([1, 1, 1, 1, 4]),
+        )
+        .unwrap();
+    let one = g.tensor(&[1.0], &Shape::from([1, 1, 1, 1, 1])).unwrap();
+    let zero = g.tensor(&[0.0], &Shape::from([1, 1, 1, 1, 1])).unwrap();
+    let y = g
+        .to_f64(&g.channel_affine_relu(&x, &one, &zero).unwrap())
+        .unwrap();
+    assert!(y[0].is_nan() && y[3].is_nan(), "{y:?}");
+    assert_eq!(&y[1..3], &[0.0, 2.0]);
+}
+
 #[test]
 fn dropout_draws_the_same_mask_on_both_backends() {
     let shape = Shape::from([3, 37, 1, 2, 3]);

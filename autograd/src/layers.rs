@@ -8,7 +8,7 @@
 //!
 //! Layout NCDHW; spatial axes are indexed 0 = D, 1 = H, 2 = W in the per-axis settings.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, UnaryOp};
 use crate::cpu64::{Cpu64, CpuTensor};
 use crate::ops::{rule, tangent};
 use crate::var::{sum_tangents, Var};
@@ -173,6 +173,46 @@ pub trait LayerBackend: Backend {
         a: &Self::Tensor,
         b: &Self::Tensor,
     ) -> Result<Self::Tensor>;
+    /// relu(x a + b) with a, b per channel ([1, C, 1, 1, 1]): a batch norm and its ReLU in one
+    /// pass. NaN stays NaN.
+    fn channel_affine_relu(
+        &self,
+        x: &Self::Tensor,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+    /// Per channel, summed over the batch and the spatial axes of x and m [N, C, D, H, W]: row 0
+    /// sum(x m), row 1 sum(m); shape [2, C]. A batch's moments are channel_dots(x, x) (sums of
+    /// x^2 and of x), an affine map's parameter gradients channel_dots(x, g).
+    fn channel_dots(&self, x: &Self::Tensor, m: &Self::Tensor) -> Result<Self::Tensor>;
+}
+
+/// Checks the operands of channel_dots; returns [N, C, D H W].
+pub fn dots_dims(x: &Shape, m: &Shape) -> Result<[usize; 3]> {
+    let [n, c, d, h, w] = dims5("channel_dots", x)?;
+    if x != m {
+        return Err(Error::Shape {
+            op: "channel_dots",
+            lhs: x.clone(),
+            rhs: m.clone(),
+            reason: "the shapes must be equal".into(),
+        });
+    }
+    Ok([n, c, d * h * w])
+}
+
+/// Checks the operands of channel_affine_relu: a and b per channel.
+pub fn affine_relu_entries(x: &Shape, a: &Shape, b: &Shape) -> Result<usize> {
+    let entries = affine_entries(x, a, b)?;
+    if a.dims()[0] != 1 {
+        return Err(Error::Shape {
+            op: "channel_affine_relu",
+            lhs: x.clone(),
+            rhs: a.clone(),
+            reason: "a and b must be per channel, [1, C, 1, 1, 1]".into(),
+        });
+    }
+    Ok(entries)
 }
 
 /// Checks the operands of channel_affine; returns how many (sample, channel) entries a holds.
@@ -391,6 +431,28 @@ impl LayerBackend for Cpu64 {
             .collect();
         Ok(cpu(data, x.shape.clone()))
     }
+
+    fn channel_affine_relu(
+        &self,
+        x: &CpuTensor,
+        a: &CpuTensor,
+        b: &CpuTensor,
+    ) -> Result<CpuTensor> {
+        affine_relu_entries(&x.shape, &a.shape, &b.shape)?;
+        let y = self.channel_affine(x, a, b)?;
+        self.unary(UnaryOp::Relu, &y)
+    }
+
+    fn channel_dots(&self, x: &CpuTensor, m: &CpuTensor) -> Result<CpuTensor> {
+        let [_, c, volume] = dots_dims(&x.shape, &m.shape)?;
+        let mut sums = vec![0.0; 2 * c];
+        for (i, (&xv, &mv)) in x.data.iter().zip(m.data.iter()).enumerate() {
+            let k = (i / volume) % c;
+            sums[k] += xv * mv;
+            sums[c + k] += mv;
+        }
+        Ok(cpu(sums, Shape::from([2, c])))
+    }
 }
 
 /// Calls f(input position, weight) for every input position output position `o` reads.
@@ -601,6 +663,82 @@ impl<B: LayerBackend> Var<B> {
         ))
     }
 
+    /// relu(self a + b) with a, b per channel ([1, C, 1, 1, 1]), in one pass. With m =
+    /// relu_mask(y) and gm = g m: d x = gm a, and d a, d b are channel_dots(x, gm).
+    pub fn channel_affine_relu(&self, a: &Var<B>, b: &Var<B>) -> Result<Self> {
+        let value = self
+            .backend()
+            .channel_affine_relu(self.value(), a.value(), b.value())?;
+        Ok(Var::from_op_with_jvp(
+            "channel_affine_relu",
+            value,
+            &[self, a, b],
+            rule(|xab, y, g| {
+                let (x, a, b) = (&xab[0], &xab[1], &xab[2]);
+                let gm = g.mul(&y.unary(UnaryOp::ReluMask)?)?;
+                let zeros = Var::zeros(g.backend(), b.shape())?;
+                let dots = x.channel_dots(&gm)?;
+                Ok(vec![
+                    Some(gm.channel_affine(a, &zeros)?),
+                    Some(dot_row(&dots, 0)?),
+                    Some(dot_row(&dots, 1)?),
+                ])
+            }),
+            // The mask is constant almost everywhere: the tangent of x a + b, masked.
+            tangent(|xab, y, d| {
+                let (x, a, b) = (&xab[0], &xab[1], &xab[2]);
+                let zeros = |s: &Shape| Var::zeros(y.backend(), s);
+                let affine = match (&d[1], &d[2]) {
+                    (None, None) => None,
+                    (da, db) => Some(x.channel_affine(
+                        &da.clone().map_or_else(|| zeros(a.shape()), Ok)?,
+                        &db.clone().map_or_else(|| zeros(b.shape()), Ok)?,
+                    )),
+                };
+                let terms = [
+                    d[0].as_ref()
+                        .map(|t| t.channel_affine(a, &zeros(b.shape())?)),
+                    affine,
+                ];
+                let t = sum_tangents(y.backend(), y.shape(), terms.map(Option::transpose))?;
+                t.mul(&y.unary(UnaryOp::ReluMask)?)
+            }),
+        ))
+    }
+
+    /// Per channel over the batch and space: [sum(self m), sum(m)], shape [2, C] (see
+    /// [`LayerBackend::channel_dots`]). With G = [G0, G1]: d self = m G0, d m = self G0 + G1.
+    pub fn channel_dots(&self, m: &Var<B>) -> Result<Self> {
+        let value = self.backend().channel_dots(self.value(), m.value())?;
+        Ok(Var::from_op_with_jvp(
+            "channel_dots",
+            value,
+            &[self, m],
+            rule(|xm, _, g| {
+                let (x, m) = (&xm[0], &xm[1]);
+                let (g0, g1) = (dot_row(g, 0)?, dot_row(g, 1)?);
+                let zeros = Var::zeros(g.backend(), g1.shape())?;
+                Ok(vec![
+                    Some(m.channel_affine(&g0, &zeros)?),
+                    Some(x.channel_affine(&g0, &g1)?),
+                ])
+            }),
+            // [sum(dx m + x dm), sum(dm)]: row 1 of channel_dots(dx, m) is sum(m), masked out.
+            tangent(|xm, y, d| {
+                let (x, m) = (&xm[0], &xm[1]);
+                let c = y.shape().dims()[1];
+                let mut first = vec![0.0; 2 * c];
+                first[..c].fill(1.0);
+                let first = Var::from_f64(y.backend(), &first, y.shape(), false)?;
+                let terms = [
+                    d[0].as_ref().map(|t| t.channel_dots(m)?.mul(&first)),
+                    d[1].as_ref().map(|t| x.channel_dots(t)),
+                ];
+                sum_tangents(y.backend(), y.shape(), terms.map(Option::transpose))
+            }),
+        ))
+    }
+
     /// Channels `start .. start + len`.
     pub fn slice_channels(&self, start: usize, len: usize) -> Result<Self> {
         let c = dims5("slice_channels", self.shape())?[1];
@@ -646,4 +784,12 @@ impl<B: LayerBackend> Var<B> {
         }
         Ok(sum.expect("at least one part"))
     }
+}
+
+/// Row `k` of channel_dots' [2, C] as a per-channel [1, C, 1, 1, 1] tensor.
+pub fn dot_row<B: LayerBackend>(dots: &Var<B>, k: usize) -> Result<Var<B>> {
+    let c = dots.shape().dims()[1];
+    dots.reshape(&Shape::from([1, 2, c, 1, 1]))?
+        .channel_window(k as isize, 1)?
+        .reshape(&Shape::from([1, c, 1, 1, 1]))
 }

@@ -1,12 +1,13 @@
-//! Batch and instance normalisation and channel dropout, composed of differentiable ops: means
-//! over axes, elementwise ops on the small per-channel statistics, and one fused pass over the full
-//! tensor, `channel_affine` (x a + b per channel; see layers.rs). They need no backward rule of their
-//! own: the tape differentiates the composition, at any order.
+//! Batch and instance normalisation and channel dropout, composed of differentiable ops: the
+//! statistics (a batch norm's from one pass of `channel_dots`, an instance norm's from means over
+//! axes), elementwise ops on the small per-channel statistics, and one fused pass over the full
+//! tensor, `channel_affine` (x a + b per channel) or `channel_affine_relu` (see layers.rs). They
+//! need no backward rule of their own: the tape differentiates the composition, at any order.
 //!
 //! Layout NCDHW; statistics and the affine parameters (gamma, beta of shape [C]) are per channel.
 
 use crate::backend::{Backend, Distribution};
-use crate::layers::{dims5, LayerBackend};
+use crate::layers::{dims5, dot_row, LayerBackend};
 use crate::var::{no_grad, Var};
 use crate::{Error, Result, Shape};
 
@@ -75,33 +76,64 @@ fn per_channel<B: Backend>(op: &'static str, p: &Var<B>, channels: usize) -> Res
     p.reshape(&Shape::from([1, channels, 1, 1, 1]))
 }
 
-/// (x - mean) / sqrt(var + eps) * gamma + beta with the statistics over `axes`; also returns the
-/// mean and the biased variance (keep-dims shapes).
-fn normalize<B: LayerBackend>(
+/// Instance norm: (x - mean) / sqrt(var + eps) * gamma + beta with the statistics over D, H, W
+/// per sample and channel.
+fn instance_normalize<B: LayerBackend>(
     op: &'static str,
     x: &Var<B>,
     gamma: &Var<B>,
     beta: &Var<B>,
-    axes: &[usize],
     eps: f64,
-) -> Result<(Var<B>, Var<B>, Var<B>)> {
+) -> Result<Var<B>> {
+    let axes = [2, 3, 4];
     let c = dims5(op, x.shape())?[1];
+    check_eps(op, eps)?;
+    // Statistics and coefficients are small ([N, C, 1, 1, 1]); the full tensor is touched by
+    // two fused passes (centre, normalise) and the square and sums of the variance.
+    let mean = x.mean_axes(&axes, true)?;
+    let ones = Var::ones(x.backend(), mean.shape())?;
+    let centred = x.channel_affine(&ones, &mean.neg()?)?;
+    let var = centred.square()?.mean_axes(&axes, true)?;
+    let scale = per_channel(op, gamma, c)?.div(&var.add_scalar(eps)?.sqrt()?)?;
+    let shift = per_channel(op, beta, c)?.sub(&mean.mul(&scale)?)?;
+    x.channel_affine(&scale, &shift)
+}
+
+/// The batch's per-channel mean and biased variance ([1, C, 1, 1, 1]) and the elements per
+/// channel, from one pass of channel_dots(x, x): var = E[x^2] - E[x]^2, clamped at 0 against
+/// rounding.
+fn batch_moments<B: LayerBackend>(op: &'static str, x: &Var<B>) -> Result<(Var<B>, Var<B>, usize)> {
+    let [n, _, d, h, w] = dims5(op, x.shape())?;
+    let count = n * d * h * w;
+    let moments = x.channel_dots(x)?;
+    let per_element = 1.0 / count as f64;
+    let mean = dot_row(&moments, 1)?.scale(per_element)?;
+    let squares = dot_row(&moments, 0)?.scale(per_element)?;
+    Ok((mean.clone(), squares.sub(&mean.square()?)?.relu()?, count))
+}
+
+fn check_eps(op: &'static str, eps: f64) -> Result<()> {
     if eps <= 0.0 {
         return Err(Error::InvalidArgument {
             op,
             message: format!("eps {eps} must be positive"),
         });
     }
-    // Statistics and coefficients are small ([1 or N, C, 1, 1, 1]); the full tensor is touched by
-    // two fused passes (centre, normalise) and the square and sums of the variance.
-    let mean = x.mean_axes(axes, true)?;
-    let ones = Var::ones(x.backend(), mean.shape())?;
-    let centred = x.channel_affine(&ones, &mean.neg()?)?;
-    let var = centred.square()?.mean_axes(axes, true)?;
-    let scale = per_channel(op, gamma, c)?.div(&var.add_scalar(eps)?.sqrt()?)?;
-    let shift = per_channel(op, beta, c)?.sub(&mean.mul(&scale)?)?;
-    let y = x.channel_affine(&scale, &shift)?;
-    Ok((y, mean, var))
+    Ok(())
+}
+
+/// x scale + shift per channel, followed by a ReLU in the same pass if `relu`.
+fn affine<B: LayerBackend>(
+    x: &Var<B>,
+    scale: &Var<B>,
+    shift: &Var<B>,
+    relu: bool,
+) -> Result<Var<B>> {
+    if relu {
+        x.channel_affine_relu(scale, shift)
+    } else {
+        x.channel_affine(scale, shift)
+    }
 }
 
 /// Normalisation layers and dropout.
@@ -114,13 +146,38 @@ impl<B: LayerBackend> Var<B> {
         beta: &Var<B>,
         eps: f64,
     ) -> Result<(Var<B>, BatchStats<B>)> {
-        let (y, mean, var) = normalize("batch_norm3d", self, gamma, beta, &[0, 2, 3, 4], eps)?;
-        let [n, c, d, h, w] = dims5("batch_norm3d", self.shape())?;
+        self.batch_norm_train(gamma, beta, eps, false)
+    }
+
+    /// relu(batch_norm3d_train), the normalisation and the ReLU in one pass over the tensor.
+    pub fn batch_norm3d_train_relu(
+        &self,
+        gamma: &Var<B>,
+        beta: &Var<B>,
+        eps: f64,
+    ) -> Result<(Var<B>, BatchStats<B>)> {
+        self.batch_norm_train(gamma, beta, eps, true)
+    }
+
+    fn batch_norm_train(
+        &self,
+        gamma: &Var<B>,
+        beta: &Var<B>,
+        eps: f64,
+        relu: bool,
+    ) -> Result<(Var<B>, BatchStats<B>)> {
+        let op = "batch_norm3d";
+        let c = dims5(op, self.shape())?[1];
+        check_eps(op, eps)?;
+        let (mean, var, count) = batch_moments(op, self)?;
+        let scale = per_channel(op, gamma, c)?.div(&var.add_scalar(eps)?.sqrt()?)?;
+        let shift = per_channel(op, beta, c)?.sub(&mean.mul(&scale)?)?;
+        let y = affine(self, &scale, &shift, relu)?;
         let channel = Shape::from([c]);
         let stats = BatchStats {
             mean: mean.detach().reshape(&channel)?,
             var: var.detach().reshape(&channel)?,
-            count: n * d * h * w,
+            count,
         };
         Ok((y, stats))
     }
@@ -133,24 +190,41 @@ impl<B: LayerBackend> Var<B> {
         running: &RunningStats<B>,
         eps: f64,
     ) -> Result<Var<B>> {
+        self.batch_norm_eval(gamma, beta, running, eps, false)
+    }
+
+    /// relu(batch_norm3d_eval), in one pass over the tensor.
+    pub fn batch_norm3d_eval_relu(
+        &self,
+        gamma: &Var<B>,
+        beta: &Var<B>,
+        running: &RunningStats<B>,
+        eps: f64,
+    ) -> Result<Var<B>> {
+        self.batch_norm_eval(gamma, beta, running, eps, true)
+    }
+
+    fn batch_norm_eval(
+        &self,
+        gamma: &Var<B>,
+        beta: &Var<B>,
+        running: &RunningStats<B>,
+        eps: f64,
+        relu: bool,
+    ) -> Result<Var<B>> {
         let op = "batch_norm3d";
         let c = dims5(op, self.shape())?[1];
-        if eps <= 0.0 {
-            return Err(Error::InvalidArgument {
-                op,
-                message: format!("eps {eps} must be positive"),
-            });
-        }
+        check_eps(op, eps)?;
         let std = per_channel(op, &running.var, c)?.add_scalar(eps)?.sqrt()?;
         let scale = per_channel(op, gamma, c)?.div(&std)?;
         let shift =
             per_channel(op, beta, c)?.sub(&per_channel(op, &running.mean, c)?.mul(&scale)?)?;
-        self.channel_affine(&scale, &shift)
+        affine(self, &scale, &shift, relu)
     }
 
     /// Instance norm: statistics over D, H, W per sample and channel, then the per-channel affine.
     pub fn instance_norm3d(&self, gamma: &Var<B>, beta: &Var<B>, eps: f64) -> Result<Var<B>> {
-        Ok(normalize("instance_norm3d", self, gamma, beta, &[2, 3, 4], eps)?.0)
+        instance_normalize("instance_norm3d", self, gamma, beta, eps)
     }
 
     /// Channel dropout: each (sample, channel) is kept with probability 1 - p and scaled by

@@ -199,7 +199,35 @@ fn layers() {
     check(
         "channel_affine",
         &|v| v[0].channel_affine(&v[1], &v[2]),
-        &[x.clone(), per_channel.clone(), per_channel],
+        &[x.clone(), per_channel.clone(), per_channel.clone()],
+        -1.0,
+        1.0,
+    );
+    check(
+        "channel_affine_relu",
+        &|v| v[0].channel_affine_relu(&v[1], &v[2]),
+        &[x.clone(), per_channel.clone(), per_channel.clone()],
+        -1.0,
+        1.0,
+    );
+    check(
+        "channel_dots",
+        &|v| v[0].channel_dots(&v[1]),
+        &[x.clone(), x.clone()],
+        -1.0,
+        1.0,
+    );
+    check(
+        "channel_dots of a tensor with itself",
+        &|v| v[0].channel_dots(&v[0]),
+        std::slice::from_ref(&x),
+        -1.0,
+        1.0,
+    );
+    check(
+        "batch_norm3d_train_relu",
+        &|v| Ok(v[0].batch_norm3d_train_relu(&v[1], &v[2], 1e-5)?.0),
+        &[x.clone(), s(&[3]), s(&[3])],
         -1.0,
         1.0,
     );

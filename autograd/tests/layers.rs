@@ -151,6 +151,101 @@ fn channel_affine_gradients_and_second_order_match_finite_differences() {
     assert!(xs.channel_affine(&per_voxel, &per_voxel).is_err());
 }
 
+#[test]
+fn fused_channel_primitives_match_finite_differences() {
+    let x = Shape::from([2, 3, 2, 3, 5]);
+    let c = Shape::from([1, 3, 1, 1, 1]);
+    // Values of x a + b spread over both sides of the ReLU's kink.
+    check(
+        "channel_affine_relu",
+        &|v| v[0].channel_affine_relu(&v[1], &v[2])?.square(),
+        &[x.clone(), c.clone(), c],
+        -1.0,
+        1.0,
+    );
+    check(
+        "channel_dots",
+        &|v| v[0].channel_dots(&v[1])?.square(),
+        &[x.clone(), x.clone()],
+        -1.0,
+        1.0,
+    );
+    check(
+        "channel_dots of a tensor with itself",
+        &|v| v[0].channel_dots(&v[0])?.square(),
+        std::slice::from_ref(&x),
+        -1.0,
+        1.0,
+    );
+    check(
+        "batch_norm3d_train_relu",
+        &|v| v[0].batch_norm3d_train_relu(&v[1], &v[2], 1e-5)?.0.square(),
+        &[x, Shape::from([3]), Shape::from([3])],
+        -1.0,
+        1.0,
+    );
+}
+
+/// Closed forms: constants x = p, m = q give [p q N S, q N S] per channel; the fused affine and
+/// ReLU is relu of the affine map; the batch norm from channel_dots' moments is the two-pass
+/// definition computed here in plain loops.
+#[test]
+fn fused_channel_primitives_meet_their_definitions() {
+    let shape = Shape::from([2, 3, 2, 3, 5]);
+    let (p, q) = (0.5, -1.25);
+    let x = Var::full(&Cpu64, &shape, p).unwrap();
+    let m = Var::full(&Cpu64, &shape, q).unwrap();
+    let per_channel = 2.0 * 30.0;
+    let expected: Vec<f64> = [p * q * per_channel, q * per_channel]
+        .iter()
+        .flat_map(|&v| [v; 3])
+        .collect();
+    let dots = x.channel_dots(&m).unwrap().to_f64().unwrap();
+    Tolerance::new(1e-12, 1e-12).assert("channel_dots", &dots, &expected);
+
+    let values = seeded(shape.numel(), 7, -2.0, 3.0);
+    let xs = var(&values, &shape);
+    let (gamma, beta) = (seeded(3, 8, 0.5, 1.5), seeded(3, 9, -1.0, 1.0));
+    let ab = Shape::from([1, 3, 1, 1, 1]);
+    let (a, b) = (var(&gamma, &ab), var(&beta, &ab));
+    let fused = xs.channel_affine_relu(&a, &b).unwrap().to_f64().unwrap();
+    let composed = xs.channel_affine(&a, &b).unwrap().relu().unwrap();
+    Tolerance::new(0.0, 0.0).assert("channel_affine_relu", &fused, &composed.to_f64().unwrap());
+
+    let eps = 1e-5;
+    let (g, bt) = (
+        var(&gamma, &Shape::from([3])),
+        var(&beta, &Shape::from([3])),
+    );
+    let (y, stats) = xs.batch_norm3d_train(&g, &bt, eps).unwrap();
+    let volume = 30;
+    let mut reference = vec![0.0; values.len()];
+    for c in 0..3 {
+        let of_c = |n: usize| (n * 3 + c) * volume..(n * 3 + c + 1) * volume;
+        let all: Vec<usize> = (0..2).flat_map(of_c).collect();
+        let mean = all.iter().map(|&i| values[i]).sum::<f64>() / all.len() as f64;
+        let var_c = all.iter().map(|&i| (values[i] - mean).powi(2)).sum::<f64>() / all.len() as f64;
+        for &i in &all {
+            reference[i] = (values[i] - mean) / (var_c + eps).sqrt() * gamma[c] + beta[c];
+        }
+        let tol = Tolerance::new(1e-12, 1e-12);
+        tol.assert("batch mean", &[stats.mean.to_f64().unwrap()[c]], &[mean]);
+        tol.assert(
+            "batch variance",
+            &[stats.var.to_f64().unwrap()[c]],
+            &[var_c],
+        );
+    }
+    Tolerance::new(1e-10, 1e-10).assert("batch_norm3d", &y.to_f64().unwrap(), &reference);
+    let (relu, _) = xs.batch_norm3d_train_relu(&g, &bt, eps).unwrap();
+    let clipped: Vec<f64> = reference.iter().map(|v| v.max(0.0)).collect();
+    Tolerance::new(1e-10, 1e-10).assert(
+        "batch_norm3d_train_relu",
+        &relu.to_f64().unwrap(),
+        &clipped,
+    );
+}
+
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }

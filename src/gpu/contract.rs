@@ -251,7 +251,15 @@ fn twins() -> Vec<Twin> {
                 start
             }
         ),
-        twin!(ChannelAffine, AffineParams { n, volume, groups }),
+        twin!(
+            ChannelAffine,
+            AffineParams {
+                n,
+                volume,
+                groups,
+                chunk
+            }
+        ),
         twin!(MetaWeights, MetaWeightsParams { n }),
         twin!(
             Contrastive,

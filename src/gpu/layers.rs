@@ -2,8 +2,12 @@
 
 use super::backend::{Gpu, GpuTensor};
 use super::kernels::{Kernel, KernelFile};
-use metaseg_autograd::layers::{affine_entries, dims5, upsample_shape};
-use metaseg_autograd::{Error, LayerBackend, Result, Shape, TensorShape, Upsample, Window3d};
+use metaseg_autograd::layers::{
+    affine_entries, affine_relu_entries, dims5, dots_dims, upsample_shape,
+};
+use metaseg_autograd::{
+    Backend, Error, LayerBackend, Result, Shape, TensorShape, Upsample, Window3d,
+};
 
 /// Invocations per workgroup (the `WG` override default of both files).
 pub(super) const WG: usize = 256;
@@ -34,7 +38,14 @@ pub(super) struct AffineParams {
     pub(super) n: u32,
     pub(super) volume: u32,
     pub(super) groups: u32,
+    pub(super) chunk: u32,
 }
+
+/// Invocations per workgroup of channel_dots: few, so its tree in workgroup memory is short.
+const DOTS_WG: usize = 64;
+/// Vec4s each channel_dots workgroup sums: a piece of a channel row large enough that the
+/// partial sums are a small fraction of the traffic.
+const DOTS_VEC4S: usize = 16 * DOTS_WG;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -214,18 +225,76 @@ impl LayerBackend for Gpu {
 
     fn channel_affine(&self, x: &GpuTensor, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
         let entries = affine_entries(x.shape(), a.shape(), b.shape())?;
+        self.affine_launch(x, a, b, entries, false)
+    }
+
+    fn channel_affine_relu(
+        &self,
+        x: &GpuTensor,
+        a: &GpuTensor,
+        b: &GpuTensor,
+    ) -> Result<GpuTensor> {
+        let entries = affine_relu_entries(x.shape(), a.shape(), b.shape())?;
+        self.affine_launch(x, a, b, entries, true)
+    }
+
+    fn channel_dots(&self, x: &GpuTensor, m: &GpuTensor) -> Result<GpuTensor> {
+        let [n, c, volume] = dots_dims(x.shape(), m.shape())?;
+        if n * c * volume == 0 {
+            return self.fill(&Shape::from([2, c]), 0.0);
+        }
+        let chunk = (4 * DOTS_VEC4S).min(volume.next_multiple_of(4));
+        let pieces = n * volume.div_ceil(chunk);
+        let params = AffineParams {
+            n: (n * c * volume) as u32,
+            volume: volume as u32,
+            groups: c as u32,
+            chunk: chunk as u32,
+        };
+        let flag = |b: bool| f64::from(u8::from(b));
+        let kernel = Kernel::new(KernelFile::ChannelAffine, "channel_dots")
+            .with("WG", DOTS_WG as f64)
+            .with("ALIGNED", flag(volume.is_multiple_of(4)))
+            .with("SAME", flag(x.buffer() == m.buffer()));
+        let partial = self.empty(&Shape::from([2, pieces, c]))?;
+        let grid = [pieces as u32, c as u32, 1];
+        let inputs = [(1, x), (5, m)];
+        self.launch(
+            &kernel,
+            bytemuck::bytes_of(&params),
+            &inputs,
+            &partial,
+            grid,
+        )?;
+        let summed = self.sum_axes(&partial, &[1])?;
+        self.reshape(&summed, &Shape::from([2, c]))
+    }
+}
+
+impl Gpu {
+    /// x a + b per (sample and) channel, and the ReLU with `relu`.
+    fn affine_launch(
+        &self,
+        x: &GpuTensor,
+        a: &GpuTensor,
+        b: &GpuTensor,
+        entries: usize,
+        relu: bool,
+    ) -> Result<GpuTensor> {
         let n = x.shape().numel();
         let volume = n / (x.shape().dims()[0] * x.shape().dims()[1]).max(1);
         let params = AffineParams {
             n: n as u32,
             volume: volume as u32,
             groups: entries as u32,
+            chunk: 0,
         };
         let out = self.empty(x.shape())?;
         let grid = self.grid(n.div_ceil(4).div_ceil(WG));
-        let aligned = if volume.is_multiple_of(4) { 1.0 } else { 0.0 };
-        let kernel =
-            Kernel::new(KernelFile::ChannelAffine, "channel_affine").with("ALIGNED", aligned);
+        let flag = |b: bool| f64::from(u8::from(b));
+        let kernel = Kernel::new(KernelFile::ChannelAffine, "channel_affine")
+            .with("ALIGNED", flag(volume.is_multiple_of(4)))
+            .with("RELU", flag(relu));
         let inputs = [(1, x), (2, a), (4, b)];
         self.launch(&kernel, bytemuck::bytes_of(&params), &inputs, &out, grid)?;
         Ok(out)
