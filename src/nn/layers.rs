@@ -149,10 +149,23 @@ impl BatchNorm {
     }
 
     pub fn apply<B: NetBackend>(&self, f: &Forward<B>, x: &Var<B>) -> Result<Var<B>> {
+        self.apply_then(f, x, false)
+    }
+
+    /// relu(apply), in one pass over the tensor.
+    pub fn apply_relu<B: NetBackend>(&self, f: &Forward<B>, x: &Var<B>) -> Result<Var<B>> {
+        self.apply_then(f, x, true)
+    }
+
+    fn apply_then<B: NetBackend>(&self, f: &Forward<B>, x: &Var<B>, relu: bool) -> Result<Var<B>> {
         let (gamma, beta) = (&f.params[self.gamma], &f.params[self.beta]);
         match f.mode {
             Mode::Train { .. } => {
-                let (y, stats) = x.batch_norm3d_train(gamma, beta, BN_EPS)?;
+                let (y, stats) = if relu {
+                    x.batch_norm3d_train_relu(gamma, beta, BN_EPS)?
+                } else {
+                    x.batch_norm3d_train(gamma, beta, BN_EPS)?
+                };
                 f.batch_stats.borrow_mut().push((self.running, stats));
                 Ok(y)
             }
@@ -161,7 +174,11 @@ impl BatchNorm {
                     mean: f.stats[self.running].clone(),
                     var: f.stats[self.running + 1].clone(),
                 };
-                x.batch_norm3d_eval(gamma, beta, &running, BN_EPS)
+                if relu {
+                    x.batch_norm3d_eval_relu(gamma, beta, &running, BN_EPS)
+                } else {
+                    x.batch_norm3d_eval(gamma, beta, &running, BN_EPS)
+                }
             }
         }
     }
@@ -207,7 +224,10 @@ impl ConvNormAct {
 
     pub fn apply<B: NetBackend>(&self, f: &Forward<B>, x: &Var<B>) -> Result<Var<B>> {
         let y = self.conv.apply(f, x)?;
-        self.act.apply(&self.norm.apply(f, &y)?)
+        match self.act {
+            Activation::Relu => self.norm.apply_relu(f, &y),
+            act => act.apply(&self.norm.apply(f, &y)?),
+        }
     }
 }
 
