@@ -5,6 +5,7 @@ use super::kernels::{Access, Kernel, Registry};
 use super::pool::{BufferPool, PoolStats};
 use super::profiler::{Clock, KernelTime, Profiler, CAPACITY};
 use parking_lot::{ReentrantMutex, ReentrantMutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,8 @@ pub struct Context {
     pub storage: BufferPool,
     pub uniforms: BufferPool,
     profiler: Mutex<Option<Profiler>>,
+    /// Kernel launches since the device opened (a step's count is the difference).
+    dispatches: AtomicU64,
     /// OpenGL has one context per device, which wgpu locks with a 6 s timeout and panics after it;
     /// a long wait for the device on one thread would then bring down another. On GL every device
     /// call of ours therefore takes this lock first (re-entrant, so nested calls are fine).
@@ -105,6 +108,7 @@ impl Context {
             storage: BufferPool::new(storage),
             uniforms: BufferPool::new(wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST),
             profiler: Mutex::new(None),
+            dispatches: AtomicU64::new(0),
             gl_lock: is_gl.then(|| ReentrantMutex::new(())),
         })
     }
@@ -118,6 +122,11 @@ impl Context {
         self.device
             .features()
             .contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// Kernel launches since the device opened.
+    pub fn dispatch_count(&self) -> u64 {
+        self.dispatches.load(Ordering::Relaxed)
     }
 
     /// Largest buffer a kernel can bind.
@@ -211,6 +220,7 @@ impl Context {
         }
         let start = Instant::now();
         let submission = self.queue.submit([encoder.finish()]);
+        self.dispatches.fetch_add(1, Ordering::Relaxed);
         if let Some(p) = profiler.as_mut().filter(|p| p.clock == Clock::WallClock) {
             self.wait_for(submission)?;
             p.done.push(KernelTime {
