@@ -4,6 +4,7 @@
 use crate::gpu::Gpu;
 use crate::report;
 use crate::train::config::TrainConfig;
+use crate::train::methods::Method;
 use crate::train::{compare, profile, run};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,8 +15,8 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 pub struct TrainArgs {
     /// The method, or several separated by commas to compare them on the same split. Without it,
     /// the baselines are compared: supervised, mean-teacher and full.
-    #[arg(long, value_delimiter = ',', value_parser = ["supervised", "mean-teacher", "full", "mlb-seg", "online-pl", "dtml", "local-contrastive", "ideal"])]
-    pub method: Vec<String>,
+    #[arg(long, value_delimiter = ',')]
+    pub method: Vec<Method>,
     /// A preset shipped with metaseg (default, la-vnet, mlb-seg, online-pl, dtml, local-contrastive,
     /// ideal) or a .toml file.
     #[arg(long, default_value = "default")]
@@ -65,20 +66,23 @@ pub fn run(args: &TrainArgs) -> AnyResult<()> {
         overrides.push(format!("data.source={source}"));
     }
     let methods = if args.method.is_empty() {
-        compare::BASELINES.map(String::from).to_vec()
+        compare::BASELINES.to_vec()
     } else {
         args.method.clone()
     };
     // The overrides of one run: the user's, then its method (and seed).
-    let for_run = |method: &str, seed: Option<u64>| {
+    let for_run = |method: Method, seed: Option<u64>| {
         let mut o = overrides.clone();
-        o.push(format!("method={}", toml::Value::String(method.into())));
+        o.push(format!(
+            "method={}",
+            toml::Value::String(method.name().into())
+        ));
         o.extend(seed.map(|s| format!("seed={s}")));
         o
     };
     // Read for its seed, checked as the first run will be (the preset's own method may not
     // accept the overrides, e.g. batch.unlabeled=0 with mean-teacher).
-    let preset = TrainConfig::load(&args.preset, &for_run(&methods[0], None))?;
+    let preset = TrainConfig::load(&args.preset, &for_run(methods[0], None))?;
     let runs = compare::plan(&methods, preset.seed, args.seeds, &args.out);
     if args.profile.is_some() && runs.len() > 1 {
         return Err("--profile runs one method with one seed: give --method NAME".into());
@@ -90,7 +94,7 @@ pub fn run(args: &TrainArgs) -> AnyResult<()> {
     eprintln!("{} ({:?})", info.name, info.backend);
     let mut results = Vec::new();
     for (i, spec) in runs.iter().enumerate() {
-        let config = TrainConfig::load(&args.preset, &for_run(&spec.method, Some(spec.seed)))?;
+        let config = TrainConfig::load(&args.preset, &for_run(spec.method, Some(spec.seed)))?;
         eprintln!(
             "[{}/{}] {}, seed {}: {} iterations, writing to {}",
             i + 1,
@@ -215,8 +219,8 @@ fn profile(
         progress: false,
         stop_after: Some(stop),
     };
-    // MLB-Seg's stage 0 (online-pl's teacher) runs first, unprofiled.
-    let first = config.stage0_iterations();
+    // A method's first stage (MLB-Seg's stage 0, online-pl's teacher) runs first, unprofiled.
+    let first = config.first_stage_iterations();
     run::train(gpu, config, data, paths, options(false, first + 1))?;
     gpu.context().start_profiling();
     let summary = run::train(gpu, config, data, paths, options(true, first + steps + 1));
