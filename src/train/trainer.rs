@@ -4,7 +4,7 @@
 
 use super::config::TrainConfig;
 use super::methods::{Setup, Stage, Training};
-use super::network::{optimizer_rule, Heads, Learner, Net, Weights};
+use super::network::{optimizer_rule, Learner, Net, Weights};
 use crate::nn::{Mode, NetBackend};
 use crate::optim::Schedule;
 use metaseg_autograd::{DiceOptions, Reduction, Result, Shape, Var};
@@ -82,8 +82,11 @@ impl<B: NetBackend> Trainer<B> {
 
     /// `stage` of the configuration's method, before its first step.
     pub fn at(backend: &B, config: &TrainConfig, stage: Stage, in_channels: usize) -> Result<Self> {
-        let heads: Heads = config.method.kind().heads(config, stage);
-        let net = Net::new(config, heads, in_channels)?;
+        let net = Net::new(
+            config,
+            config.method.kind().heads(config, stage),
+            in_channels,
+        )?;
         let weights = Weights::init(backend, &net, config.seed)?;
         let method = config.method.build(&Setup {
             backend,
@@ -126,11 +129,6 @@ impl<B: NetBackend> Trainer<B> {
     /// The method's state as its own type, if it is `M`.
     pub fn state<M: Training<B>>(&self) -> Option<&M> {
         (self.method.as_ref() as &dyn Any).downcast_ref()
-    }
-
-    /// The method's state as its own type, mutably, if it is `M`.
-    pub fn state_mut<M: Training<B>>(&mut self) -> Option<&mut M> {
-        (self.method.as_mut() as &mut dyn Any).downcast_mut()
     }
 }
 

@@ -143,7 +143,23 @@ pub struct RunContext<'a, B: NetBackend> {
     bar: ProgressBar,
 }
 
-impl<B: NetBackend> RunContext<'_, B> {
+impl<'a, B: NetBackend> RunContext<'a, B> {
+    fn new(
+        backend: &'a B,
+        data: &'a RunData,
+        paths: &'a RunPaths,
+        options: RunOptions,
+        bar: ProgressBar,
+    ) -> Self {
+        RunContext {
+            backend,
+            data,
+            paths,
+            options,
+            bar,
+        }
+    }
+
     /// A line on stderr when the run shows its progress (above the progress bar).
     pub fn say(&self, message: String) {
         if self.options.progress {
@@ -241,24 +257,6 @@ fn train_stage<B: NetBackend>(
         paths,
         options,
     )
-}
-
-impl<'a, B: NetBackend> RunContext<'a, B> {
-    fn new(
-        backend: &'a B,
-        data: &'a RunData,
-        paths: &'a RunPaths,
-        options: RunOptions,
-        bar: ProgressBar,
-    ) -> Self {
-        RunContext {
-            backend,
-            data,
-            paths,
-            options,
-            bar,
-        }
-    }
 }
 
 /// The trainer of a finished (or interrupted) run of `stage`, restored from its checkpoint.
