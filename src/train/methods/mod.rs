@@ -8,8 +8,8 @@
 //! network it is evaluated by and its hooks into the run. The run loop, the log, checkpoints and
 //! scoring ([`super::run`]) are written once and call into these.
 //!
-//! Adding a method: its file, and one line in the table at the bottom (plus its `[section]` field
-//! in [`TrainConfig`] if it has settings).
+//! Adding a method: its file, and one line in the `registry!` table below (plus its `[section]`
+//! field in [`TrainConfig`] if it has settings).
 
 pub mod dtml;
 pub mod ideal;
@@ -311,5 +311,31 @@ impl Method {
 impl fmt::Display for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    #[test]
+    fn each_method_has_one_name_in_configurations_checkpoints_and_on_the_command_line() {
+        assert_eq!(Method::ALL.len(), Method::value_variants().len());
+        for &method in Method::ALL {
+            let name = method.name();
+            let json = serde_json::to_value(method).unwrap();
+            assert_eq!(json, serde_json::Value::String(name.into()));
+            assert_eq!(serde_json::from_value::<Method>(json).unwrap(), method);
+            assert_eq!(Method::from_str(name, false), Ok(method));
+            assert_eq!(method.to_string(), name);
+        }
+        // The format-1 stage names are no method's: they only read through the conversion.
+        for (old, _) in Method::FORMAT_1_STAGES {
+            assert!(
+                serde_json::from_value::<Method>(old.into()).is_err(),
+                "{old}"
+            );
+        }
     }
 }

@@ -53,23 +53,8 @@ pub fn train_from<B: NetBackend>(
     options: RunOptions,
 ) -> Result<Summary> {
     let config = trainer.config.clone();
-    std::fs::create_dir_all(&paths.dir).map_err(io(&paths.dir))?;
-    let start = if options.resume {
-        let step = load_checkpoint(backend, &mut trainer, &paths.checkpoint())?;
-        truncate_log(&paths.log(), step)?;
-        step
-    } else {
-        let _ = std::fs::remove_file(paths.log());
-        0
-    };
-    let config_text = toml::to_string_pretty(&config).expect("a configuration serialises");
-    std::fs::write(paths.config(), config_text).map_err(io(&paths.config()))?;
+    let (start, mut log) = prepare(backend, &mut trainer, paths, options)?;
     let log_path = paths.log();
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(io(&log_path))?;
     let bar = progress_bar(options.progress, config.iterations, start);
     let run = RunContext::new(backend, data, paths, options, bar.clone());
     let mut current = Cow::Borrowed(data);
@@ -128,6 +113,35 @@ pub fn train_from<B: NetBackend>(
     bar.finish();
     summary.seconds = began.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// The run's directory with its configuration, the trainer restored from the checkpoint when
+/// resuming, and the log opened for appending (truncated to the checkpoint's step, or new):
+/// the step to start from and the log.
+fn prepare<B: NetBackend>(
+    backend: &B,
+    trainer: &mut Trainer<B>,
+    paths: &RunPaths,
+    options: RunOptions,
+) -> Result<(u64, std::fs::File)> {
+    std::fs::create_dir_all(&paths.dir).map_err(io(&paths.dir))?;
+    let start = if options.resume {
+        let step = load_checkpoint(backend, trainer, &paths.checkpoint())?;
+        truncate_log(&paths.log(), step)?;
+        step
+    } else {
+        let _ = std::fs::remove_file(paths.log());
+        0
+    };
+    let config_text = toml::to_string_pretty(&trainer.config).expect("a configuration serialises");
+    std::fs::write(paths.config(), config_text).map_err(io(&paths.config()))?;
+    let log_path = paths.log();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(&log_path))?;
+    Ok((start, log))
 }
 
 /// The log's line of iteration `done` (counted from 1): its terms and the wall time so far.
