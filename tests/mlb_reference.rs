@@ -457,3 +457,114 @@ fn the_released_codes_behaviours_differ_from_the_reference() {
         assert!(failed.contains(&what), "{what} should differ: {failed:?}");
     }
 }
+
+/// `metaseg kernel mlb_step` on the fixtures' arrays: every array it writes against the
+/// reference. `explicit`: the views' zoom offsets and flip axes given as settings (from the
+/// manifest, in batch order: the meta batch's samples, then the unlabeled ones); else drawn as
+/// the run draws them.
+fn runner_op<B: metaseg::runner::OpBackend>(backend: &B, rtol: f64, explicit: bool) -> Report {
+    let m = manifest();
+    let inputs = metaseg::train::methods::mlb_seg::study::INPUTS.map(|name| {
+        let (values, shape) = fixture(name);
+        (name.to_string(), values, shape)
+    });
+    let mut sets = vec![format!("t={}", m["config"]["t"])];
+    if explicit {
+        let (meta, unlabeled) = (m["views_m"].as_array(), m["views_u"].as_array());
+        let samples: Vec<&Vec<Value>> = (meta.unwrap().iter())
+            .chain(unlabeled.unwrap())
+            .map(|s| s.as_array().unwrap())
+            .collect();
+        let number = |v: &Value| v.as_f64().unwrap().to_string();
+        let zooms: Vec<String> = samples
+            .iter()
+            .flat_map(|s| s[..3].iter().map(number))
+            .collect();
+        let axes: Vec<String> = samples
+            .iter()
+            .map(|s| s[3].as_u64().unwrap().to_string())
+            .collect();
+        sets.push(format!("zooms={}", zooms.join(",")));
+        sets.push(format!("flip_axis={}", axes.join(",")));
+    }
+    let settings = metaseg::runner::Settings::parse(&sets).unwrap();
+    let out = metaseg::runner::run(backend, "mlb_step", inputs.to_vec(), &settings, None).unwrap();
+    let mut report = Report::new(rtol);
+    report.compare("out (theta_2)", &out.output.0, &fixture("theta_2").0);
+    for (name, values, _) in &out.extras {
+        match name.as_str() {
+            "w" => report.compare("w", values, &fixture("w_clip").0),
+            "l_cons" | "l_mt" => report.scalar(name, values[0], &m["scalars"][name.as_str()]),
+            "log" => {
+                let names = metaseg::train::methods::mlb_seg::study::LOG;
+                for (what, v) in names.iter().zip(values) {
+                    report.scalar(&format!("log.{what}"), *v, &m["log"][*what]);
+                }
+            }
+            _ => report.compare(name, values, &fixture(name).0),
+        }
+    }
+    assert_eq!(
+        out.extras.len(),
+        22,
+        "{:?}",
+        out.extras.iter().map(|e| &e.0)
+    );
+    report
+}
+
+#[test]
+fn the_mlb_step_op_matches_the_reference_with_the_views_given_on_cpu64() {
+    runner_op(&Cpu64, F64_RTOL, true).finish();
+}
+
+#[test]
+fn the_mlb_step_op_matches_the_reference_with_the_views_drawn_on_the_gpu() {
+    runner_op(&gpu(), F32_RTOL, false).finish();
+}
+
+/// The op's views follow its settings as documented: view 1 is `Warp::zoom(patch, p1)`, views 2
+/// and 3 `Warp::zoom(patch, -p2)` and `Warp::zoom(patch, -p3)`, view 4 `Warp::flip(patch, axis)`.
+#[test]
+fn the_mlb_step_ops_views_follow_its_settings() {
+    let inputs = metaseg::train::methods::mlb_seg::study::INPUTS.map(|name| {
+        let (values, shape) = fixture(name);
+        (name.to_string(), values, shape)
+    });
+    let settings = metaseg::runner::Settings::parse(["zooms=1,2,1.5", "flip_axis=2"]).unwrap();
+    let out = metaseg::runner::run(&Cpu64, "mlb_step", inputs.to_vec(), &settings, None).unwrap();
+    let written = |name: &str| {
+        let found = out.extras.iter().find(|e| e.0 == name);
+        found.unwrap().1.clone()
+    };
+    let patch = [1, 12, 12];
+    let samples = |n| vec![metaseg_autograd::Warp::identity(patch); n];
+    let views = |n: usize| {
+        let mut warps = vec![samples(n)];
+        for p in [1.0, -2.0, -1.5] {
+            warps.push(vec![metaseg_autograd::Warp::zoom(patch, p); n]);
+        }
+        warps.push(vec![metaseg_autograd::Warp::flip(patch, 2); n]);
+        Views { warps }
+    };
+    let x_u = constant(&Cpu64, "x_u");
+    let expected = views(2).images(&x_u).unwrap().to_f64().unwrap();
+    Tolerance::F64.assert("views_x_u", &written("views_x_u"), &expected);
+    let x_m = constant(&Cpu64, "x_m");
+    let expected = views(2).images(&x_m).unwrap().to_f64().unwrap();
+    Tolerance::F64.assert("views_x_m", &written("views_x_m"), &expected);
+    assert_ne!(written("views_x_u"), fixture("views_x_u").0);
+
+    // Views the patch cannot make are errors that say why.
+    for (bad, why) in [
+        ("zooms=6,1,1", "below half the patch's smallest axis"),
+        ("flip_axis=0", "not an axis of the patch"),
+        ("zooms=1,1", "expected 3 for every sample"),
+        ("width=2", "theta has 1682 values; the U-Net of width 2"),
+    ] {
+        let settings = metaseg::runner::Settings::parse([bad]).unwrap();
+        let err = metaseg::runner::run(&Cpu64, "mlb_step", inputs.to_vec(), &settings, None);
+        let message = err.unwrap_err().to_string();
+        assert!(message.contains(why), "{bad}: {message}");
+    }
+}
