@@ -4,11 +4,12 @@
 
 use crate::error::{Error, Result};
 use crate::meta::{study, MetaPath};
+use crate::train::methods::mlb_seg::{self, study::StudySettings};
 use metaseg_autograd::contrastive::DEFAULT_TAU;
 use metaseg_autograd::{
     grad, Backend, BinaryOp, ContrastiveBackend, ConvBackend, ConvSpec, DiceOptions,
     DistanceBackend, Interp, LayerBackend, LossBackend, MatmulSpec, MetaBackend, Normalization,
-    Reduction, Shape, UnaryOp, Upsample, Var, Warp, WarpBackend, Window3d,
+    Reduction, Rule, Shape, UnaryOp, Upsample, Var, Warp, WarpBackend, Window3d,
 };
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -52,6 +53,7 @@ enum Forward {
     Conv3d,
     ConvTranspose3d,
     MetaGradient,
+    MlbStep,
     LocalContrastive,
     DenseInfonce,
     SampleAnchors,
@@ -164,6 +166,26 @@ const OPS: &[OpSpec] = &[
         &["x_u", "y_u", "x_m", "y_m", "w1", "b1", "w2", "b2"],
         &["lr", "path", "normalization"],
         Forward::MetaGradient,
+    ),
+    op(
+        "mlb_step",
+        &mlb_seg::study::INPUTS,
+        &[
+            "lr",
+            "momentum",
+            "weight_decay",
+            "clip",
+            "ema",
+            "zooms",
+            "flip_axis",
+            "weights",
+            "path",
+            "t",
+            "seed",
+            "width",
+            "levels",
+        ],
+        Forward::MlbStep,
     ),
     op(
         "local_contrastive",
@@ -285,7 +307,11 @@ impl OpSpec {
     pub fn has_gradient(&self) -> bool {
         !matches!(
             self.forward,
-            Forward::Edt | Forward::Sdf | Forward::SampleAnchors | Forward::MetaGradient
+            Forward::Edt
+                | Forward::Sdf
+                | Forward::SampleAnchors
+                | Forward::MetaGradient
+                | Forward::MlbStep
         )
     }
 
@@ -490,6 +516,13 @@ pub fn apply_op<B: OpBackend>(
             x.conv_transpose3d(&inputs[1], inputs.get(2), s, output_padding)?
         }
         Forward::MetaGradient => meta_gradient(&spec, inputs, settings)?,
+        Forward::MlbStep => {
+            let outputs = mlb_step(&spec, inputs, settings)?;
+            let theta_2 = outputs.into_iter().find(|(n, _)| *n == "theta_2");
+            let theta_2 = theta_2.expect("the step traces theta_2").1;
+            let refs: Vec<&Var<B>> = inputs.iter().collect();
+            Var::from_op("mlb_step", theta_2.value().clone(), &refs, Rule::None)
+        }
         Forward::LocalContrastive => {
             let tau = settings.f64("tau")?.unwrap_or(DEFAULT_TAU);
             x.local_contrastive(&inputs[1], inputs.get(2), tau)?
@@ -527,12 +560,49 @@ fn meta_gradient<B: OpBackend>(
     study::meta_gradient(inputs, lr, path).map_err(|e| spec.error(e.to_string()))
 }
 
-/// The outputs an op writes besides `out`: the normalised weights of `meta_gradient`.
+/// One MLB-Seg iteration of [`mlb_seg::study`] with the op's settings: every intermediate.
+fn mlb_step<B: OpBackend>(
+    spec: &OpSpec,
+    inputs: &[Var<B>],
+    settings: &Settings,
+) -> Result<Vec<(&'static str, Var<B>)>> {
+    let d = StudySettings::default();
+    let count = |key: &str, default: usize| -> Result<usize> {
+        Ok(whole(spec, settings, key)?.map_or(default, |v| v as usize))
+    };
+    let s = StudySettings {
+        lr: settings.f64("lr")?.unwrap_or(d.lr),
+        momentum: settings.f64("momentum")?.unwrap_or(d.momentum),
+        weight_decay: settings.f64("weight_decay")?.unwrap_or(d.weight_decay),
+        clip: settings.f64("clip")?.unwrap_or(d.clip),
+        ema: settings.f64("ema")?.unwrap_or(d.ema),
+        zooms: settings.f64_list("zooms")?,
+        flip_axis: settings.usize_list("flip_axis")?,
+        weights: settings
+            .choice("weights", &Normalization::NAMES)?
+            .unwrap_or(d.weights),
+        path: settings
+            .choice("path", &["fast", "reverse"])?
+            .unwrap_or(d.path),
+        t: whole(spec, settings, "t")?.unwrap_or(d.t),
+        seed: whole(spec, settings, "seed")?.unwrap_or(d.seed),
+        width: count("width", d.width)?,
+        levels: count("levels", d.levels)?,
+    };
+    Ok(mlb_seg::study::mlb_step(inputs, &s)?)
+}
+
+/// The outputs an op writes besides `out`: the normalised weights of `meta_gradient`; every
+/// intermediate of `mlb_step` (computed again: the step is deterministic).
 pub fn extra_outputs<B: OpBackend>(
     op: &str,
+    inputs: &[Var<B>],
     output: &Var<B>,
     settings: &Settings,
 ) -> Result<Vec<(&'static str, Var<B>)>> {
+    if op == "mlb_step" {
+        return mlb_step(&lookup(op)?, inputs, settings);
+    }
     if op != "meta_gradient" {
         return Ok(Vec::new());
     }
@@ -736,7 +806,7 @@ impl<B: OpBackend> Call<B> {
             Some((values, shape)) => self.grads(output, &values, &shape)?,
             None => Vec::new(),
         };
-        let extras = extra_outputs(self.spec.name, output, &self.settings)?
+        let extras = extra_outputs(self.spec.name, &self.inputs, output, &self.settings)?
             .into_iter()
             .map(|(name, v)| Ok((name.to_string(), v.to_f64()?, v.shape().clone())))
             .collect::<Result<Vec<_>>>()?;
@@ -798,6 +868,7 @@ mod tests {
             let inputs = spec.inputs.iter().filter(|n| !n.ends_with('?')).map(|n| {
                 layer_input(name, n)
                     .or_else(|| meta_input(name, n))
+                    .or_else(|| mlb_input(name, n))
                     .or_else(|| mask_input(n))
                     .unwrap_or_else(|| (n.to_string(), x.0.clone(), x.1.clone()))
             });
@@ -863,6 +934,18 @@ mod tests {
         };
         let values = (0..shape.numel()).map(|i| 0.1 + 0.05 * i as f64).collect();
         Some((input.to_string(), values, shape))
+    }
+
+    /// `mlb_step`'s inputs: the reference's problem (reference/fixtures, its default settings).
+    fn mlb_input(op: &str, input: &str) -> Option<(String, Vec<f64>, Shape)> {
+        (op == "mlb_step").then(|| {
+            let path = format!(
+                "{}/reference/fixtures/{input}.npy",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let (values, shape) = crate::npy::read(std::path::Path::new(&path)).unwrap();
+            (input.to_string(), values, shape)
+        })
     }
 
     /// The meta-gradient's study network: 1 input channel, 2 hidden, 2 classes on 2x2x2 volumes.

@@ -183,6 +183,8 @@ fn every_op_of_the_runner_table_is_covered_here() {
         "ema",
         // tests/meta.rs
         "meta_gradient",
+        // tests/mlb_reference.rs (the GPU against the f64 reference, which Cpu64 matches)
+        "mlb_step",
         // tests/gpu_contrastive.rs
         "local_contrastive",
         "dense_infonce",

@@ -15,9 +15,9 @@ use metaseg::train::methods::mlb_seg::step::{meta_batch_loss, meta_weights, unla
 use metaseg::train::methods::mlb_seg::views::{Average, Views, VIEWS};
 use metaseg::train::methods::mlb_seg::MlbSeg;
 use metaseg::train::methods::Method;
-use metaseg::train::run::{self, RunOptions, RunPaths};
+use metaseg::train::run::{self, RunError, RunOptions, RunPaths};
 use metaseg::train::trainer::{slice_batch, supervised_loss, Trainer};
-use metaseg_autograd::{Cpu64, Shape, Tolerance, Var};
+use metaseg_autograd::{Backend, Cpu64, Shape, Tolerance, Var};
 
 /// 16^3 volumes, 8^3 patches, a 2-level V-Net of width 4; 2 labeled, 3 unlabeled, 1 test case;
 /// 2 stage-0 and 3 main iterations.
@@ -500,4 +500,56 @@ fn mlb_seg_configuration_mistakes_name_the_key() {
     std::fs::write(&path, old).unwrap();
     let config = TrainConfig::load(path.to_str().unwrap(), &[]).unwrap();
     assert_eq!(config.mlb_seg.ple_mode, "train");
+}
+
+/// Issue 23's guard: a stage 0 whose network predicts no foreground stops the run before the main
+/// stage takes initial labels from it, with a message naming the key that lengthens stage 0.
+#[test]
+fn a_stage_0_that_predicts_no_foreground_stops_the_run() {
+    let g = gpu();
+    let config = tiny(&[]);
+    let data = run::load_data(&config).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let paths = RunPaths {
+        dir: dir.path().to_path_buf(),
+    };
+    let stage0_only = RunOptions {
+        stop_after: Some(config.mlb_seg.stage0_iterations),
+        ..RunOptions::default()
+    };
+    run::train(&g, &config, &data, &paths, stage0_only).unwrap();
+    let first = stage0(&config);
+    run::first_stage::check(&g, &first, &data, &paths).unwrap();
+
+    // Its network made to predict background everywhere: the head's weights 0, its bias +-10.
+    let mut network = first.restore(&g, 1, &paths).unwrap();
+    let params = &network.student.weights.params;
+    let silenced = params.specs().iter().zip(params.values()).map(|(spec, v)| {
+        let mut values = v.to_f64().unwrap();
+        match spec.name.as_str() {
+            "head.weight" => values.fill(0.0),
+            "head.bias" => values = vec![10.0, -10.0],
+            _ => {}
+        }
+        g.tensor(&values, v.shape()).unwrap()
+    });
+    let silenced = params.with_values(silenced.collect()).unwrap();
+    network.student.weights.params = silenced;
+    let stem = first.paths(&paths).checkpoint();
+    run::save_checkpoint(&network, config.mlb_seg.stage0_iterations, &stem).unwrap();
+
+    let resume = RunOptions {
+        resume: true,
+        ..RunOptions::default()
+    };
+    let err = run::train(&g, &config, &data, &paths, resume).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, RunError::NoForeground { .. }), "{message}");
+    assert!(message.contains("at 0.000 %"), "{message}");
+    assert!(message.contains("mlb_seg.stage0_iterations"), "{message}");
+    assert!(
+        !start::initial_labels_dir(&paths).exists(),
+        "no initial labels"
+    );
+    assert!(!paths.log().exists(), "the main stage did not start");
 }

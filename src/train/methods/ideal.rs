@@ -144,6 +144,7 @@ pub fn pretraining(config: &TrainConfig) -> Option<FirstStage> {
         },
         stage: Stage::First,
         title: "pre-training: dense contrastive",
+        iterations_key: "ideal.pretrain_iterations",
         all_cases: true,
     })
 }

@@ -164,6 +164,7 @@ pub fn stage1(config: &TrainConfig) -> FirstStage {
         },
         stage: Stage::Main,
         title: "stage 1: supervised",
+        iterations_key: "local_contrastive.stage1_iterations",
         all_cases: false,
     }
 }

@@ -52,6 +52,8 @@ pub struct FirstStage {
     pub stage: Stage,
     /// What it trains, for the line said when it starts ("stage 0: supervised").
     pub title: &'static str,
+    /// The configuration key of its length (named when it ends predicting no foreground).
+    pub iterations_key: &'static str,
     /// Whether it trains on every training case (else on the labeled ones).
     pub all_cases: bool,
 }

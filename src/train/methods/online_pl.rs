@@ -116,6 +116,7 @@ pub fn stage1(config: &TrainConfig) -> FirstStage {
         },
         stage: Stage::First,
         title: "stage 1: the teacher",
+        iterations_key: "online_pl.stage1_iterations",
         all_cases: false,
     }
 }

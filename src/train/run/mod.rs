@@ -1,7 +1,8 @@
 //! A training run: its data ([`data`]), the loop over iterations with its log, validation,
 //! checkpoints and the hooks methods and checks attach to ([`train_loop`]), its figures
 //! ([`score`]), and the stages of a method ([`train`]): a first stage in a subdirectory when the
-//! method has one, then the main stage in the run's directory, started from what the first left.
+//! method has one, then the main stage in the run's directory, started from what the first left,
+//! unless the first stage's network predicts no foreground ([`first_stage`]).
 //!
 //! Resumption: `resume` continues from the last checkpoint exactly as an uninterrupted run
 //! would. In a two-stage method, once the main stage has a checkpoint `--resume` continues it;
@@ -9,6 +10,7 @@
 //! do) and then starts the main stage. `stop_after` counts the first stage's iterations first.
 
 mod data;
+pub mod first_stage;
 mod score;
 mod train_loop;
 
@@ -50,6 +52,20 @@ pub enum RunError {
     },
     #[error("--resume: {0}")]
     Resume(String),
+    #[error(
+        "{stage} ended after {iterations} iterations predicting foreground at {predicted:.3} % of \
+         the voxels of its {cases} labeled cases, against {labeled:.3} % in their labels: the \
+         main stage would start from a network that sees only background. Stopped; raise {key} \
+         (or optimizer.lr) and start the run again"
+    )]
+    NoForeground {
+        stage: String,
+        iterations: u64,
+        cases: usize,
+        predicted: f64,
+        labeled: f64,
+        key: &'static str,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, RunError>;
@@ -211,6 +227,7 @@ pub fn train<B: NetBackend>(
             return Ok(summary);
         }
         before = Some(summary);
+        first_stage::check(backend, &first, data, paths)?;
     }
     let main_options = RunOptions {
         resume: main_started,

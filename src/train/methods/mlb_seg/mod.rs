@@ -7,9 +7,11 @@
 //! - [`views`]: the K = 5 views of pseudo-label enhancement, y_ple and L_cons.
 //! - [`step`]: one iteration, phase by phase: the views and their terms, the meta step, the weighted
 //!   real update, the supervised step on the meta batch, the teacher's EMA after each update.
+//! - [`study`]: that iteration on given arrays with every intermediate (`kernel mlb_step`).
 
 pub mod start;
 pub mod step;
+pub mod study;
 pub mod views;
 
 use super::{FirstStage, MethodKind, Setup, Stage, Streams, Training};

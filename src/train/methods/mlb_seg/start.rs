@@ -35,6 +35,7 @@ pub fn stage0(config: &TrainConfig) -> FirstStage {
         },
         stage: Stage::Main,
         title: "stage 0: supervised",
+        iterations_key: "mlb_seg.stage0_iterations",
         all_cases: false,
     }
 }

@@ -73,6 +73,58 @@ fn costs<B: NetBackend>(logits: &Var<B>, y_init: &Var<B>, y_ple: &Var<B>) -> Res
     Var::concat_channels(&[&c_init, &c_ple])
 }
 
+/// The intermediates of one iteration by name, kept only when a study asks for them (the
+/// `mlb_step` op, [`super::study`]).
+pub struct Trace<B: NetBackend> {
+    pub keep: bool,
+    pub items: Vec<(&'static str, Var<B>)>,
+}
+
+impl<B: NetBackend> Trace<B> {
+    pub fn new(keep: bool) -> Self {
+        Trace {
+            keep,
+            items: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, name: &'static str, v: &Var<B>) {
+        if self.keep {
+            self.items.push((name, v.detach()));
+        }
+    }
+
+    /// The student's parameters, momentum buffers and running statistics and the teacher's
+    /// parameters and statistics, flat in store order, under `names` in that order.
+    fn state(
+        &mut self,
+        names: [&'static str; 5],
+        student: &Learner<B>,
+        teacher: &Weights<B>,
+    ) -> Result<()> {
+        if !self.keep {
+            return Ok(());
+        }
+        let flat = |store: &crate::nn::ParamStore<B>| -> Result<Var<B>> {
+            Ok(Var::constant(store.values()[0].backend(), store.flat()?))
+        };
+        let momentum = student.optimizer.state.first().cloned();
+        let values = [
+            Some(flat(&student.weights.params)?),
+            momentum,
+            Some(flat(&student.weights.stats)?),
+            Some(flat(&teacher.params)?),
+            Some(flat(&teacher.stats)?),
+        ];
+        for (name, v) in names.iter().zip(values) {
+            if let Some(v) = v {
+                self.add(name, &v);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Step 1 for unlabeled patches x_u [U, C, patch] with one-hot initial labels, in batch slots
 /// `first_slot ..`, the student at its current weights; also returns the teacher with the running
 /// statistics of its pass.
@@ -85,9 +137,21 @@ pub fn unlabeled_terms<B: NetBackend>(
     first_slot: usize,
     t: u64,
 ) -> Result<(UnlabeledTerms<B>, Weights<B>)> {
-    let config = cx.config;
     let samples = x_u.shape().dims()[0];
-    let views = Views::draw(config, t, first_slot, samples);
+    let views = Views::draw(cx.config, t, first_slot, samples);
+    unlabeled_terms_in(cx, views, (student, teacher), x_u, y_init, t)
+}
+
+/// Step 1 with the views given.
+pub fn unlabeled_terms_in<B: NetBackend>(
+    cx: &Context<'_>,
+    views: Views,
+    (student, teacher): (&Weights<B>, &Weights<B>),
+    x_u: &Var<B>,
+    y_init: &Var<B>,
+    t: u64,
+) -> Result<(UnlabeledTerms<B>, Weights<B>)> {
+    let config = cx.config;
     let x = views.images(x_u)?;
     let y_init = views.labels(y_init)?;
     let (teacher_logits, teacher) = teacher_logits(cx, teacher, &x, 0, t)?;
@@ -120,6 +184,27 @@ pub fn unlabeled_terms<B: NetBackend>(
 /// (its parameters and SGD momentum buffers) with learning rate `lr`, and the meta loss on
 /// (x_meta, y_meta).
 pub fn meta_weights<B: NetBackend>(
+    cx: &Context<'_>,
+    student: &Learner<B>,
+    u: &UnlabeledTerms<B>,
+    meta: (&Var<B>, &Var<B>),
+    lr: f64,
+    t: u64,
+) -> Result<Var<B>> {
+    let g = meta_gradient(cx, student, u, meta, lr, t)?;
+    normalised(cx.config, &g)
+}
+
+/// The weights of meta-gradient g by `mlb_seg.weights`.
+fn normalised<B: NetBackend>(config: &TrainConfig, g: &Var<B>) -> Result<Var<B>> {
+    let normalization =
+        Normalization::parse(&config.mlb_seg.weights).unwrap_or(Normalization::Clip);
+    Ok(g.meta_weights(normalization)?.detach())
+}
+
+/// The meta-gradient g = dL_meta/d eps at eps = 0 [K * U, 2, patch] of step 2 (see
+/// [`meta_weights`]).
+pub fn meta_gradient<B: NetBackend>(
     cx: &Context<'_>,
     student: &Learner<B>,
     u: &UnlabeledTerms<B>,
@@ -163,9 +248,7 @@ pub fn meta_weights<B: NetBackend>(
         meta_loss: &meta_loss,
     };
     let path = MetaPath::parse(&m.meta_path).unwrap_or(MetaPath::Fast);
-    let g = step.meta_gradient(path)?;
-    let normalization = Normalization::parse(&m.weights).unwrap_or(Normalization::Clip);
-    Ok(g.meta_weights(normalization)?.detach())
+    step.meta_gradient(path)
 }
 
 /// The optimiser's momentum buffers per parameter (it keeps them flat), None before its first
@@ -257,13 +340,39 @@ fn foreground_share<B: NetBackend>(y: &Var<B>) -> Result<Var<B>> {
         .scale((classes - 1) as f64)
 }
 
-/// One MLB-Seg iteration (see the top).
+/// One MLB-Seg iteration (see the top), with the views of the run's draws.
 pub fn step<B: NetBackend>(
     cx: &Context<'_>,
     student: &mut Learner<B>,
     teacher: &mut Weights<B>,
     batch: &DeviceBatch<B>,
     t: u64,
+) -> Result<StepLog> {
+    let labeled = batch.labeled;
+    let unlabeled = batch.x.shape().dims()[0] - labeled;
+    let views = (
+        Views::draw(cx.config, t, labeled, unlabeled),
+        Views::draw(cx.config, t, 0, labeled),
+    );
+    step_in(
+        cx,
+        (student, teacher),
+        batch,
+        views,
+        t,
+        &mut Trace::new(false),
+    )
+}
+
+/// One MLB-Seg iteration with the views of the unlabeled patches and of the meta batch given,
+/// its intermediates kept in `trace` when it asks.
+pub fn step_in<B: NetBackend>(
+    cx: &Context<'_>,
+    (student, teacher): (&mut Learner<B>, &mut Weights<B>),
+    batch: &DeviceBatch<B>,
+    (views_u, meta_views): (Views, Views),
+    t: u64,
+    trace: &mut Trace<B>,
 ) -> Result<StepLog> {
     let config = cx.config;
     let m = &config.mlb_seg;
@@ -279,23 +388,46 @@ pub fn step<B: NetBackend>(
     let weight = consistency_weight(config, t);
 
     // 1-2: the unlabeled terms at theta, and the weights of their costs.
-    let (u, moved) = unlabeled_terms(cx, &student.weights, teacher, &x_u, &y_u, labeled, t)?;
+    let pair = (&student.weights, &*teacher);
+    let (u, moved) = unlabeled_terms_in(cx, views_u, pair, &x_u, &y_u, t)?;
     *teacher = moved;
-    let meta_views = Views::draw(config, t, 0, labeled);
     let (x_mv, y_mv) = (meta_views.images(&x_m)?, meta_views.labels(&y_m)?);
     let meta = if m.meta_views {
         (&x_mv, &y_mv)
     } else {
         (&x_m, &y_m)
     };
-    let w = meta_weights(cx, student, &u, meta, lr, t)?;
+    let g = meta_gradient(cx, student, &u, meta, lr, t)?;
+    let w = normalised(config, &g)?;
+    let c = costs(&u.student.logits, &u.y_init, &u.y_ple)?;
+    for (name, v) in [
+        ("views_x_u", &u.x),
+        ("views_y_init", &u.y_init),
+        ("p_student", &u.student.logits.softmax_channels()?),
+        ("y_ple", &u.y_ple),
+        ("l_cons", &u.cons),
+        ("l_mt", &u.mt),
+        ("costs", &c),
+        ("g", &g),
+        ("w", &w),
+        ("views_x_m", &x_mv),
+        ("views_y_m", &y_mv),
+    ] {
+        trace.add(name, v);
+    }
 
     // 3: the real update at theta, then the teacher's EMA.
-    let weighted = costs(&u.student.logits, &u.y_init, &u.y_ple)?
-        .mul(&w)?
-        .sum()?;
+    let weighted = c.mul(&w)?.sum()?;
     let total = weighted.add(&u.cons.add(&u.mt)?.scale(weight)?)?;
     update(cx, (student, teacher), &total, &u.student, lr, t)?;
+    let after_1 = [
+        "theta_1",
+        "momentum_1",
+        "stats_1",
+        "teacher_1",
+        "teacher_stats_1",
+    ];
+    trace.state(after_1, student, teacher)?;
     // Only their values are logged: the record of step 1 goes before step 4 records its own.
     let (total, weighted) = (total.detach(), weighted.detach());
     let (cons, mt) = (u.cons.detach(), u.mt.detach());
@@ -306,6 +438,14 @@ pub fn step<B: NetBackend>(
     // 4: the supervised step on the meta batch's views, then the teacher's EMA.
     let [meta_total, meta_ce, meta_cons, meta_mt] =
         supervised_step(cx, (student, teacher), &meta_views, (&x_mv, &y_mv), lr, t)?;
+    let after_2 = [
+        "theta_2",
+        "momentum_2",
+        "stats_2",
+        "teacher_2",
+        "teacher_stats_2",
+    ];
+    trace.state(after_2, student, teacher)?;
 
     // The shares of the total weight on the initial labels' and on the PLE labels' costs.
     let weight_init = w.slice_channels(0, 1)?.sum()?;
