@@ -38,7 +38,8 @@ fn raw(v: f32, shift: f32) -> f32 {
         case 1u: { return exp(v - shift); }
         case 2u: { return 1.0 / (1.0 + exp(-v)); }
         case 3u: { return select(0.0, 1.0, v > 0.0); }
-        default: { return max(v, 0.0); }
+        // max(v, 0), NaN in, NaN out (WGSL's max may drop a NaN; the test is on the bits).
+        default: { return select(max(v, 0.0), v, (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u); }
     }
 }
 
