@@ -197,6 +197,33 @@ fn sum_over_axes() {
     assert_close(&out, &over_0_and_2);
 }
 
+/// A write that fails part-way leaves no half-written out.npy: a file-size limit stands in for a
+/// full disk (writes past it fail with EFBIG, once sh ignores SIGXFSZ for the process it runs).
+/// The earlier out.npy is kept as it was and no temporary file is left (issue 25).
+#[test]
+fn kernel_out_is_never_left_half_written() {
+    let dir = Dir::new();
+    let out = dir.out();
+    let small = dir.array("small.npy", &[1.0, 2.0], &[2]);
+    kernel(&["neg", "--in", &format!("x={small}"), "--out", &out]);
+    let before = std::fs::read(dir.path("out/out.npy")).unwrap();
+    // 160 kB of float64 out, past a limit of 64 blocks (32 or 64 kB, by the shell's block size).
+    let large = dir.array("large.npy", &ramp(20_000, 1.0), &[20_000]);
+    let output = Command::new("sh")
+        .args(["-c", "trap '' XFSZ; ulimit -f 64; exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_metaseg"))
+        .args(["kernel", "--backend", "cpu64", "neg", "--out", &out])
+        .arg(format!("--in=x={large}"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("out.npy"), "{stderr}");
+    assert_eq!(std::fs::read(dir.path("out/out.npy")).unwrap(), before);
+    let left: Vec<_> = std::fs::read_dir(dir.path("out")).unwrap().collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}
+
 #[test]
 fn malformed_npy_is_named() {
     let dir = Dir::new();
