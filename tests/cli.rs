@@ -990,6 +990,65 @@ fn predict_writes_labels_on_the_inputs_grid_from_a_trained_run() {
             );
         }
     }
+    predict_refuses_non_finite_inputs_and_weights(&dir, &run);
+}
+
+/// Sets element 0 of the first tensor of a safetensors file to NaN (the format: a u64 header
+/// length, the JSON header with each tensor's data offsets, then the data).
+fn poison_first_tensor(path: &Path) -> String {
+    let mut bytes = std::fs::read(path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let (name, info) = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(name, _)| *name != "__metadata__")
+        .unwrap();
+    let begin = 8 + header_len + info["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[begin..begin + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+    name.clone()
+}
+
+/// An image with a NaN voxel and a checkpoint with a NaN weight: both refused, naming the file and
+/// the voxel or tensor, and nothing written (they predicted all background, issue 25).
+fn predict_refuses_non_finite_inputs_and_weights(dir: &Dir, run: &Path) {
+    let image = dir.path("nan.nii.gz");
+    let mut volume = oblique_image(&image, [5, 6, 7], 4);
+    // (x, y, z) = (3, 2, 1): flat index (z H + y) W + x with [D, H, W] = [5, 6, 7].
+    volume.data[(6 + 2) * 7 + 3] = f32::NAN;
+    metaseg::data::nifti::write(&image, &volume, metaseg::data::Dtype::F32).unwrap();
+    let out = dir.path("nan_out.nii.gz");
+    let predict = |checkpoint: &Path, input: &Path| {
+        vec![
+            "predict".to_string(),
+            "--checkpoint".into(),
+            checkpoint.to_str().unwrap().into(),
+            "--input".into(),
+            input.to_str().unwrap().into(),
+            "--output".into(),
+            out.to_str().unwrap().into(),
+            "--quiet".into(),
+        ]
+    };
+    let args = predict(run, &image);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    metaseg_fails(&args, &["nan.nii.gz", "(x, y, z) = (3, 2, 1) is NaN"]);
+    assert!(!out.exists());
+
+    let poisoned = dir.path("poisoned");
+    std::fs::create_dir_all(&poisoned).unwrap();
+    for file in ["checkpoint.safetensors", "checkpoint.json"] {
+        std::fs::copy(run.join(file), poisoned.join(file)).unwrap();
+    }
+    let tensor = poison_first_tensor(&poisoned.join("checkpoint.safetensors"));
+    let clean = dir.path("images/two.nii");
+    let args = predict(&poisoned, &clean);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let expected = format!("tensor '{tensor}' holds NaN at element 0");
+    metaseg_fails(&args, &["poisoned/checkpoint.safetensors", &expected]);
+    assert!(!out.exists());
 }
 
 #[test]
