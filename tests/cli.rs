@@ -781,6 +781,43 @@ fn evaluate_prints_a_table_and_json_lines_with_nulls_and_means() {
     assert_eq!(classes, vec![2, 2]);
 }
 
+/// ASSD as medpy 0.5 computes it, the mean over both directed surface-distance sets together,
+/// checked end to end on a case derived by hand (tests/metrics.rs, concentric cubes): prediction
+/// [3, 7)^3 inside reference [2, 8)^3 in a 12^3 grid of spacing 0.8. Its surfaces have 56 and 152
+/// voxels; the distances are 56 + 96 of one step, 48 of sqrt(2) and 8 of sqrt(3) steps, so
+/// assd = (152 + 48 sqrt(2) + 8 sqrt(3)) 0.8 / 208 (medpy 0.5.2: 0.8989948363633062), while the
+/// mean of the two directed means (what evaluate returned before) is 0.8677.
+#[test]
+fn evaluate_gives_medpys_assd_on_a_case_derived_by_hand() {
+    let dir = Dir::new();
+    let dims = [12; 3];
+    let cube = |lo: usize, hi: usize| -> Vec<u8> {
+        (0..1728)
+            .map(|i| [i / 144, i / 12 % 12, i % 12])
+            .map(|c| u8::from(c.iter().all(|&v| v >= lo && v < hi)))
+            .collect()
+    };
+    let (pred, label) = (dir.path("pred.nii.gz"), dir.path("label.nii.gz"));
+    write_labels(&pred, &cube(3, 7), dims, [0.8; 3]);
+    write_labels(&label, &cube(2, 8), dims, [0.8; 3]);
+    let out = metaseg_ok(&[
+        "evaluate",
+        "--pred",
+        pred.to_str().unwrap(),
+        "--label",
+        label.to_str().unwrap(),
+        "--json",
+    ]);
+    let line: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let assd = json_f64(&line["assd"]).unwrap();
+    let (r2, r3) = (2f64.sqrt(), 3f64.sqrt());
+    let pooled = (152.0 + 48.0 * r2 + 8.0 * r3) * 0.8 / 208.0;
+    assert!(
+        (assd - pooled).abs() <= 1e-4 * pooled,
+        "assd {assd}, medpy {pooled}"
+    );
+}
+
 #[test]
 fn evaluate_refuses_mismatched_grids_unpaired_cases_and_non_labels() {
     let dir = Dir::new();

@@ -23,6 +23,17 @@ pub enum TrainedError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(
+        "{}: tensor '{tensor}' holds {value} at element {index}; a network with non-finite \
+         weights cannot predict (the run diverged; train again, or from an earlier checkpoint)",
+        .path.display()
+    )]
+    NonFinite {
+        path: PathBuf,
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
+    #[error(
         "checkpoint {}: its network does not take this {channels}-channel input: {reason}",
         .path.display()
     )]
@@ -90,6 +101,7 @@ impl SavedRun {
     pub fn read(path: &Path) -> Result<SavedRun> {
         let stem = checkpoint_stem(path)?;
         let (tensors, sidecar) = checkpoint::load(&stem)?;
+        check_finite(&checkpoint::paths(&stem).0, &tensors)?;
         let config: TrainConfig =
             serde_json::from_value(sidecar.config.clone()).map_err(|e| TrainedError::Config {
                 path: checkpoint::paths(&stem).1,
@@ -133,6 +145,22 @@ impl SavedRun {
             in_channels,
         })
     }
+}
+
+/// Every tensor of a checkpoint must be finite: a NaN weight turns every prediction into
+/// background without a word (issue 25).
+fn check_finite(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<()> {
+    for (name, tensor) in tensors {
+        if let Some(index) = tensor.data.iter().position(|v| !v.is_finite()) {
+            return Err(TrainedError::NonFinite {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                index,
+                value: tensor.data[index],
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A trained network ready to segment.
