@@ -8,13 +8,12 @@ use super::inference::{argmax, keep_largest_components, HostVolume};
 use super::{predict_probabilities, SlidingWindow};
 use crate::data::{DataError, Volume};
 use crate::nn::{NetBackend, ParamStore};
-use crate::train::checkpoint::{self, parts, CheckpointError, HostTensor, Parts, Sidecar};
+use crate::train::checkpoint::{self, parts, CheckpointError, Parts, Sidecar};
 use crate::train::config::TrainConfig;
 use crate::train::methods::Stage;
 use crate::train::network::Net;
 use crate::train::run::{self, RunError};
 use crate::train::trainer::Trainer;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,17 +24,6 @@ pub enum TrainedError {
     Config { path: PathBuf, message: String },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error(
-        "{}: tensor '{tensor}' holds {value} at element {index}; a network with non-finite \
-         weights cannot predict (the run diverged; train again, or from an earlier checkpoint)",
-        .path.display()
-    )]
-    NonFinite {
-        path: PathBuf,
-        tensor: String,
-        index: usize,
-        value: f32,
-    },
     #[error(
         "checkpoint {}: its network does not take this {channels}-channel input: {reason}",
         .path.display()
@@ -106,7 +94,6 @@ impl SavedRun {
     pub fn read(path: &Path) -> Result<SavedRun> {
         let stem = checkpoint_stem(path)?;
         let (tensors, sidecar) = checkpoint::load(&stem)?;
-        check_finite(&checkpoint::paths(&stem).0, &tensors)?;
         let (config, stage) =
             parts::saved_config(&sidecar).map_err(|message| TrainedError::Config {
                 path: checkpoint::paths(&stem).1,
@@ -146,20 +133,6 @@ impl SavedRun {
             stats: weights.stats,
             in_channels,
         })
-    }
-}
-
-/// Every tensor of a checkpoint must be finite: a NaN weight turns every prediction into
-/// background without a word (issue 25).
-fn check_finite(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<()> {
-    match checkpoint::first_non_finite(tensors) {
-        None => Ok(()),
-        Some((tensor, index, value)) => Err(TrainedError::NonFinite {
-            path: path.to_path_buf(),
-            tensor: tensor.to_string(),
-            index,
-            value,
-        }),
     }
 }
 
