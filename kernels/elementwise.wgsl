@@ -124,11 +124,11 @@ fn is_nan(v: vec4<f32>) -> vec4<bool> {
 
 // NaN in, NaN out (numpy's behaviour, and the Cpu64 reference's): the ops below that would turn
 // a NaN into a number (relu, clamp and the derivative masks) pass it through instead.
-fn unary_op(v: vec4<f32>) -> vec4<f32> {
-    return select(unary_formula(v), v, is_nan(v));
+fn unary_nan_kept(v: vec4<f32>) -> vec4<f32> {
+    return select(unary_op(v), v, is_nan(v));
 }
 
-fn unary_formula(v: vec4<f32>) -> vec4<f32> {
+fn unary_op(v: vec4<f32>) -> vec4<f32> {
     let a = params.p0;
     let b = params.p1;
     let zero = vec4<f32>(0.0);
@@ -178,7 +178,7 @@ fn unary(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) group
     for (var r = 0u; r < VECS; r++) {
         let i = first + r * WG;
         if i >= vec4_count() { return; }
-        out[i] = unary_op(x[i]);
+        out[i] = unary_nan_kept(x[i]);
     }
 }
 
