@@ -78,8 +78,14 @@ fn line_start(line: u32) -> u32 {
     return (line / params.inner) * params.len * params.inner + line % params.inner;
 }
 
+// Whether v is 0 or -0. Nonzero is foreground, NaN included (numpy's truth value of NaN, and the
+// Cpu64 reference's): read from the bits, since a compiler may assume floats are never NaN.
+fn is_zero(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) == 0u;
+}
+
 fn is_background(at: u32) -> bool {
-    return (mask[at] != 0.0) == INVERT;
+    return !is_zero(mask[at]) == INVERT;
 }
 
 // Squared distance along the line to its nearest background point, +infinity if it has none.
@@ -203,14 +209,14 @@ fn sdf_extrema_combine(@builtin(global_invocation_id) id: vec3<u32>) {
 
 // Foreground voxel i (at v = (d, h, w) of its sample) with a background face neighbour inside.
 fn on_inner_boundary(i: u32, v: u32) -> bool {
-    if mask[i] == 0.0 { return false; }
+    if is_zero(mask[i]) { return false; }
     let hw = params.h * params.w;
     let w = v % params.w;
     let h = (v / params.w) % params.h;
     let d = v / hw;
-    return (w > 0u && mask[i - 1u] == 0.0) || (w + 1u < params.w && mask[i + 1u] == 0.0)
-        || (h > 0u && mask[i - params.w] == 0.0) || (h + 1u < params.h && mask[i + params.w] == 0.0)
-        || (d > 0u && mask[i - hw] == 0.0) || (d + 1u < params.d && mask[i + hw] == 0.0);
+    return (w > 0u && is_zero(mask[i - 1u])) || (w + 1u < params.w && is_zero(mask[i + 1u]))
+        || (h > 0u && is_zero(mask[i - params.w])) || (h + 1u < params.h && is_zero(mask[i + params.w]))
+        || (d > 0u && is_zero(mask[i - hw])) || (d + 1u < params.d && is_zero(mask[i + hw]));
 }
 
 @compute @workgroup_size(WG)

@@ -116,6 +116,18 @@ fn gather_y(o: vec4<u32>) -> vec4<f32> {
                      y[o.z >> 2u][o.z & 3u], y[o.w >> 2u][o.w & 3u]);
 }
 
+// Whether each lane is NaN, read from the bits: WGSL lets a compiler assume floats are never NaN,
+// and max, min and clamp may return the other operand when one is.
+fn is_nan(v: vec4<f32>) -> vec4<bool> {
+    return (bitcast<vec4<u32>>(v) & vec4<u32>(0x7fffffffu)) > vec4<u32>(0x7f800000u);
+}
+
+// NaN in, NaN out (numpy's behaviour, and the Cpu64 reference's): the ops below that would turn
+// a NaN into a number (relu, clamp and the derivative masks) pass it through instead.
+fn unary_nan_kept(v: vec4<f32>) -> vec4<f32> {
+    return select(unary_op(v), v, is_nan(v));
+}
+
 fn unary_op(v: vec4<f32>) -> vec4<f32> {
     let a = params.p0;
     let b = params.p1;
@@ -166,7 +178,7 @@ fn unary(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) group
     for (var r = 0u; r < VECS; r++) {
         let i = first + r * WG;
         if i >= vec4_count() { return; }
-        out[i] = unary_op(x[i]);
+        out[i] = unary_nan_kept(x[i]);
     }
 }
 

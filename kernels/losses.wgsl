@@ -121,6 +121,12 @@ fn softmax_stats(base: u32) -> Stats {
         total = select(total + e, total * e + 1.0, x > m);
         m = max(m, x);
     }
+    // An infinite maximum makes z - m NaN for its class (inf - inf), so the whole softmax is NaN,
+    // as numpy and the Cpu64 reference compute it. The test is on the bits (a compiler may assume
+    // floats are finite), and so is the NaN: the bits of m with every mantissa bit set.
+    let bits = bitcast<vec4<u32>>(m);
+    let infinite = (bits & vec4<u32>(0x7f800000u)) == vec4<u32>(0x7f800000u);
+    total = select(total, bitcast<vec4<f32>>(bits | vec4<u32>(0x007fffffu)), infinite);
     return Stats(m, total);
 }
 
@@ -145,7 +151,8 @@ fn softmax_channels(@builtin(workgroup_id) group: vec3<u32>,
     }
 }
 
-// -sum_k y_k log softmax(z)_k = logsumexp(z) sum_k y_k - sum_k y_k z_k, in one pass.
+// -sum_k y_k log softmax(z)_k = sum_k y_k (m - z_k + log total): each class's term as the
+// reference computes it, so an infinite target gives the same infinity, not inf - inf.
 @compute @workgroup_size(WG)
 fn cross_entropy_voxels(@builtin(workgroup_id) group: vec3<u32>,
                         @builtin(num_workgroups) groups: vec3<u32>,
@@ -153,22 +160,14 @@ fn cross_entropy_voxels(@builtin(workgroup_id) group: vec3<u32>,
     let v = 4u * invocation(group, groups, lane);
     if v >= params.s { return; }
     let base = voxel_base(group.z, v);
-    var m = load_z(base);
-    var total = vec4<f32>(1.0);
-    var sum_y = load_y(base);
-    var sum_yz = sum_y * m;
-    for (var k = 1u; k < CLASSES; k++) {
+    let stats = softmax_stats(base);
+    let log_total = log(stats.total);
+    var sum = vec4<f32>(0.0);
+    for (var k = 0u; k < CLASSES; k++) {
         let at = base + k * params.s;
-        let x = load_z(at);
-        let t = load_y(at);
-        let e = exp(-abs(x - m));
-        total = select(total + e, total * e + 1.0, x > m);
-        m = max(m, x);
-        sum_y += t;
-        sum_yz += t * x;
+        sum += load_y(at) * ((stats.m - load_z(at)) + log_total);
     }
-    // (m + log total) sum_y - sum_yz, with m folded into the second sum to avoid cancellation.
-    store(group.z * params.s + v, v, log(total) * sum_y - (sum_yz - m * sum_y));
+    store(group.z * params.s + v, v, sum);
 }
 
 // sum_k max(z, 0) - z y + log(1 + exp(-|z|)): stable for any z.
@@ -247,25 +246,19 @@ fn cross_entropy_backward(@builtin(workgroup_id) group: vec3<u32>,
     let v = 4u * invocation(group, groups, lane);
     if v >= params.s { return; }
     let base = voxel_base(group.z, v);
-    var m = load_z(base);
-    var total = vec4<f32>(1.0);
-    var sum_y = load_y(base);
-    for (var k = 1u; k < CLASSES; k++) {
-        let at = base + k * params.s;
-        let x = load_z(at);
-        let e = exp(-abs(x - m));
-        total = select(total + e, total * e + 1.0, x > m);
-        m = max(m, x);
-        sum_y += load_y(at);
+    let stats = softmax_stats(base);
+    var sum_y = vec4<f32>(0.0);
+    for (var k = 0u; k < CLASSES; k++) {
+        sum_y += load_y(base + k * params.s);
     }
     var g = vec4<f32>(d_out[0].x);
     if !G_SCALAR {
         g = load_d_out(group.z * params.s + v);
     }
-    let scale = sum_y / total;
+    let scale = sum_y / stats.total;
     for (var k = 0u; k < CLASSES; k++) {
         let at = base + k * params.s;
-        store(at, v, g * (exp(load_z(at) - m) * scale - load_y(at)));
+        store(at, v, g * (exp(load_z(at) - stats.m) * scale - load_y(at)));
     }
 }
 

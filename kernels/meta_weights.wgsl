@@ -43,7 +43,10 @@ fn raw(v: f32, shift: f32) -> f32 {
         case NORM_SOFTMAX: { return exp(v - shift); }
         case NORM_SIGMOID: { return 1.0 / (1.0 + exp(-v)); }
         case NORM_HARD: { return select(0.0, 1.0, v > 0.0); }
-        case NORM_CLIP, default: { return max(v, 0.0); }
+        // max(v, 0), NaN in, NaN out (WGSL's max may drop a NaN; the test is on the bits).
+        case NORM_CLIP, default: {
+            return select(max(v, 0.0), v, (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u);
+        }
     }
 }
 

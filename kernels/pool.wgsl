@@ -11,7 +11,9 @@
 //   avg_pool3d_backward   src[i] = sum of g[o] / |window| over the windows o holding i
 //   upsample_nearest(_backward), upsample_trilinear(_backward): out[o] = sum_i weight(o, i) x[i]
 //     and its transpose; trilinear weights as PyTorch with align_corners = false, computed in exact
-//     integer arithmetic: the source coordinate times 2s is t = 2o + 1 - s, clamped at 0.
+//     integer arithmetic: the source coordinate times 2s is t = 2o + 1 - s, clamped at 0. The
+//     sums skip the terms of weight 0, as the Cpu64 reference does, so a NaN or infinity reaches
+//     exactly the elements that weigh it (0 * NaN would spread it to their neighbours).
 // Where each written element has exactly one source (windows that tile the input: the *_tiled
 // backward entries; nearest up-sampling), one invocation per source writes its whole block
 // instead: one load (and one argmax) per block rather than per element. On lavapipe this took the
@@ -60,7 +62,13 @@ fn flat(volume: u32, p: vec3<u32>, size: vec3<u32>) -> u32 {
     return ((volume * size.x + p.x) * size.y + p.y) * size.z + p.z;
 }
 
-// The flat src index of the first maximum of x over window o of `volume`.
+// Whether v is NaN, read from its bits (a compiler may assume floats are never NaN).
+fn is_nan(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+}
+
+// The flat src index of the first maximum of x over window o of `volume`; a NaN is the maximum
+// (the first NaN, if several), as in numpy and PyTorch.
 fn argmax(volume: u32, o: vec3<u32>) -> u32 {
     let start = o * stride();
     let k = kernel_size();
@@ -71,7 +79,7 @@ fn argmax(volume: u32, o: vec3<u32>) -> u32 {
             for (var w = 0u; w < k.z; w++) {
                 let i = flat(volume, start + vec3<u32>(d, h, w), src_size());
                 let value = x[i];
-                if value > best_value {
+                if value > best_value || (is_nan(value) && !is_nan(best_value)) {
                     best = i;
                     best_value = value;
                 }
@@ -191,8 +199,10 @@ fn upsample_trilinear(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_work
     for (var a = 0u; a < 2u; a++) {
         for (var b = 0u; b < 2u; b++) {
             let row = flat(p.x, vec3<u32>(ds[a], hs[b], 0u), src);
-            let wab = wd[a] * wh[b];
-            sum += wab * (ww[0] * x[row + ws[0]] + ww[1] * x[row + ws[1]]);
+            for (var c = 0u; c < 2u; c++) {
+                let weight = wd[a] * wh[b] * ww[c];
+                sum += select(0.0, weight * x[row + ws[c]], weight != 0.0);
+            }
         }
     }
     out[o] = sum;
@@ -327,8 +337,8 @@ fn upsample_trilinear_backward(@builtin(workgroup_id) group: vec3<u32>, @builtin
             let wdh = wd * axis_weight(h, p.z, params.s_h, src.y);
             if wdh == 0.0 { continue; }
             for (var w = rw.x; w < rw.y; w++) {
-                let ww = axis_weight(w, p.w, params.s_w, src.z);
-                sum += wdh * ww * x[flat(p.x, vec3<u32>(d, h, w), dst)];
+                let weight = wdh * axis_weight(w, p.w, params.s_w, src.z);
+                sum += select(0.0, weight * x[flat(p.x, vec3<u32>(d, h, w), dst)], weight != 0.0);
             }
         }
     }

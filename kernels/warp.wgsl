@@ -95,7 +95,8 @@ fn warp(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         return;
     }
     // The 2 x 2 x 2 neighbours, branch-free: a neighbour outside the input gets weight 0 and a
-    // clamped (valid) address.
+    // clamped (valid) address. Terms of weight 0 are skipped (term), as the Cpu64 reference skips
+    // them, so a NaN or infinity reaches exactly the outputs that weigh it.
     let base = floor(p);
     let frac = p - base;
     let lo = vec3<i32>(base);
@@ -109,11 +110,16 @@ fn warp(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
     let row_ab = flat(o.x, vec3<u32>(a.x, b.y, 0u), src);
     let row_ba = flat(o.x, vec3<u32>(b.x, a.y, 0u), src);
     let row_bb = flat(o.x, vec3<u32>(b.x, b.y, 0u), src);
-    let near = w_lo.y * (w_lo.z * x[row_aa + a.z] + w_hi.z * x[row_aa + b.z])
-             + w_hi.y * (w_lo.z * x[row_ab + a.z] + w_hi.z * x[row_ab + b.z]);
-    let far = w_lo.y * (w_lo.z * x[row_ba + a.z] + w_hi.z * x[row_ba + b.z])
-            + w_hi.y * (w_lo.z * x[row_bb + a.z] + w_hi.z * x[row_bb + b.z]);
-    out[k] = w_lo.x * near + w_hi.x * far;
+    let near = term(w_lo.y, term(w_lo.z, x[row_aa + a.z]) + term(w_hi.z, x[row_aa + b.z]))
+             + term(w_hi.y, term(w_lo.z, x[row_ab + a.z]) + term(w_hi.z, x[row_ab + b.z]));
+    let far = term(w_lo.y, term(w_lo.z, x[row_ba + a.z]) + term(w_hi.z, x[row_ba + b.z]))
+            + term(w_hi.y, term(w_lo.z, x[row_bb + a.z]) + term(w_hi.z, x[row_bb + b.z]));
+    out[k] = term(w_lo.x, near) + term(w_hi.x, far);
+}
+
+// weight * value, or 0 for weight 0 whatever the value.
+fn term(weight: f32, value: f32) -> f32 {
+    return select(0.0, weight * value, weight != 0.0);
 }
 
 // weight(p, i) of the header.

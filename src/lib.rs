@@ -3,6 +3,7 @@
 
 pub mod gpu;
 
+pub mod atomic;
 pub mod cli;
 pub mod data;
 

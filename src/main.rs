@@ -139,6 +139,7 @@ fn main() -> ExitCode {
     let command = Cli::command().mut_subcommand("kernel", |c| c.after_help(ops_help()));
     // Usage errors exit with clap's code 2; errors while running exit with 1.
     let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
+    let _runtime_dir = metaseg::cli::ensure_runtime_dir();
     let result = match cli.command {
         Command::Kernel(args) => kernel(&args),
         Command::Info => info(),

@@ -53,18 +53,18 @@ pub fn read(path: &Path) -> Result<(Vec<f64>, Shape)> {
     Ok((values.map_err(|e| malformed(e.to_string()))?, shape))
 }
 
-/// Writes `values` (row-major, `shape`) as an array of `dtype`; f32 rounds to nearest.
+/// Writes `values` (row-major, `shape`) as an array of `dtype`; f32 rounds to nearest. Atomic:
+/// a failed write (a full disk) leaves no file, or the earlier one, under `path`.
 pub fn write(path: &Path, values: &[f64], shape: &Shape, dtype: Dtype) -> Result<()> {
-    let file = File::create(path).map_err(|e| io_error(path, e))?;
-    let written = match dtype {
+    let fill = |file: &mut BufWriter<File>| match dtype {
         Dtype::F32 => write_as(file, shape, values.iter().map(|&v| v as f32)),
         Dtype::F64 => write_as(file, shape, values.iter().copied()),
     };
-    written.map_err(|e| io_error(path, e))
+    crate::atomic::write_with(path, fill, |e| io_error(path, e))
 }
 
 fn write_as<T: AutoSerialize>(
-    file: File,
+    file: &mut BufWriter<File>,
     shape: &Shape,
     values: impl Iterator<Item = T>,
 ) -> io::Result<()> {
@@ -72,7 +72,7 @@ fn write_as<T: AutoSerialize>(
     let mut writer = npyz::WriteOptions::<T>::new()
         .default_dtype()
         .shape(&dims)
-        .writer(BufWriter::new(file))
+        .writer(file)
         .begin_nd()?;
     writer.extend(values)?;
     writer.finish()

@@ -76,3 +76,41 @@ fn tensors_and_sidecar_from_different_saves_are_refused() {
     let err = load(&dir.path().join("missing")).unwrap_err().to_string();
     assert!(err.contains("missing.json"), "{err}");
 }
+
+/// A checkpoint never holds a non-finite tensor (issue 25, item 2): saving one is an error naming
+/// the tensor, the element and the step, and the checkpoint already there is left whole; loading
+/// one (written by an older version, or damaged) is refused the same way, so `--resume` cannot
+/// train on from NaN weights.
+#[test]
+fn non_finite_tensors_are_never_saved_nor_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let stem = dir.path().join("last");
+    let (tensors, sidecar) = sample(10);
+    save(&stem, &tensors, &sidecar).unwrap();
+    let before = std::fs::read(paths(&stem).0).unwrap();
+    let (mut poisoned, later) = sample(11);
+    poisoned.get_mut("optimizer/0").unwrap().data[2] = f32::NAN;
+    let err = save(&stem, &poisoned, &later).unwrap_err().to_string();
+    assert!(
+        err.contains("'optimizer/0' holds NaN at element 2") && err.contains("step 11"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(paths(&stem).0).unwrap(), before);
+    assert_eq!(load(&stem).unwrap().1.step, 10);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+
+    // The same tensor written past the check (as before the fix) is refused when read.
+    let mut bytes = before;
+    // The file: a u64 header length, the JSON header with each tensor's data offsets, the data.
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let begin = header["optimizer/0"]["data_offsets"][0].as_u64().unwrap() as usize;
+    let at = 8 + header_len + begin + 2 * 4;
+    bytes[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    std::fs::write(paths(&stem).0, bytes).unwrap();
+    let err = load(&stem).unwrap_err().to_string();
+    assert!(
+        err.contains("'optimizer/0' holds inf at element 2"),
+        "{err}"
+    );
+}

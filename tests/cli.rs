@@ -197,6 +197,33 @@ fn sum_over_axes() {
     assert_close(&out, &over_0_and_2);
 }
 
+/// A write that fails part-way leaves no half-written out.npy: a file-size limit stands in for a
+/// full disk (writes past it fail with EFBIG, once sh ignores SIGXFSZ for the process it runs).
+/// The earlier out.npy is kept as it was and no temporary file is left (issue 25).
+#[test]
+fn kernel_out_is_never_left_half_written() {
+    let dir = Dir::new();
+    let out = dir.out();
+    let small = dir.array("small.npy", &[1.0, 2.0], &[2]);
+    kernel(&["neg", "--in", &format!("x={small}"), "--out", &out]);
+    let before = std::fs::read(dir.path("out/out.npy")).unwrap();
+    // 160 kB of float64 out, past a limit of 64 blocks (32 or 64 kB, by the shell's block size).
+    let large = dir.array("large.npy", &ramp(20_000, 1.0), &[20_000]);
+    let output = Command::new("sh")
+        .args(["-c", "trap '' XFSZ; ulimit -f 64; exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_metaseg"))
+        .args(["kernel", "--backend", "cpu64", "neg", "--out", &out])
+        .arg(format!("--in=x={large}"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("out.npy"), "{stderr}");
+    assert_eq!(std::fs::read(dir.path("out/out.npy")).unwrap(), before);
+    let left: Vec<_> = std::fs::read_dir(dir.path("out")).unwrap().collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}
+
 #[test]
 fn malformed_npy_is_named() {
     let dir = Dir::new();
@@ -754,6 +781,43 @@ fn evaluate_prints_a_table_and_json_lines_with_nulls_and_means() {
     assert_eq!(classes, vec![2, 2]);
 }
 
+/// ASSD as medpy 0.5 computes it, the mean over both directed surface-distance sets together,
+/// checked end to end on a case derived by hand (tests/metrics.rs, concentric cubes): prediction
+/// [3, 7)^3 inside reference [2, 8)^3 in a 12^3 grid of spacing 0.8. Its surfaces have 56 and 152
+/// voxels; the distances are 56 + 96 of one step, 48 of sqrt(2) and 8 of sqrt(3) steps, so
+/// assd = (152 + 48 sqrt(2) + 8 sqrt(3)) 0.8 / 208 (medpy 0.5.2: 0.8989948363633062), while the
+/// mean of the two directed means (what evaluate returned before) is 0.8677.
+#[test]
+fn evaluate_gives_medpys_assd_on_a_case_derived_by_hand() {
+    let dir = Dir::new();
+    let dims = [12; 3];
+    let cube = |lo: usize, hi: usize| -> Vec<u8> {
+        (0..1728)
+            .map(|i| [i / 144, i / 12 % 12, i % 12])
+            .map(|c| u8::from(c.iter().all(|&v| v >= lo && v < hi)))
+            .collect()
+    };
+    let (pred, label) = (dir.path("pred.nii.gz"), dir.path("label.nii.gz"));
+    write_labels(&pred, &cube(3, 7), dims, [0.8; 3]);
+    write_labels(&label, &cube(2, 8), dims, [0.8; 3]);
+    let out = metaseg_ok(&[
+        "evaluate",
+        "--pred",
+        pred.to_str().unwrap(),
+        "--label",
+        label.to_str().unwrap(),
+        "--json",
+    ]);
+    let line: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let assd = json_f64(&line["assd"]).unwrap();
+    let (r2, r3) = (2f64.sqrt(), 3f64.sqrt());
+    let pooled = (152.0 + 48.0 * r2 + 8.0 * r3) * 0.8 / 208.0;
+    assert!(
+        (assd - pooled).abs() <= 1e-4 * pooled,
+        "assd {assd}, medpy {pooled}"
+    );
+}
+
 #[test]
 fn evaluate_refuses_mismatched_grids_unpaired_cases_and_non_labels() {
     let dir = Dir::new();
@@ -963,6 +1027,65 @@ fn predict_writes_labels_on_the_inputs_grid_from_a_trained_run() {
             );
         }
     }
+    predict_refuses_non_finite_inputs_and_weights(&dir, &run);
+}
+
+/// Sets element 0 of the first tensor of a safetensors file to NaN (the format: a u64 header
+/// length, the JSON header with each tensor's data offsets, then the data).
+fn poison_first_tensor(path: &Path) -> String {
+    let mut bytes = std::fs::read(path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let (name, info) = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(name, _)| *name != "__metadata__")
+        .unwrap();
+    let begin = 8 + header_len + info["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[begin..begin + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+    name.clone()
+}
+
+/// An image with a NaN voxel and a checkpoint with a NaN weight: both refused, naming the file and
+/// the voxel or tensor, and nothing written (they predicted all background, issue 25).
+fn predict_refuses_non_finite_inputs_and_weights(dir: &Dir, run: &Path) {
+    let image = dir.path("nan.nii.gz");
+    let mut volume = oblique_image(&image, [5, 6, 7], 4);
+    // (x, y, z) = (3, 2, 1): flat index (z H + y) W + x with [D, H, W] = [5, 6, 7].
+    volume.data[(6 + 2) * 7 + 3] = f32::NAN;
+    metaseg::data::nifti::write(&image, &volume, metaseg::data::Dtype::F32).unwrap();
+    let out = dir.path("nan_out.nii.gz");
+    let predict = |checkpoint: &Path, input: &Path| {
+        vec![
+            "predict".to_string(),
+            "--checkpoint".into(),
+            checkpoint.to_str().unwrap().into(),
+            "--input".into(),
+            input.to_str().unwrap().into(),
+            "--output".into(),
+            out.to_str().unwrap().into(),
+            "--quiet".into(),
+        ]
+    };
+    let args = predict(run, &image);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    metaseg_fails(&args, &["nan.nii.gz", "(x, y, z) = (3, 2, 1) is NaN"]);
+    assert!(!out.exists());
+
+    let poisoned = dir.path("poisoned");
+    std::fs::create_dir_all(&poisoned).unwrap();
+    for file in ["checkpoint.safetensors", "checkpoint.json"] {
+        std::fs::copy(run.join(file), poisoned.join(file)).unwrap();
+    }
+    let tensor = poison_first_tensor(&poisoned.join("checkpoint.safetensors"));
+    let clean = dir.path("images/two.nii");
+    let args = predict(&poisoned, &clean);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let expected = format!("tensor '{tensor}' holds NaN at element 0");
+    metaseg_fails(&args, &["poisoned/checkpoint.safetensors", &expected]);
+    assert!(!out.exists());
 }
 
 #[test]

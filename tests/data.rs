@@ -342,6 +342,64 @@ fn unsupported_types_and_shapes_are_named() {
     });
 }
 
+/// dim is signed in the standard: a negative size is an error naming its field, as are a zero
+/// size and a bad dim[0] (the `nifti` crate read -1 as 65535 and named dim[0] for any of them).
+#[test]
+fn bad_dims_are_errors_that_name_their_field() {
+    let dir = TempDir::new().unwrap();
+    let cases: [([i16; 4], &str); 4] = [
+        ([3, 4, -1, 2], "dim[2] (the size of axis 2) is -1"),
+        ([3, 0, 3, 2], "dim[1] (the size of axis 1) is 0"),
+        ([9, 4, 3, 2], "dim[0] (the number of dimensions) is 9"),
+        ([-3, 4, 3, 2], "dim[0] (the number of dimensions) is -3"),
+    ];
+    for (k, (dim, expected)) in cases.into_iter().enumerate() {
+        let mut header = RawHeader::int16([4, 3, 2]);
+        header.dim[..4].copy_from_slice(&dim);
+        let path = header.file(dir.path(), &format!("dim{k}.nii"), &[0; 24]);
+        let message = expect_err(nifti::read(&path), |e| {
+            matches!(e, DataError::Malformed { .. })
+        });
+        assert!(
+            message.contains(expected) && message.contains(&format!("dim{k}.nii")),
+            "{message}"
+        );
+    }
+}
+
+/// A NaN or infinite voxel, stored or made by scl_slope, is an error naming the file and the first
+/// such voxel by its NIfTI index.
+#[test]
+fn non_finite_voxels_are_errors_naming_the_file_and_voxel() {
+    let dir = TempDir::new().unwrap();
+    let n: usize = DIMS.iter().product();
+    let mut data = values(Dtype::F32, n, 3);
+    // (x, y, z) = (2, 4, 1): flat index (z H + y) W + x with [D, H, W] = [3, 5, 7].
+    data[(5 + 4) * 7 + 2] = f32::NAN;
+    data[n - 1] = f32::INFINITY;
+    let path = dir.path().join("nan.nii.gz");
+    nifti::write(&path, &oblique(data), Dtype::F32).unwrap();
+    let message = expect_err(nifti::read(&path), |e| {
+        matches!(e, DataError::NonFinite { .. })
+    });
+    assert!(
+        message.contains("nan.nii.gz") && message.contains("(x, y, z) = (2, 4, 1) is NaN"),
+        "{message}"
+    );
+    // int16 values 0..24 times 2e38: the first past f32's range is 2 (x, y, z) = (2, 0, 0).
+    let mut header = RawHeader::int16([4, 3, 2]);
+    header.scl_slope = 2e38;
+    let raw: Vec<i16> = (0..24).collect();
+    let path = header.file(dir.path(), "scaled.nii", &raw);
+    let message = expect_err(nifti::read(&path), |e| {
+        matches!(e, DataError::NonFinite { .. })
+    });
+    assert!(
+        message.contains("(x, y, z) = (2, 0, 0) is inf"),
+        "{message}"
+    );
+}
+
 #[test]
 fn channels_are_the_fourth_axis_and_ncdhw() {
     let dir = TempDir::new().unwrap();
@@ -601,6 +659,32 @@ fn msd_labels_outside_the_classes_and_grid_mismatch_are_errors() {
         Msd::open(dir.path()).unwrap_err(),
         DataError::NotFound { .. }
     ));
+}
+
+/// dataset.json declares {0, 1, 2} and a label holds 2: with the data set used with 2 classes
+/// (data.classes = 2) loading it is an error naming the file and the value; with 3 it loads.
+#[test]
+fn labels_beyond_the_classes_in_use_are_errors() {
+    let dir = TempDir::new().unwrap();
+    tiny_msd(dir.path(), r#"{"0": "background", "1": "a", "2": "b"}"#);
+    let n: usize = DIMS.iter().product();
+    let label: Vec<f32> = (0..n).map(|i| (i % 3) as f32).collect();
+    let file = dir.path().join("labelsTr/c0.nii.gz");
+    nifti::write(&file, &oblique(label), Dtype::U8).unwrap();
+    let spec = SplitSpec::FirstN {
+        labeled: 1,
+        test: None,
+    };
+    let msd = Msd::open(dir.path()).unwrap();
+    let case = &msd.split(&spec).unwrap().labeled[0];
+    let e = msd.clone().with_classes(2).load(case).unwrap_err();
+    assert!(matches!(e, DataError::LabelBeyondClasses { .. }), "{e:?}");
+    let message = e.to_string();
+    assert!(
+        message.contains("labelsTr/c0.nii.gz") && message.contains("label value 2"),
+        "{message}"
+    );
+    assert!(msd.with_classes(3).load(case).is_ok());
 }
 
 fn small_config(seed: u64) -> SyntheticConfig {

@@ -88,29 +88,60 @@ fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
     assert_eq!(a, b);
 }
 
+/// Issue 25, item 2: a diverging run (lr 1e30) stops at the first non-finite loss or parameter,
+/// naming the iteration and the quantity; the checkpoint it keeps is finite (a save of a
+/// non-finite tensor is refused, and loading checks) and the message names it truly: with
+/// checkpoints every 5 iterations and a stop before the 5th, it says none was written.
 #[test]
-fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+fn a_non_finite_loss_or_parameter_stops_the_run_and_keeps_a_finite_checkpoint() {
     let g = gpu();
-    let config = tiny(
-        "supervised",
-        &[
-            "optimizer.lr=1e30",
-            "iterations=12",
-            "log.checkpoint_every=1",
-        ],
-    );
-    let data = run::load_data(&config).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let paths = RunPaths {
-        dir: dir.path().to_path_buf(),
-    };
-    let err = run::train(&g, &config, &data, &paths, RunOptions::default()).unwrap_err();
-    let RunError::NonFinite { step, .. } = err else {
-        panic!("expected a non-finite loss, got {err}");
-    };
-    assert!(err.to_string().contains("last good checkpoint"), "{err}");
-    let (_, sidecar) = metaseg::train::checkpoint::load(&paths.checkpoint()).unwrap();
-    assert_eq!(sidecar.step, step, "the checkpoint is the last finite step");
+    for every in ["1", "5"] {
+        let config = tiny(
+            "supervised",
+            &[
+                "optimizer.lr=1e30",
+                "iterations=12",
+                &format!("log.checkpoint_every={every}"),
+            ],
+        );
+        let data = run::load_data(&config).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let paths = RunPaths {
+            dir: dir.path().to_path_buf(),
+        };
+        let err = run::train(&g, &config, &data, &paths, RunOptions::default()).unwrap_err();
+        let RunError::NonFinite { step, quantity, .. } = &err else {
+            panic!("expected a non-finite loss or parameter, got {err}");
+        };
+        let message = err.to_string();
+        assert!(message.contains(&format!("{quantity} became")), "{message}");
+        assert!(
+            message.contains(&format!("at iteration {step}")),
+            "{message}"
+        );
+        match metaseg::train::checkpoint::load(&paths.checkpoint()) {
+            Ok((_, sidecar)) => {
+                assert!(sidecar.step < *step, "{message}");
+                let kept = format!("checkpoint.safetensors, step {}) is kept", sidecar.step);
+                assert!(message.contains(&kept), "{message}");
+            }
+            Err(e) => {
+                assert!(message.contains("No good checkpoint"), "{message} ({e})");
+                assert!(every == "5" && *step < 5, "{message}");
+            }
+        }
+        let tmp = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains("tmp")
+            })
+            .count();
+        assert_eq!(tmp, 0, "a temporary file is left");
+    }
 }
 
 #[test]

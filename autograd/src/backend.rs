@@ -4,6 +4,7 @@ use crate::{Error, Result, Shape};
 
 /// Elementwise functions of one tensor. The `*Mask`/`*Slope` ops are the piecewise-constant
 /// derivatives of the piecewise-linear ops; their own derivative is zero almost everywhere.
+/// Every one of them is NaN at NaN, so a NaN reaches the gradients too.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum UnaryOp {
     Neg,
@@ -75,7 +76,12 @@ impl UnaryOp {
     }
 
     /// The op applied to one f64 value: the reference definition every kernel is checked against.
+    /// NaN in, NaN out, as numpy and IEEE 754 have it: relu, clamp and the derivative masks of NaN
+    /// are NaN (Rust's `f64::max` would return the other operand).
     pub fn apply(&self, x: f64) -> f64 {
+        if x.is_nan() {
+            return x;
+        }
         match *self {
             UnaryOp::Neg => -x,
             UnaryOp::Exp => x.exp(),
@@ -190,9 +196,9 @@ impl MatmulDims {
         }
         let batch = batch_a.max(batch_b);
         let out = if a.rank() == 3 || b.rank() == 3 {
-            Shape::from([batch, m, n])
+            Shape::checked("matmul", &[batch, m, n])?
         } else {
-            Shape::from([m, n])
+            Shape::checked("matmul", &[m, n])?
         };
         let dims = MatmulDims {
             batch,

@@ -8,6 +8,7 @@
 //! per spatial axis, where reads outside the input are zeros.
 
 use crate::backend::Backend;
+use crate::cpu64::{collected, filled};
 use crate::ops::{rule, tangent};
 use crate::var::{sum_tangents, Var};
 use crate::{Cpu64, CpuTensor, Error, Result, Shape};
@@ -55,6 +56,30 @@ pub struct Conv3dGeometry {
     pub spec: ConvSpec,
 }
 
+/// The message for a setting whose size arithmetic overflows.
+fn too_large(axis: usize, setting: &str, value: usize) -> String {
+    format!("axis {axis}: {setting} {value} is too large")
+}
+
+/// How a geometry reads in a message: the three shapes and the settings.
+impl std::fmt::Display for Conv3dGeometry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ConvSpec {
+            stride,
+            padding,
+            dilation,
+        } = self.spec;
+        write!(
+            f,
+            "the convolution of x {} by weight {} into {} (stride {stride:?}, padding {padding:?}, \
+             dilation {dilation:?})",
+            self.input_shape(),
+            self.weight_shape(),
+            self.output_shape()
+        )
+    }
+}
+
 fn dims5(s: &Shape) -> Option<[usize; 5]> {
     s.dims().try_into().ok()
 }
@@ -76,8 +101,13 @@ impl Conv3dGeometry {
             let (input, kernel) = (spatial(xd), spatial(wd));
             let mut output = [0; 3];
             for a in 0..3 {
-                let span = spec.dilation[a] * (kernel[a] - 1) + 1;
-                let padded = input[a] + 2 * spec.padding[a];
+                let span = spec.dilation[a]
+                    .checked_mul(kernel[a] - 1)
+                    .and_then(|s| s.checked_add(1))
+                    .ok_or_else(|| too_large(a, "dilation", spec.dilation[a]))?;
+                let padded = (spec.padding[a].checked_mul(2))
+                    .and_then(|p| p.checked_add(input[a]))
+                    .ok_or_else(|| too_large(a, "padding", spec.padding[a]))?;
                 if padded < span {
                     return Err(format!(
                         "axis {a}: the kernel spans {span} but the padded input only {padded}"
@@ -125,17 +155,19 @@ impl Conv3dGeometry {
                         output_padding[a], spec.stride[a]
                     ));
                 }
-                let full = (output[a] - 1) * spec.stride[a]
-                    + spec.dilation[a] * (kernel[a] - 1)
-                    + output_padding[a]
-                    + 1;
-                if full <= 2 * spec.padding[a] {
+                let full = ((output[a] - 1).checked_mul(spec.stride[a]))
+                    .and_then(|n| n.checked_add(spec.dilation[a].checked_mul(kernel[a] - 1)?))
+                    .and_then(|n| n.checked_add(output_padding[a] + 1))
+                    .ok_or_else(|| too_large(a, "stride or dilation", spec.stride[a]))?;
+                let padding = (spec.padding[a].checked_mul(2))
+                    .ok_or_else(|| too_large(a, "padding", spec.padding[a]))?;
+                if full <= padding {
                     return Err(format!(
                         "axis {a}: padding {} leaves no output",
                         spec.padding[a]
                     ));
                 }
-                input[a] = full - 2 * spec.padding[a];
+                input[a] = full - padding;
             }
             Ok(Conv3dGeometry {
                 batch: xd[0],
@@ -176,7 +208,13 @@ impl Conv3dGeometry {
                 spec.stride, spec.dilation
             )));
         }
-        f(xd, wd).map_err(err)
+        let geometry = f(xd, wd).map_err(err)?;
+        // Both activations' sizes must be addressable (the result is the output of conv3d and the
+        // input of conv_transpose3d); the forward allocates one, the backward the other.
+        for shape in [geometry.input_shape(), geometry.output_shape()] {
+            Shape::checked(op, shape.dims())?;
+        }
+        Ok(geometry)
     }
 
     pub fn input_shape(&self) -> Shape {
@@ -210,7 +248,7 @@ impl Conv3dGeometry {
                     op,
                     lhs: (*actual).clone(),
                     rhs: expected.clone(),
-                    reason: format!("{name} must have the second shape for {self:?}"),
+                    reason: format!("{name} must have the second shape for {self}"),
                 });
             }
         }
@@ -311,17 +349,16 @@ pub fn check_operands(
 }
 
 /// `values` per channel of `shape` [N, C, ...]: the starting value of an output with a bias.
-fn per_channel(shape: &Shape, values: Option<&CpuTensor>) -> Vec<f64> {
+fn per_channel(op: &'static str, shape: &Shape, values: Option<&CpuTensor>) -> Result<Vec<f64>> {
     let Some(b) = values else {
-        return vec![0.0; shape.numel()];
+        return filled(op, shape.numel(), 0.0);
     };
     let (channels, inner) = (
         shape.dims()[1],
         shape.numel() / shape.dims()[0] / shape.dims()[1],
     );
-    (0..shape.numel())
-        .map(|i| b.data[(i / inner) % channels])
-        .collect()
+    let values = (0..shape.numel()).map(|i| b.data[(i / inner) % channels]);
+    collected(op, shape.numel(), values)
 }
 
 fn cpu(data: Vec<f64>, shape: Shape) -> CpuTensor {
@@ -346,7 +383,7 @@ impl ConvBackend for Cpu64 {
             ("w", &w.shape, g.weight_shape()),
             bias.map(|b| (&b.shape, g.c_out)),
         )?;
-        let mut y = per_channel(&g.output_shape(), bias);
+        let mut y = per_channel("conv3d", &g.output_shape(), bias)?;
         g.for_each_tap(|xi, wi, yi| y[yi] += w.data[wi] * x.data[xi]);
         Ok(cpu(y, g.output_shape()))
     }
@@ -365,7 +402,7 @@ impl ConvBackend for Cpu64 {
             ("w", &w.shape, g.weight_shape()),
             bias.map(|b| (&b.shape, g.c_in)),
         )?;
-        let mut dx = per_channel(&g.input_shape(), bias);
+        let mut dx = per_channel("conv3d_grad_input", &g.input_shape(), bias)?;
         g.for_each_tap(|xi, wi, yi| dx[xi] += w.data[wi] * dy.data[yi]);
         Ok(cpu(dx, g.input_shape()))
     }
@@ -383,7 +420,7 @@ impl ConvBackend for Cpu64 {
             ("dy", &dy.shape, g.output_shape()),
             None,
         )?;
-        let mut dw = vec![0.0; g.weight_shape().numel()];
+        let mut dw = filled("conv3d_grad_weight", g.weight_shape().numel(), 0.0)?;
         g.for_each_tap(|xi, wi, yi| dw[wi] += dy.data[yi] * x.data[xi]);
         Ok(cpu(dw, g.weight_shape()))
     }

@@ -21,6 +21,40 @@ impl TensorShape for CpuTensor {
     }
 }
 
+/// An empty vector with room for `n` values, or an error when the memory cannot be had: a result
+/// too large for the machine (from a huge padding, say) is the caller's mistake, not a reason to
+/// abort the process.
+pub fn reserved(op: &'static str, n: usize) -> Result<Vec<f64>> {
+    let mut data = Vec::new();
+    data.try_reserve_exact(n)
+        .map_err(|_| Error::InvalidArgument {
+            op,
+            message: format!(
+                "its result of {n} values ({:.3e} bytes) cannot be allocated",
+                n as f64 * 8.0
+            ),
+        })?;
+    Ok(data)
+}
+
+/// `n` copies of `value`, in memory reserved as [`reserved`] does.
+pub fn filled(op: &'static str, n: usize, value: f64) -> Result<Vec<f64>> {
+    let mut data = reserved(op, n)?;
+    data.resize(n, value);
+    Ok(data)
+}
+
+/// The `n` values of `values`, in memory reserved as [`reserved`] does.
+pub fn collected(
+    op: &'static str,
+    n: usize,
+    values: impl Iterator<Item = f64>,
+) -> Result<Vec<f64>> {
+    let mut data = reserved(op, n)?;
+    data.extend(values);
+    Ok(data)
+}
+
 fn tensor(data: Vec<f64>, shape: Shape) -> CpuTensor {
     CpuTensor {
         data: Arc::new(data),
@@ -61,7 +95,7 @@ impl Backend for Cpu64 {
     }
 
     fn fill(&self, shape: &Shape, value: f64) -> Result<CpuTensor> {
-        Ok(tensor(vec![value; shape.numel()], shape.clone()))
+        Ok(tensor(filled("fill", shape.numel(), value)?, shape.clone()))
     }
 
     fn copy(&self, x: &CpuTensor) -> Result<CpuTensor> {
@@ -96,9 +130,8 @@ impl Backend for Cpu64 {
 
     fn broadcast_to(&self, x: &CpuTensor, shape: &Shape) -> Result<CpuTensor> {
         let strides = x.shape.broadcast_strides(shape);
-        let data = (0..shape.numel())
-            .map(|i| x.data[strided_offset(i, shape, &strides)])
-            .collect();
+        let values = (0..shape.numel()).map(|i| x.data[strided_offset(i, shape, &strides)]);
+        let data = collected("broadcast", shape.numel(), values)?;
         Ok(tensor(data, shape.clone()))
     }
 
@@ -113,14 +146,13 @@ impl Backend for Cpu64 {
         let out = Shape::broadcast(op.name(), &a.shape, &b.shape)?;
         let sa = a.shape.broadcast_strides(&out);
         let sb = b.shape.broadcast_strides(&out);
-        let data = (0..out.numel())
-            .map(|i| {
-                op.apply(
-                    a.data[strided_offset(i, &out, &sa)],
-                    b.data[strided_offset(i, &out, &sb)],
-                )
-            })
-            .collect();
+        let values = (0..out.numel()).map(|i| {
+            op.apply(
+                a.data[strided_offset(i, &out, &sa)],
+                b.data[strided_offset(i, &out, &sb)],
+            )
+        });
+        let data = collected(op.name(), out.numel(), values)?;
         Ok(tensor(data, out))
     }
 
@@ -154,7 +186,7 @@ impl Backend for Cpu64 {
                     p * d.n + j
                 }]
         };
-        let mut data = vec![0.0; d.batch * d.m * d.n];
+        let mut data = filled("matmul", out.numel(), 0.0)?;
         for bt in 0..d.batch {
             for i in 0..d.m {
                 for j in 0..d.n {
@@ -180,9 +212,7 @@ impl Backend for Cpu64 {
                 Distribution::Normal => random::normal(seed, c),
             }
         };
-        Ok(tensor(
-            (0..shape.numel()).map(draw).collect(),
-            shape.clone(),
-        ))
+        let data = collected("random", shape.numel(), (0..shape.numel()).map(draw))?;
+        Ok(tensor(data, shape.clone()))
     }
 }

@@ -9,7 +9,7 @@
 //! Layout NCDHW; spatial axes are indexed 0 = D, 1 = H, 2 = W in the per-axis settings.
 
 use crate::backend::{Backend, UnaryOp};
-use crate::cpu64::{Cpu64, CpuTensor};
+use crate::cpu64::{filled, reserved, Cpu64, CpuTensor};
 use crate::ops::{rule, tangent};
 use crate::var::{sum_tangents, Var};
 use crate::{Error, Result, Shape};
@@ -77,13 +77,17 @@ pub fn upsample_shape(op: &'static str, input: &Shape, scale: [usize; 3]) -> Res
             message: format!("scale {scale:?} must be positive"),
         });
     }
-    Ok(Shape::from([
-        n,
-        c,
-        d * scale[0],
-        h * scale[1],
-        w * scale[2],
-    ]))
+    let scaled = |size: usize, s: usize| size.saturating_mul(s);
+    Shape::checked(
+        op,
+        &[
+            n,
+            c,
+            scaled(d, scale[0]),
+            scaled(h, scale[1]),
+            scaled(w, scale[2]),
+        ],
+    )
 }
 
 /// [N, C, D, H, W] of a rank-5 shape, or an error naming `op`.
@@ -244,6 +248,10 @@ fn flat(nc: usize, p: [usize; 3], size: [usize; 3]) -> usize {
 
 /// Calls f(nc, output position) for every output element, in order.
 fn for_each_position(nc: usize, size: [usize; 3], mut f: impl FnMut(usize, [usize; 3])) {
+    if nc == 0 || size.contains(&0) {
+        // No positions; an axis of 2^50 beside one of 0 would otherwise loop for ever.
+        return;
+    }
     for b in 0..nc {
         for d in 0..size[0] {
             for h in 0..size[1] {
@@ -259,15 +267,17 @@ fn spatial(s: &Shape) -> [usize; 3] {
     [s.dims()[2], s.dims()[3], s.dims()[4]]
 }
 
-/// The flat index in x of the first maximum of window `o` of volume `nc`.
+/// The flat index in x of the first maximum of window `o` of volume `nc`; a NaN is the maximum
+/// (the first NaN, if several), as in numpy's `max` and PyTorch's max pooling.
 fn argmax(x: &CpuTensor, nc: usize, o: [usize; 3], win: Window3d) -> usize {
+    let above = |a: f64, b: f64| a > b || (a.is_nan() && !b.is_nan());
     let size = spatial(&x.shape);
     let mut best: Option<usize> = None;
     for d in window(o[0], win.kernel[0], win.stride[0]) {
         for h in window(o[1], win.kernel[1], win.stride[1]) {
             for w in window(o[2], win.kernel[2], win.stride[2]) {
                 let i = flat(nc, [d, h, w], size);
-                if best.is_none_or(|b| x.data[i] > x.data[b]) {
+                if best.is_none_or(|b| above(x.data[i], x.data[b])) {
                     best = Some(i);
                 }
             }
@@ -367,7 +377,7 @@ impl LayerBackend for Cpu64 {
     fn upsample3d(&self, x: &CpuTensor, mode: Upsample, scale: [usize; 3]) -> Result<CpuTensor> {
         let out = upsample_shape(mode.name(), &x.shape, scale)?;
         let size = spatial(&x.shape);
-        let mut data = Vec::with_capacity(out.numel());
+        let mut data = reserved(mode.name(), out.numel())?;
         for_each_position(out.dims()[0] * out.dims()[1], spatial(&out), |b, o| {
             let mut sum = 0.0;
             for_each_source(mode, o, scale, size, |i, weight| {
@@ -402,8 +412,8 @@ impl LayerBackend for Cpu64 {
     fn channel_window(&self, x: &CpuTensor, start: isize, channels: usize) -> Result<CpuTensor> {
         let [n, c, d, h, w] = dims5("channel_window", &x.shape)?;
         let volume = d * h * w;
-        let out = Shape::from([n, channels, d, h, w]);
-        let mut data = vec![0.0; out.numel()];
+        let out = Shape::checked("channel_window", &[n, channels, d, h, w])?;
+        let mut data = filled("channel_window", out.numel(), 0.0)?;
         for b in 0..n {
             for k in 0..channels {
                 let src = k as isize + start;

@@ -40,6 +40,8 @@ impl Normalization {
     /// of -g).
     pub fn raw(self, g: f64, shift: f64) -> f64 {
         match self {
+            // NaN stays NaN (f64::max would drop it).
+            Normalization::Clip if g.is_nan() => g,
             Normalization::Clip => (-g).max(0.0),
             Normalization::Softmax => (-g - shift).exp(),
             Normalization::Sigmoid => 1.0 / (1.0 + g.exp()),

@@ -28,6 +28,23 @@ impl Shape {
         self.0.iter().product()
     }
 
+    /// The shape `dims` of an op's result, if its element count can be addressed: the count and
+    /// its f64 bytes must fit an isize (what any allocation needs). Sizes computed from settings
+    /// (a padding, a scale, a broadcast) go through here, so an absurd one is an error naming the
+    /// op rather than an overflow or an aborted allocation.
+    pub fn checked(op: &'static str, dims: &[usize]) -> Result<Shape> {
+        let count = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        match count {
+            Some(n) if n <= isize::MAX as usize / 8 => Ok(Shape(dims.to_vec())),
+            _ => Err(Error::InvalidArgument {
+                op,
+                message: format!(
+                    "a result of shape {dims:?} has more elements than memory can address"
+                ),
+            }),
+        }
+    }
+
     /// Row-major strides, in elements.
     pub fn strides(&self) -> Vec<usize> {
         let mut strides = vec![1; self.rank()];
@@ -58,7 +75,7 @@ impl Shape {
                 }
             };
         }
-        Ok(Shape(out))
+        Shape::checked(op, &out)
     }
 
     /// Strides that read `self` as if broadcast to `out`: 0 along broadcast dimensions.

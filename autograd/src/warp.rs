@@ -11,7 +11,7 @@
 //! backward, so second order works.
 
 use crate::backend::Backend;
-use crate::cpu64::{Cpu64, CpuTensor};
+use crate::cpu64::{filled, Cpu64, CpuTensor};
 use crate::layers::dims5;
 use crate::ops::{rule, tangent};
 use crate::var::Var;
@@ -265,7 +265,7 @@ impl Warp {
                 let frac = [0, 1, 2].map(|a| p[a] - base[a]);
                 for corner in 0..8 {
                     let step = [corner >> 2 & 1, corner >> 1 & 1, corner & 1];
-                    let i = [0, 1, 2].map(|a| base[a] as i64 + step[a] as i64);
+                    let i = [0, 1, 2].map(|a| (base[a] as i64).saturating_add(step[a] as i64));
                     let weight: f64 = (0..3)
                         .map(|a| if step[a] == 1 { frac[a] } else { 1.0 - frac[a] })
                         .product();
@@ -301,25 +301,15 @@ impl Warp {
     /// The [N, C, output] shape of the warp of `x` [N, C, input], checked.
     pub fn output_shape(&self, x: &Shape) -> Result<Shape> {
         let [n, c] = self.check("warp", x, self.input)?;
-        Ok(Shape::from([
-            n,
-            c,
-            self.output[0],
-            self.output[1],
-            self.output[2],
-        ]))
+        let [d, h, w] = self.output;
+        Shape::checked("warp", &[n, c, d, h, w])
     }
 
     /// The [N, C, input] shape of the adjoint of `g` [N, C, output], checked.
     pub fn adjoint_shape(&self, g: &Shape) -> Result<Shape> {
         let [n, c] = self.check("warp_adjoint", g, self.output)?;
-        Ok(Shape::from([
-            n,
-            c,
-            self.input[0],
-            self.input[1],
-            self.input[2],
-        ]))
+        let [d, h, w] = self.input;
+        Shape::checked("warp_adjoint", &[n, c, d, h, w])
     }
 }
 
@@ -333,6 +323,10 @@ pub trait WarpBackend: Backend {
 
 /// Calls f(volume, output voxel, flat output index) for every element of an [nc, size] tensor.
 fn for_each_output(nc: usize, size: [usize; 3], mut f: impl FnMut(usize, [usize; 3], usize)) {
+    if nc == 0 || size.contains(&0) {
+        // No positions; an axis of 2^50 beside one of 0 would otherwise loop for ever.
+        return;
+    }
     let mut k = 0;
     for v in 0..nc {
         for d in 0..size[0] {
@@ -354,7 +348,7 @@ impl WarpBackend for Cpu64 {
     fn warp(&self, x: &CpuTensor, warp: &Warp) -> Result<CpuTensor> {
         let out = warp.output_shape(&x.shape)?;
         let nc = out.dims()[0] * out.dims()[1];
-        let mut data = vec![0.0; out.numel()];
+        let mut data = filled("warp", out.numel(), 0.0)?;
         for_each_output(nc, warp.output, |v, o, k| {
             warp.for_each_source(o, |i, weight| {
                 data[k] += weight * x.data[flat(v, i, warp.input)];
@@ -369,7 +363,7 @@ impl WarpBackend for Cpu64 {
     fn warp_adjoint(&self, g: &CpuTensor, warp: &Warp) -> Result<CpuTensor> {
         let out = warp.adjoint_shape(&g.shape)?;
         let nc = out.dims()[0] * out.dims()[1];
-        let mut data = vec![0.0; out.numel()];
+        let mut data = filled("warp_adjoint", out.numel(), 0.0)?;
         for_each_output(nc, warp.output, |v, o, k| {
             warp.for_each_source(o, |i, weight| {
                 data[flat(v, i, warp.input)] += weight * g.data[k];

@@ -10,6 +10,13 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug, Clone)]
+#[command(
+    after_help = "Definitions (as medpy 0.5 computes them; METHODS.md): surface voxels = \
+    X xor erode(X) (6-neighbour); HD95 = the 95th percentile of both directed surface-distance \
+    sets together; ASD = the mean distance from the prediction's surface to the reference's; \
+    ASSD = the mean over both directed sets together (so the larger surface weighs more, not the \
+    mean of the two directed means)."
+)]
 pub struct EvaluateArgs {
     /// A predicted label volume (.nii or .nii.gz), or a folder of them.
     #[arg(long, value_name = "FILE_OR_DIR")]

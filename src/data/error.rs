@@ -46,6 +46,27 @@ pub enum DataError {
         value: f32,
         classes: String,
     },
+    #[error(
+        "{}: label value {value} is beyond the {classes} classes in use (data.classes = {classes} \
+         takes values 0 to {}); set data.classes to cover it",
+        .path.display(), .classes.saturating_sub(1)
+    )]
+    LabelBeyondClasses {
+        path: PathBuf,
+        value: f32,
+        classes: usize,
+    },
+    /// A NaN or infinite voxel in a volume read as input.
+    #[error(
+        "{}: voxel {voxel} is {value}; a volume must hold finite values (replace them first, \
+         e.g. with numpy.nan_to_num)",
+        .path.display()
+    )]
+    NonFinite {
+        path: PathBuf,
+        value: f32,
+        voxel: String,
+    },
     #[error("{}: {reason}", .path.display())]
     DatasetJson { path: PathBuf, reason: String },
     #[error("case '{case}': {} not found", .path.display())]

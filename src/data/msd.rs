@@ -69,6 +69,9 @@ pub struct SplitFile {
 pub struct Msd {
     pub root: PathBuf,
     pub info: DatasetInfo,
+    /// The number of classes the labels are used with (a training run's `data.classes`), if
+    /// known: labels must then be below it as well as declared.
+    classes: Option<usize>,
     /// Case name -> file name, in imagesTr and imagesTs.
     training: BTreeMap<String, String>,
     testing: BTreeMap<String, String>,
@@ -82,9 +85,18 @@ impl Msd {
         Ok(Msd {
             root: root.to_path_buf(),
             info,
+            classes: None,
             training,
             testing,
         })
+    }
+
+    /// The data set used with `classes` classes (values 0 to classes - 1): a label value outside
+    /// them is an error when the label is loaded, as an undeclared one is. Without this, a label
+    /// of value `classes` would one-hot to nothing and train as background, silently.
+    pub fn with_classes(mut self, classes: usize) -> Msd {
+        self.classes = Some(classes);
+        self
     }
 
     /// Case names in imagesTr, sorted.
@@ -249,8 +261,17 @@ impl Msd {
             return Err(mismatch(reason));
         }
         check_classes(path, &label, &self.info.labels)?;
+        if let Some(classes) = self.classes {
+            check_class_count(path, &label, classes)?;
+        }
         Ok(label)
     }
+}
+
+/// The set as a list, `{0, 1, 2}`.
+fn set_text(values: &BTreeSet<u32>) -> String {
+    let items: Vec<String> = values.iter().map(u32::to_string).collect();
+    format!("{{{}}}", items.join(", "))
 }
 
 /// Every label value must be one of the declared class values.
@@ -265,7 +286,23 @@ pub fn check_classes(path: &Path, label: &Volume, classes: &[(u32, String)]) -> 
         Some(&value) => Err(DataError::UndeclaredLabel {
             path: path.to_path_buf(),
             value,
-            classes: format!("{declared:?}"),
+            classes: set_text(&declared),
+        }),
+    }
+}
+
+/// Every label value must be below `classes` (values already checked to be declared classes).
+pub fn check_class_count(path: &Path, label: &Volume, classes: usize) -> Result<()> {
+    match label
+        .data
+        .iter()
+        .find(|&&v| v.is_nan() || v >= classes as f32)
+    {
+        None => Ok(()),
+        Some(&value) => Err(DataError::LabelBeyondClasses {
+            path: path.to_path_buf(),
+            value,
+            classes,
         }),
     }
 }
@@ -389,8 +426,11 @@ pub fn dataset_json(info: &DatasetInfo, training: &[String], test: &[String]) ->
     })
 }
 
-/// Writes `value` as pretty JSON.
+/// Writes `value` as pretty JSON (atomically: no half-written file under `path`).
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
-    std::fs::write(path, text + "\n").map_err(|e| DataError::io(path, e))
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialise") + "\n";
+    let fill = |file: &mut std::io::BufWriter<std::fs::File>| {
+        std::io::Write::write_all(file, text.as_bytes())
+    };
+    crate::atomic::write_with(path, fill, |e| DataError::io(path, e))
 }

@@ -14,7 +14,6 @@ use super::error::{DataError, Result};
 use nifti::{Endianness, NiftiHeader, NiftiType};
 use std::io::Read;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Size of the NIfTI-1 header; single-file data start at 352 at the earliest (header + 4-byte extender).
 const HEADER_SIZE: usize = 348;
@@ -213,12 +212,33 @@ pub fn read(path: &Path) -> Result<Volume> {
     let count = dims.iter().product::<usize>() * channels;
     let raw = voxel_bytes(path, &bytes, offset, count * dtype.size())?;
     let data = decode(raw, dtype, header.endianness, scaling(&header));
+    check_finite(path, &data, dims)?;
     Ok(Volume {
         data,
         channels,
         dims,
         spacing,
         header,
+    })
+}
+
+/// Every voxel must be a number: a NaN or an infinity (in the file, or made by its scaling) would
+/// flow through normalisation and the network into every output (issue 25). The first one is
+/// named by its NIfTI index (x, y, z), and t in a 4D file.
+fn check_finite(path: &Path, data: &[f32], [d, h, w]: [usize; 3]) -> Result<()> {
+    let Some(i) = data.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let (x, y, z, t) = (i % w, i / w % h, i / (w * h) % d, i / (w * h * d));
+    let voxel = if data.len() > d * h * w {
+        format!("(x, y, z, t) = ({x}, {y}, {z}, {t})")
+    } else {
+        format!("(x, y, z) = ({x}, {y}, {z})")
+    };
+    Err(DataError::NonFinite {
+        path: path.to_path_buf(),
+        value: data[i],
+        voxel,
     })
 }
 
@@ -261,6 +281,7 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<NiftiHeader> {
             reason: "NIfTI-2; save it as NIfTI-1 (e.g. nibabel's Nifti1Image)".into(),
         });
     }
+    check_rank(&first, bytes).map_err(malformed)?;
     let header = NiftiHeader::from_reader(bytes).map_err(|e| malformed(e.to_string()))?;
     if header.sizeof_hdr != HEADER_SIZE as i32 {
         return Err(malformed(format!(
@@ -277,6 +298,26 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<NiftiHeader> {
     Ok(header)
 }
 
+/// dim[0] (bytes 40-41) must be 1 to 7, read in the byte order sizeof_hdr = 348 reveals: the
+/// `nifti` crate takes a dim[0] outside 1 to 7 as a sign of the other byte order and then reports
+/// a wrong sizeof_hdr, naming the wrong field.
+fn check_rank(first: &[u8; 4], bytes: &[u8]) -> std::result::Result<(), String> {
+    let raw: [u8; 2] = bytes[40..42].try_into().unwrap();
+    let rank = if i32::from_le_bytes(*first) == HEADER_SIZE as i32 {
+        i16::from_le_bytes(raw)
+    } else if i32::from_be_bytes(*first) == HEADER_SIZE as i32 {
+        i16::from_be_bytes(raw)
+    } else {
+        return Ok(()); // a bad sizeof_hdr, reported as such below
+    };
+    if (1..=7).contains(&rank) {
+        return Ok(());
+    }
+    Err(format!(
+        "dim[0] (the number of dimensions) is {rank}; it must be 1 to 7"
+    ))
+}
+
 fn dtype_of(path: &Path, header: &NiftiHeader) -> Result<Dtype> {
     Dtype::from_code(header.datatype).ok_or_else(|| DataError::UnsupportedType {
         path: path.to_path_buf(),
@@ -289,11 +330,30 @@ fn dtype_of(path: &Path, header: &NiftiHeader) -> Result<Dtype> {
 }
 
 /// [D, H, W] and the number of channels (the 4th axis); axes 5 to 7 must have size 1.
+///
+/// `dim` is read here as the standard declares it, signed 16-bit: the `nifti` crate reads it
+/// unsigned (a -1 would be a size of 65535) and names the wrong element in its own messages.
 fn dims_of(path: &Path, header: &NiftiHeader) -> Result<([usize; 3], usize)> {
-    let dim = header.dim().map_err(|e| DataError::Malformed {
+    let malformed = |reason: String| DataError::Malformed {
         path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let raw = header.dim.map(|d| d as i16);
+    let rank = raw[0];
+    if !(1..=7).contains(&rank) {
+        return Err(malformed(format!(
+            "dim[0] (the number of dimensions) is {rank}; it must be 1 to 7"
+        )));
+    }
+    let dim = &raw[1..=rank as usize];
+    if let Some(axis) = dim.iter().position(|&d| d < 1) {
+        return Err(malformed(format!(
+            "dim[{}] (the size of axis {}) is {}; sizes must be at least 1",
+            axis + 1,
+            axis + 1,
+            dim[axis]
+        )));
+    }
     let size = |i: usize| dim.get(i).map_or(1, |&d| d as usize);
     if dim.len() > 4 && dim[4..].iter().any(|&d| d > 1) {
         return Err(DataError::Unsupported {
@@ -335,7 +395,10 @@ fn data_offset(path: &Path, header: &NiftiHeader) -> Result<usize> {
 }
 
 fn voxel_bytes<'a>(path: &Path, bytes: &'a [u8], offset: usize, len: usize) -> Result<&'a [u8]> {
-    match bytes.get(offset..offset + len) {
+    match offset
+        .checked_add(len)
+        .and_then(|end| bytes.get(offset..end))
+    {
         Some(raw) => Ok(raw),
         None => Err(DataError::Truncated {
             path: path.to_path_buf(),
@@ -521,19 +584,13 @@ pub fn write(path: &Path, volume: &Volume, dtype: Dtype) -> Result<()> {
     }
     // The crate rewrites every extension of the name it is given; a plain temporary name keeps it
     // from altering the user's, and the rename means no half-written file under that name.
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let tmp = path.with_file_name(format!(
-        "metaseg-tmp-{}-{}.{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed),
-        if gz { "nii.gz" } else { "nii" }
-    ));
-    let written = write_as_dtype(path, &tmp, volume, dtype)
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e)));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    let extension = if gz { ".nii.gz" } else { ".nii" };
+    crate::atomic::write_file(
+        path,
+        extension,
+        |tmp| write_as_dtype(path, tmp, volume, dtype),
+        |e| DataError::io(path, e),
+    )
 }
 
 fn write_as_dtype(path: &Path, tmp: &Path, volume: &Volume, dtype: Dtype) -> Result<()> {

@@ -94,7 +94,10 @@ impl CropBox {
 
     fn check(&self, dims: [usize; 3]) -> Result<()> {
         if (0..3).any(|a| self.start[a] >= self.end[a] || self.end[a] > dims[a]) {
-            let reason = format!("{self:?} is empty or outside a volume of dims {dims:?}");
+            let reason = format!(
+                "the box from {:?} to {:?} is empty or outside a volume of dims {dims:?}",
+                self.start, self.end
+            );
             return Err(DataError::invalid("crop box", reason));
         }
         Ok(())

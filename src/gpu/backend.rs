@@ -210,15 +210,21 @@ impl Gpu {
 
     /// An uninitialised tensor of `shape` from the pool.
     pub fn empty(&self, shape: &Shape) -> Result<GpuTensor> {
-        let n = shape.numel();
-        let bytes = (n.max(1).next_multiple_of(4) * 4) as u64;
-        if n >= u32::MAX as usize / 4 || bytes > self.ctx.max_binding_bytes() {
-            return Err(backend_error(format!(
-                "a tensor of shape {shape} needs {bytes} bytes; the adapter binds at most {} bytes \
-                 (max_storage_buffer_binding_size)",
-                self.ctx.max_binding_bytes()
-            )));
-        }
+        // Counted in u128, and checked, so that no shape makes the count wrap into a small one.
+        let n = (shape.dims().iter()).try_fold(1u128, |n, &d| n.checked_mul(d as u128));
+        let bytes = n.map(|n| n.max(1).next_multiple_of(4) * 4);
+        let limit = self.ctx.max_binding_bytes();
+        let fits = n.is_some_and(|n| n < u32::MAX as u128 / 4);
+        let bytes = match bytes {
+            Some(bytes) if fits && bytes <= limit as u128 => bytes as u64,
+            _ => {
+                let needs = bytes.map_or("more than 2^128".into(), |b| b.to_string());
+                return Err(backend_error(format!(
+                    "a tensor of shape {shape} needs {needs} bytes; the adapter binds at most \
+                     {limit} bytes (max_storage_buffer_binding_size)"
+                )));
+            }
+        };
         Ok(GpuTensor {
             storage: Arc::new(Storage {
                 buffer: Some(self.ctx.acquire(bytes)),
@@ -325,6 +331,10 @@ impl Gpu {
         reduce: usize,
         inner: usize,
     ) -> Result<GpuTensor> {
+        if outer * reduce * inner == 0 {
+            // A sum over no values is 0 (numpy's); an empty result needs no launch.
+            return self.fill(&Shape::from([outer, 1, inner]), 0.0);
+        }
         if reduce == 1 {
             return Ok(x.clone());
         }

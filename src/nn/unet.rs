@@ -54,7 +54,8 @@ impl UNet {
         };
         if config.features.is_empty() || config.features.contains(&0) || config.classes == 0 {
             return Err(bad(format!(
-                "features and classes must be positive: {config:?}"
+                "features ({:?}) and classes ({}) must be positive",
+                config.features, config.classes
             )));
         }
         let (mut params, mut stats) = (Declarations::default(), Declarations::default());

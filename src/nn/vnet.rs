@@ -101,7 +101,8 @@ impl VNet {
         };
         if config.levels == 0 || config.base_width == 0 || config.classes == 0 {
             return Err(bad(format!(
-                "levels, base width and classes must be positive: {config:?}"
+                "levels ({}), base width ({}) and classes ({}) must be positive",
+                config.levels, config.base_width, config.classes
             )));
         }
         if let Some(p) = config.dropout.filter(|p| !(0.0..1.0).contains(p)) {

@@ -103,9 +103,8 @@ pub fn write_png(path: &Path, picture: &Rgb) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
-    let tmp = path.with_extension("png.partial");
-    let encode = |file: std::fs::File| -> std::result::Result<(), png::EncodingError> {
-        let mut writer = std::io::BufWriter::new(file);
+    let encode = |tmp: &Path| -> std::result::Result<(), png::EncodingError> {
+        let mut writer = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         let (w, h) = (picture.width as u32, picture.height as u32);
         let mut encoder = png::Encoder::new(&mut writer, w, h);
         encoder.set_color(png::ColorType::Rgb);
@@ -114,15 +113,13 @@ pub fn write_png(path: &Path, picture: &Rgb) -> Result<()> {
         writer.flush()?;
         Ok(())
     };
-    let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    encode(file).map_err(|e| match e {
-        png::EncodingError::IoError(source) => ReportError::Io {
-            path: tmp.clone(),
-            source,
-        },
-        other => draw_error(path)(other.to_string()),
-    })?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    let written = |tmp: &Path| {
+        encode(tmp).map_err(|e| match e {
+            png::EncodingError::IoError(source) => io(path)(source),
+            other => draw_error(path)(other.to_string()),
+        })
+    };
+    crate::atomic::write_file(path, ".png", written, io(path))
 }
 
 /// How many test cases of a run get an overlay.

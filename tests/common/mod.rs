@@ -22,6 +22,8 @@ pub fn gpu() -> Gpu {
     .clone()
 }
 
+pub mod examples;
+
 pub use metaseg_autograd::check::seeded;
 
 /// A function's value, its gradient for a seeded output weighting, and a Hessian-vector product.

@@ -31,6 +31,19 @@ pub enum CheckpointError {
     },
     #[error("reading checkpoint {path}: {message}")]
     Read { path: PathBuf, message: String },
+    /// A save refused: a checkpoint never holds a non-finite tensor, so the one already on the
+    /// disk is the last good one.
+    #[error(
+        "not writing checkpoint {path} of step {step}: tensor '{tensor}' holds {value} at element \
+         {index}"
+    )]
+    NonFinite {
+        path: PathBuf,
+        step: u64,
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, CheckpointError>;
@@ -68,6 +81,14 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
+/// The first non-finite element of `tensors`, in name order: (tensor, element, value).
+pub fn first_non_finite(tensors: &BTreeMap<String, HostTensor>) -> Option<(&str, usize, f32)> {
+    tensors.iter().find_map(|(name, t)| {
+        let index = t.data.iter().position(|v| !v.is_finite())?;
+        Some((name.as_str(), index, t.data[index]))
+    })
+}
+
 /// `<stem>.safetensors` and `<stem>.json`.
 pub fn paths(stem: &Path) -> (PathBuf, PathBuf) {
     (
@@ -76,21 +97,27 @@ pub fn paths(stem: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
+/// Writes `bytes` through a temporary file (removed on failure) and a rename.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let err = |source| CheckpointError::Write {
         path: path.to_path_buf(),
         source,
     };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    fs::write(&tmp, bytes).map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    crate::atomic::write_with(path, |file| std::io::Write::write_all(file, bytes), err)
 }
 
-/// Writes the tensors and the sidecar at `stem` (see [`paths`]).
+/// Writes the tensors and the sidecar at `stem` (see [`paths`]); refuses a non-finite tensor.
 pub fn save(stem: &Path, tensors: &BTreeMap<String, HostTensor>, sidecar: &Sidecar) -> Result<()> {
     let (tensor_path, json_path) = paths(stem);
+    if let Some((tensor, index, value)) = first_non_finite(tensors) {
+        return Err(CheckpointError::NonFinite {
+            path: tensor_path,
+            step: sidecar.step,
+            tensor: tensor.to_string(),
+            index,
+            value,
+        });
+    }
     let bytes: BTreeMap<&String, Vec<u8>> = tensors
         .iter()
         .map(|(k, t)| (k, bytemuck::cast_slice::<f32, u8>(&t.data).to_vec()))
@@ -162,6 +189,14 @@ pub fn load(stem: &Path) -> Result<(BTreeMap<String, HostTensor>, Sidecar)> {
             .collect();
         let shape = view.shape().to_vec();
         tensors.insert(name, HostTensor { shape, data });
+    }
+    if let Some((tensor, index, value)) = first_non_finite(&tensors) {
+        let message = format!(
+            "tensor '{tensor}' holds {value} at element {index}; a network with non-finite \
+             weights can neither predict nor train on (the run diverged: train again, or from an \
+             earlier checkpoint)"
+        );
+        return Err(bad(&tensor_path, message));
     }
     Ok((tensors, sidecar))
 }

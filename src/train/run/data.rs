@@ -66,7 +66,8 @@ pub fn load_data(config: &TrainConfig) -> Result<RunData> {
             test,
         }
     } else {
-        let msd = Msd::open(Path::new(&d.source))?;
+        // Labels must fit the classes trained on, not only those dataset.json declares.
+        let msd = Msd::open(Path::new(&d.source))?.with_classes(d.classes);
         let spec = if d.split.is_empty() {
             SplitSpec::FirstN {
                 labeled: d.labeled,

@@ -41,14 +41,17 @@ pub enum RunError {
         source: std::io::Error,
     },
     #[error(
-        "the loss became {value} at iteration {step}; stopped. The last good checkpoint ({}) is \
-         kept: lower optimizer.lr or enable optimizer.clip, then --resume",
-        .checkpoint
+        "the {quantity} became {value} at iteration {step}; stopped. {kept}. Train again with a \
+         lower optimizer.lr or with optimizer.clip"
     )]
     NonFinite {
+        /// The iteration, counted from 1 as the log counts them.
         step: u64,
+        /// What became non-finite: the loss, or a parameter tensor and its element.
+        quantity: String,
         value: f64,
-        checkpoint: String,
+        /// Which checkpoint is the last good one, if any (from [`kept_checkpoint`]).
+        kept: String,
     },
     #[error("--resume: {0}")]
     Resume(String),
@@ -191,6 +194,18 @@ impl<'a, B: NetBackend> RunContext<'a, B> {
 
 /// Trains the configuration's method to its number of iterations, writing into `paths.dir`: its
 /// first stage if it has one, then its main stage (see the top).
+/// Which checkpoint at `stem` a stopped run leaves as its last good one, as a sentence.
+pub fn kept_checkpoint(stem: &Path) -> String {
+    match checkpoint::load(stem) {
+        Ok((_, sidecar)) => format!(
+            "The last good checkpoint ({}, step {}) is kept",
+            checkpoint::paths(stem).0.display(),
+            sidecar.step
+        ),
+        Err(_) => "No good checkpoint had been written".to_string(),
+    }
+}
+
 pub fn train<B: NetBackend>(
     backend: &B,
     config: &TrainConfig,

@@ -6,10 +6,11 @@
 //! checkpoint is the last good one.
 
 use super::{
-    device_batch, io, load_checkpoint, save_checkpoint, validation_dice, Result, RunContext,
-    RunData, RunError, RunOptions, RunPaths, Summary,
+    device_batch, io, kept_checkpoint, load_checkpoint, save_checkpoint, validation_dice, Result,
+    RunContext, RunData, RunError, RunOptions, RunPaths, Summary,
 };
 use crate::nn::NetBackend;
+use crate::train::checkpoint::CheckpointError;
 use crate::train::trainer::{StepLog, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::borrow::Cow;
@@ -34,12 +35,32 @@ impl<B: NetBackend> Iteration<'_, B> {
         let loss = self.terms[0].1;
         if !loss.is_finite() {
             return Err(RunError::NonFinite {
-                step: self.t,
+                step: self.t + 1,
+                quantity: "loss".into(),
                 value: loss,
-                checkpoint: self.checkpoint.display().to_string(),
+                kept: kept_checkpoint(&self.checkpoint),
             });
         }
         Ok(())
+    }
+}
+
+/// Saves the checkpoint of iteration `done`; a non-finite parameter (or other tensor) stops the
+/// run as a non-finite loss does, with the earlier checkpoint kept (the save refuses it).
+fn save_checked<B: NetBackend>(trainer: &Trainer<B>, done: u64, stem: &Path) -> Result<()> {
+    match save_checkpoint(trainer, done, stem) {
+        Err(RunError::Checkpoint(CheckpointError::NonFinite {
+            tensor,
+            index,
+            value,
+            ..
+        })) => Err(RunError::NonFinite {
+            step: done,
+            quantity: format!("tensor '{tensor}' (element {index}) of the checkpoint"),
+            value: value.into(),
+            kept: kept_checkpoint(stem),
+        }),
+        other => other,
     }
 }
 
@@ -100,7 +121,10 @@ pub fn train_from<B: NetBackend>(
         let stop = options.stop_after == Some(done);
         let due = done % config.log.checkpoint_every.max(1) == 0 || last || stop;
         if due || trainer.method.checkpoint_at(&config, done) {
-            save_checkpoint(&trainer, done, &paths.checkpoint())?;
+            if let Err(e) = save_checked(&trainer, done, &paths.checkpoint()) {
+                bar.abandon();
+                return Err(e);
+            }
         }
         let message: Vec<String> = terms.iter().map(|(n, v)| format!("{n} {v:.4}")).collect();
         bar.set_message(message.join(" "));
