@@ -67,6 +67,7 @@ impl Net {
                 second_decoder: config.method == "ideal",
                 encoder_projection: (config.method == "ideal-pretrain")
                     .then_some(config.ideal.embedding),
+                two_d: config.batch.patch[0] == 1,
             })?)),
         })
     }
