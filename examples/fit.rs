@@ -4,9 +4,10 @@
 //! A run whose training Dice is far above its test Dice has fitted its labeled cases; one whose
 //! training Dice is no higher has not yet run out of what they teach.
 //!
-//! Usage: cargo run --release --example fit -- RUN_DIR [RUN_DIR ...]
+//! Usage: cargo run --release --example fit -- [--cases] RUN_DIR [RUN_DIR ...]
 //! (a run directory of `metaseg train`, e.g. runs/default/supervised/seed-1337). Prints one line
-//! per run: method, seed, training cases, training Dice, test Dice.
+//! per run: method, seed, training cases, training Dice, test Dice; with `--cases`, then every
+//! test case's Dice, lowest first.
 
 use metaseg::eval::inference::HostVolume;
 use metaseg::eval::trained::SavedRun;
@@ -24,9 +25,13 @@ fn main() {
 }
 
 fn fit_all() -> Result<(), Box<dyn std::error::Error>> {
-    let dirs: Vec<String> = std::env::args().skip(1).collect();
+    let mut dirs: Vec<String> = std::env::args().skip(1).collect();
+    let per_case = dirs.first().is_some_and(|a| a == "--cases");
+    if per_case {
+        dirs.remove(0);
+    }
     if dirs.is_empty() {
-        return Err("usage: fit RUN_DIR [RUN_DIR ...]".into());
+        return Err("usage: fit [--cases] RUN_DIR [RUN_DIR ...]".into());
     }
     let gpu = Gpu::new()?;
     println!("| run | method | seed | training cases | training Dice | test Dice |");
@@ -39,8 +44,8 @@ fn fit_all() -> Result<(), Box<dyn std::error::Error>> {
         let trained = saved.network(&gpu, channels)?;
         let window =
             SlidingWindow::with_stride_fraction(config.batch.patch, config.log.stride_fraction);
-        let mean_dice = |cases: &[LoadedCase]| -> Result<f64, Box<dyn std::error::Error>> {
-            let mut total = 0.0;
+        let dice = |cases: &[LoadedCase]| -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+            let mut each = Vec::with_capacity(cases.len());
             for case in cases {
                 let volume = HostVolume {
                     data: &case.image.data,
@@ -57,18 +62,25 @@ fn fit_all() -> Result<(), Box<dyn std::error::Error>> {
                 )?;
                 let prediction = argmax(&probabilities, config.data.classes);
                 let label = case.label.as_ref().ok_or("a case without a label")?;
-                total += metrics::overlap(&prediction, label, |v| v > 0).dice();
+                each.push(metrics::overlap(&prediction, label, |v| v > 0).dice());
             }
-            Ok(total / cases.len().max(1) as f64)
+            Ok(each)
         };
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let (training, mut test) = (dice(&data.labeled)?, dice(&data.test)?);
         println!(
             "| {dir} | {} | {} | {} | {:.3} | {:.3} |",
             config.method,
             config.seed,
             data.labeled.len(),
-            mean_dice(&data.labeled)?,
-            mean_dice(&data.test)?
+            mean(&training),
+            mean(&test)
         );
+        if per_case {
+            test.sort_by(f64::total_cmp);
+            let cases: Vec<String> = test.iter().map(|d| format!("{d:.2}")).collect();
+            println!("test cases: {}", cases.join(" "));
+        }
     }
     Ok(())
 }

@@ -70,8 +70,10 @@ pub struct SyntheticKnobs {
     /// Range of the case's zoom, drawn log-uniformly within [0.25, 4]: the whole anatomy scaled
     /// about the target's centre ((1, 1): none).
     pub zoom: (f64, f64),
-    /// Small distractor blobs besides the ventricle and the aorta.
+    /// Small distractor blobs besides the ventricle and the aorta, anywhere in the volume.
     pub blobs: usize,
+    /// Range of the blobs' radii, before the zoom; within [0.02, 0.5].
+    pub blob_radius: (f64, f64),
     /// Each distractor's mean intensity is the target's times 1 + U(-c, c), c in [0, 1).
     pub distractor_contrast: f64,
     /// Range of the surrounding tissue's intensity, relative to the target's blood (1): above 1,
@@ -116,9 +118,10 @@ impl Default for SyntheticKnobs {
             tubes: (1, 4),
             branches: (0, 2),
             holes: (0, 2),
-            position: 0.35,
+            position: 0.5,
             zoom: (0.7, 1.3),
             blobs: 3,
+            blob_radius: (0.04, 0.08),
             distractor_contrast: 0.08,
             tissue_level: (0.3, 0.6),
             contrast: 0.7,
@@ -174,6 +177,7 @@ impl SyntheticKnobs {
             }
         };
         range("body_radius", self.body_radius, 0.05, 0.8)?;
+        range("blob_radius", self.blob_radius, 0.02, 0.5)?;
         range("tissue_level", self.tissue_level, 0.0, f64::MAX)?;
         range("zoom", self.zoom, 0.25, 4.0)?;
         range("resolution", self.resolution, 1.0, 8.0)?;
@@ -574,7 +578,7 @@ impl Anatomy {
             .collect();
         let mut d = Draws::part(key, Stream::Distractors);
         let mut distractors = vec![draw_ventricle(&mut d, &body), draw_aorta(&mut d, &body)];
-        distractors.extend((0..k.blobs).map(|_| draw_blob(&mut d, config.size)));
+        distractors.extend((0..k.blobs).map(|_| draw_blob(&mut d, config.size, k.blob_radius)));
         for part in &mut distractors {
             part.level = 1.0 + d.range(-1.0, 1.0) * k.distractor_contrast;
         }
@@ -776,9 +780,9 @@ fn draw_aorta(d: &mut Draws, body: &Shape) -> Part {
 }
 
 /// A small deformed blob anywhere in the volume.
-fn draw_blob(d: &mut Draws, size: [usize; 3]) -> Part {
+fn draw_blob(d: &mut Draws, size: [usize; 3], (r0, r1): (f64, f64)) -> Part {
     let half = half_extent(size);
-    let r = d.range(0.07, 0.14);
+    let r = d.range(r0, r1);
     Part {
         shape: Shape::Blob {
             centre: [0, 1, 2].map(|a| d.range(-half[a], half[a])),
