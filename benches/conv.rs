@@ -15,7 +15,7 @@ mod common;
 
 use common::{Bench, Work};
 use criterion::{criterion_group, criterion_main, Criterion};
-use metaseg::gpu::{ConvVariant, GpuTensor};
+use metaseg::gpu::{ConvPlan, ConvVariant, GpuTensor};
 use metaseg_autograd::{
     Conv3dGeometry, ConvBackend, ConvSpec, Cpu64, CpuTensor, Result, Shape, Tolerance,
 };
@@ -140,17 +140,17 @@ fn passes(bench: &Bench, c: &mut Criterion, layer: &Layer, variant: ConvVariant,
     };
     // The variant that really runs each pass (variant 2 falls back to 1 where it does not apply,
     // variant 3 to 2 outside the forward kernel).
-    let [f, i, w] = variant.runs(&g);
+    let [f, i, w] = ConvPlan::new(variant, &g).numbers();
     let runs = if layer.transposed {
         [i, f, w]
     } else {
         [f, i, w]
     };
     for ((pass, (expected, mut launch)), run) in named.into_iter().zip(runs) {
-        if run != variant && run == variant.unstaged() {
+        if run != variant.number() && run == variant.unstaged().number() {
             continue; // measured as that variant already
         }
-        let name = format!("conv3d {pass} v{}", run.number());
+        let name = format!("conv3d {pass} v{run}");
         bench.op(c, &name, layer.label, work, expected, tol, &mut launch);
     }
 }

@@ -11,6 +11,32 @@
 // Variant 1 stays as the reference the blocked kernels are measured against, and runs wherever
 // variant 2's conditions do not hold.
 //
+// Which entry point runs each primitive: per primitive, the first row whose condition holds
+// (variant 1 runs the direct rows only). The host's ConvPlan (src/gpu/conv/plan.rs) is this table.
+//
+//   entry point                 primitive    condition
+//   conv3d_blocked              forward      W and Wo multiples of 4; the input segment of WB
+//                                            outputs within MAX_SEGMENT vec4s; KB / 4 x WB <=
+//                                            MAX_ACC; KW x KB / 4 <= MAX_TAP_WEIGHTS; variant 3:
+//                                            kd x kh x KW x KB / 4 <= MAX_STAGED
+//   conv3d_direct               forward      otherwise
+//   conv3d_blocked, flipped     grad-input   stride 1, padding <= dilation (k - 1), and the row
+//                                            above on the flipped convolution
+//   conv3d_grad_input_patches   grad-input   stride = kernel, no padding or dilation, D = Do kd,
+//                                            H = Ho kh, W = Wo KW, and Wo a multiple of 8
+//   conv3d_grad_input_blocked   grad-input   W and Wo multiples of 4; WB (at most PART) a multiple
+//                                            of 4 SW; its dy segment within MAX_SEGMENT vec4s
+//   conv3d_grad_input_direct    grad-input   otherwise
+//   conv3d_grad_weight_rows     grad-weight  kernel 3 tall with stride and dilation 1 along H;
+//                                            the forward's condition at KB 8 x WB 4; KW x 2 <=
+//                                            ROW_ACC
+//   conv3d_grad_weight_blocked  grad-weight  the forward's condition without staging and its
+//                                            weight registers, at WB <= PART; KW x KB / 4 <= MAX_ACC
+//   conv3d_grad_weight_direct   grad-weight  otherwise
+//
+// The blocked kernels read the weight rearranged by `conv3d_arrange_weight` first, and the
+// grad-weight kernels write partial sums over chunks of the reduction that reduce.wgsl adds up.
+//
 // Variant 1, the direct kernels (`*_direct`): one result element per invocation, computed from its
 // definition with every bound checked. They are the simple, obviously-right version that the
 // blocked variant is measured against. Workgroups of WG invocations on the 2D grid the host

@@ -17,8 +17,28 @@
 
 override WG: u32 = 256u;
 override VECS: u32 = 4u;
-// Which function `unary` and `binary` compute (values of UnaryOp / BinaryOp in src/gpu/ops.rs).
+// Which function `unary` and `binary` compute: the UNARY_ and BINARY_ codes below, the host's
+// codes of UnaryOp and BinaryOp (src/gpu/backend.rs).
 override OP: u32 = 0u;
+const UNARY_NEG: u32 = 0u;
+const UNARY_EXP: u32 = 1u;
+const UNARY_LOG: u32 = 2u;
+const UNARY_SQRT: u32 = 3u;
+const UNARY_SQUARE: u32 = 4u;
+const UNARY_RELU: u32 = 5u;
+const UNARY_LEAKY_RELU: u32 = 6u;
+const UNARY_SIGMOID: u32 = 7u;
+const UNARY_TANH: u32 = 8u;
+const UNARY_CLAMP: u32 = 9u;
+const UNARY_SCALE: u32 = 10u;
+const UNARY_ADD_SCALAR: u32 = 11u;
+const UNARY_RELU_MASK: u32 = 12u;
+const UNARY_LEAKY_RELU_SLOPE: u32 = 13u;
+const UNARY_CLAMP_MASK: u32 = 14u;
+const BINARY_ADD: u32 = 0u;
+const BINARY_SUB: u32 = 1u;
+const BINARY_MUL: u32 = 2u;
+const BINARY_DIV: u32 = 3u;
 // Whether x / y of `binary` have the output's shape (then they are read as whole vec4s).
 override X_FULL: bool = true;
 override Y_FULL: bool = true;
@@ -102,39 +122,39 @@ fn unary_op(v: vec4<f32>) -> vec4<f32> {
     let zero = vec4<f32>(0.0);
     let one = vec4<f32>(1.0);
     switch OP {
-        case 0u: { return -v; }                                      // neg
-        case 1u: { return exp(v); }                                  // exp
-        case 2u: { return log(v); }                                  // log
-        case 3u: { return sqrt(v); }                                 // sqrt
-        case 4u: { return v * v; }                                   // square
-        case 5u: { return max(v, zero); }                            // relu
-        case 6u: { return select(a * v, v, v > zero); }              // leaky_relu(slope = a)
+        case UNARY_NEG: { return -v; }
+        case UNARY_EXP: { return exp(v); }
+        case UNARY_LOG: { return log(v); }
+        case UNARY_SQRT: { return sqrt(v); }
+        case UNARY_SQUARE: { return v * v; }
+        case UNARY_RELU: { return max(v, zero); }
+        case UNARY_LEAKY_RELU: { return select(a * v, v, v > zero); }          // slope a
         // sigmoid, written so that neither branch overflows: e = exp(-|v|) <= 1.
-        case 7u: {
+        case UNARY_SIGMOID: {
             let e = exp(-abs(v));
             return select(e / (one + e), one / (one + e), v >= zero);
         }
         // tanh = sign(v) (1 - e) / (1 + e) with e = exp(-2|v|): no overflow for large |v|.
-        case 8u: {
+        case UNARY_TANH: {
             let e = exp(-2.0 * abs(v));
             return sign(v) * (one - e) / (one + e);
         }
-        case 9u: { return clamp(v, vec4<f32>(a), vec4<f32>(b)); }    // clamp(min = a, max = b)
-        case 10u: { return v * a; }                                  // scale
-        case 11u: { return v + a; }                                  // add_scalar
-        case 12u: { return select(zero, one, v > zero); }            // relu_mask
-        case 13u: { return select(vec4<f32>(a), one, v > zero); }    // leaky_relu_slope
-        case 14u: { return select(zero, one, v >= vec4<f32>(a) & v <= vec4<f32>(b)); } // clamp_mask
+        case UNARY_CLAMP: { return clamp(v, vec4<f32>(a), vec4<f32>(b)); }     // min a, max b
+        case UNARY_SCALE: { return v * a; }
+        case UNARY_ADD_SCALAR: { return v + a; }
+        case UNARY_RELU_MASK: { return select(zero, one, v > zero); }
+        case UNARY_LEAKY_RELU_SLOPE: { return select(vec4<f32>(a), one, v > zero); }
+        case UNARY_CLAMP_MASK: { return select(zero, one, v >= vec4<f32>(a) & v <= vec4<f32>(b)); }
         default: { return v; }
     }
 }
 
 fn binary_op(u: vec4<f32>, v: vec4<f32>) -> vec4<f32> {
     switch OP {
-        case 0u: { return u + v; }
-        case 1u: { return u - v; }
-        case 2u: { return u * v; }
-        case 3u: { return u / v; }
+        case BINARY_ADD: { return u + v; }
+        case BINARY_SUB: { return u - v; }
+        case BINARY_MUL: { return u * v; }
+        case BINARY_DIV: { return u / v; }
         default: { return u; }
     }
 }

@@ -1,7 +1,7 @@
 // The per-voxel weights of MLB-Seg's meta step: from meta-gradients g (one flat array holding
 // every cost's gradient, both label sources together), w = raw(g) / (sum of raw(g) + eps), where
-// raw is max(-g, 0) (NORM 0, the default), exp(-g - max(-g)) (1, softmax), sigmoid(-g) (2) or
-// [g < 0] (3, hard threshold). Two entry points, one reduction between them:
+// raw is max(-g, 0) (NORM_CLIP, the default), exp(-g - max(-g)) (NORM_SOFTMAX), sigmoid(-g)
+// (NORM_SIGMOID) or [g < 0] (NORM_HARD). Two entry points, one reduction between them:
 //
 // meta_weight_partials: GROUPS workgroups of WG invocations stride over the n entries; each
 //   invocation keeps a running (max, sum) of -g (the max only matters for softmax, whose sum is
@@ -19,6 +19,11 @@ const GROUPS: u32 = 256u;
 const LOWEST: f32 = -3.4e38;
 override NORM: u32 = 0u;
 override EPS: f32 = 1e-10;
+// Values of NORM (the host's codes of Normalization, src/gpu/meta.rs).
+const NORM_CLIP: u32 = 0u;
+const NORM_SOFTMAX: u32 = 1u;
+const NORM_SIGMOID: u32 = 2u;
+const NORM_HARD: u32 = 3u;
 
 struct Params {
     n: u32,
@@ -35,16 +40,16 @@ var<workgroup> tree_sum: array<f32, WG>;
 // The unnormalised weight of v = -g, relative to the shift (softmax only).
 fn raw(v: f32, shift: f32) -> f32 {
     switch NORM {
-        case 1u: { return exp(v - shift); }
-        case 2u: { return 1.0 / (1.0 + exp(-v)); }
-        case 3u: { return select(0.0, 1.0, v > 0.0); }
-        default: { return max(v, 0.0); }
+        case NORM_SOFTMAX: { return exp(v - shift); }
+        case NORM_SIGMOID: { return 1.0 / (1.0 + exp(-v)); }
+        case NORM_HARD: { return select(0.0, 1.0, v > 0.0); }
+        case NORM_CLIP, default: { return max(v, 0.0); }
     }
 }
 
 // Merges pair b into pair a: sums relative to the larger max.
 fn merge(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
-    if NORM != 1u {
+    if NORM != NORM_SOFTMAX {
         return vec2<f32>(0.0, a.y + b.y);
     }
     let m = max(a.x, b.x);
@@ -78,7 +83,7 @@ fn meta_weight_partials(
     var pair = vec2<f32>(LOWEST, 0.0);
     for (var i = group.x * WG + lane; i < params.n; i = i + GROUPS * WG) {
         let v = -g[i];
-        if NORM == 1u {
+        if NORM == NORM_SOFTMAX {
             pair = merge(pair, vec2<f32>(v, 1.0));
         } else {
             pair.y = pair.y + raw(v, 0.0);

@@ -36,51 +36,11 @@ enum Command {
     #[command(subcommand)]
     Dataset(DatasetCommand),
     /// Train a segmentation network (a preset, with any key overridden by --set).
-    Train(TrainArgs),
+    Train(metaseg::cli::train::TrainArgs),
     /// Segment volumes with a trained network: label volumes (uint8) on each input's grid.
     Predict(metaseg::cli::predict::PredictArgs),
     /// Dice, Jaccard, HD95, ASD and ASSD of predicted labels against reference labels.
     Evaluate(metaseg::cli::evaluate::EvaluateArgs),
-}
-
-#[derive(clap::Args)]
-struct TrainArgs {
-    /// The method, or several separated by commas to compare them on the same split. Without it,
-    /// the baselines are compared: supervised, mean-teacher and full.
-    #[arg(long, value_delimiter = ',', value_parser = ["supervised", "mean-teacher", "full", "mlb-seg", "online-pl", "dtml", "local-contrastive", "ideal"])]
-    method: Vec<String>,
-    /// A preset shipped with metaseg (default, la-vnet, mlb-seg, online-pl, dtml, local-contrastive,
-    /// ideal) or a .toml file.
-    #[arg(long, default_value = "default")]
-    preset: String,
-    /// A Medical Segmentation Decathlon folder (imagesTr/, labelsTr/, dataset.json) to train on
-    /// instead of the embedded data set.
-    #[arg(long, value_name = "DIR")]
-    data: Option<PathBuf>,
-    /// Override keys of the preset, like --set optimizer.lr=0.005 iterations=100 (or one --set
-    /// per key).
-    #[arg(long = "set", value_name = "KEY=VALUE", num_args = 1..)]
-    overrides: Vec<String>,
-    /// Run every method with this many seeds (the preset's and the next ones): a comparison then
-    /// reports mean ± standard deviation over them.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-    seeds: u64,
-    /// Directory for config.toml, log.jsonl and the checkpoint (one directory per method and
-    /// seed inside it when there are several runs, with results.md and results.csv).
-    #[arg(long, default_value = "runs/default")]
-    out: PathBuf,
-    /// Continue from the checkpoints in --out.
-    #[arg(long)]
-    resume: bool,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
-    /// Stop after this many iterations with a checkpoint (continue later with --resume).
-    #[arg(long, value_name = "N")]
-    stop_after: Option<u64>,
-    /// After one warm-up step, profile N steps and print every kernel's share of their time.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    profile: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -175,187 +135,6 @@ fn ops_help() -> String {
     help
 }
 
-fn train(args: &TrainArgs) -> AnyResult<()> {
-    use metaseg::report;
-    use metaseg::train::{compare, config::TrainConfig, run};
-    let mut overrides = args.overrides.clone();
-    if overrides
-        .iter()
-        .any(|o| o.trim_start().starts_with("method="))
-    {
-        return Err("choose the method with --method, not --set method=...".into());
-    }
-    if let Some(dir) = &args.data {
-        let source = toml::Value::String(dir.display().to_string());
-        overrides.push(format!("data.source={source}"));
-    }
-    let methods = if args.method.is_empty() {
-        compare::BASELINES.map(String::from).to_vec()
-    } else {
-        args.method.clone()
-    };
-    // The overrides of one run: the user's, then its method (and seed).
-    let for_run = |method: &str, seed: Option<u64>| {
-        let mut o = overrides.clone();
-        o.push(format!("method={}", toml::Value::String(method.into())));
-        o.extend(seed.map(|s| format!("seed={s}")));
-        o
-    };
-    // Read for its seed, checked as the first run will be (the preset's own method may not
-    // accept the overrides, e.g. batch.unlabeled=0 with mean-teacher).
-    let preset = TrainConfig::load(&args.preset, &for_run(&methods[0], None))?;
-    let runs = compare::plan(&methods, preset.seed, args.seeds, &args.out);
-    if args.profile.is_some() && runs.len() > 1 {
-        return Err("--profile runs one method with one seed: give --method NAME".into());
-    }
-    metaseg::cli::ensure_writable_dir(&args.out)
-        .map_err(|e| format!("--out {}: cannot write there: {e}", args.out.display()))?;
-    let gpu = Gpu::new()?;
-    let info = &gpu.context().adapter.info;
-    eprintln!("{} ({:?})", info.name, info.backend);
-    let mut results = Vec::new();
-    for (i, spec) in runs.iter().enumerate() {
-        let config = TrainConfig::load(&args.preset, &for_run(&spec.method, Some(spec.seed)))?;
-        eprintln!(
-            "[{}/{}] {}, seed {}: {} iterations, writing to {}",
-            i + 1,
-            runs.len(),
-            config.method,
-            config.seed,
-            config.iterations,
-            spec.dir.display()
-        );
-        let data = run::load_data(&config)?;
-        eprintln!(
-            "data: {} labeled, {} unlabeled, {} test cases",
-            data.labeled.len(),
-            data.unlabeled.len(),
-            data.test.len()
-        );
-        let paths = run::RunPaths {
-            dir: spec.dir.clone(),
-        };
-        if let Some(steps) = args.profile {
-            return profile(&gpu, &config, &data, &paths, steps);
-        }
-        let options = run::RunOptions {
-            resume: args.resume,
-            progress: !args.quiet,
-            stop_after: args.stop_after,
-        };
-        let summary = run::train(&gpu, &config, &data, &paths, options);
-        // A run stopped by a non-finite loss has a log worth seeing too.
-        if matches!(&summary, Ok(_) | Err(run::RunError::NonFinite { .. })) {
-            warn_on(report::loss_curves(
-                &paths.log(),
-                &paths.dir.join("loss.png"),
-            ));
-        }
-        let summary = summary?;
-        if summary.iterations == 0 {
-            println!(
-                "{}, seed {}: already trained; log in {}",
-                config.method,
-                config.seed,
-                paths.log().display()
-            );
-        } else {
-            let dice = summary
-                .validation_dice
-                .map_or("no test cases".to_string(), |d| format!("{d:.4}"));
-            println!(
-                "{}, seed {}: done in {:.1} s, final loss {:.4}, test Dice {dice}; log in {}",
-                config.method,
-                config.seed,
-                summary.seconds,
-                summary.final_loss,
-                paths.log().display()
-            );
-        }
-        if args.stop_after.is_none() && !data.test.is_empty() {
-            let overlays = paths.dir.join("overlays");
-            let mut shown = 0;
-            let result =
-                run::test_results(&gpu, &config, &data, &paths, &summary, |case, pred| {
-                    if shown < report::OVERLAY_CASES {
-                        warn_on(report::case_overlay(&overlays, case, pred));
-                        shown += 1;
-                    }
-                })?;
-            results.push(result);
-        }
-    }
-    if runs.len() > 1 && !results.is_empty() {
-        let table = compare::markdown(&results);
-        println!(
-            "\nTest cases, means over cases{}:\n{table}",
-            if args.seeds > 1 {
-                " (± std over seeds)"
-            } else {
-                ""
-            }
-        );
-        let write = |name: &str, text: &str| -> AnyResult<()> {
-            let path = args.out.join(name);
-            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok(())
-        };
-        write("results.md", &table)?;
-        write("results.csv", &compare::csv(&results))?;
-        warn_on(report::comparison_plot(
-            &results,
-            &args.out.join("comparison.png"),
-        ));
-    }
-    Ok(())
-}
-
-/// Pictures are extras: failing to draw one is reported, but never throws away a finished
-/// training run (its checkpoint and log are already written).
-fn warn_on<T>(picture: metaseg::report::Result<T>) {
-    if let Err(e) = picture {
-        eprintln!("warning: picture not written: {e}");
-    }
-}
-
-/// `train --profile N`: one step compiles the pipelines, then N steps run with every dispatch
-/// timed; the run stops there, with its checkpoint, so `--resume` can carry it on.
-fn profile(
-    gpu: &Gpu,
-    config: &metaseg::train::config::TrainConfig,
-    data: &metaseg::train::run::RunData,
-    paths: &metaseg::train::run::RunPaths,
-    steps: u64,
-) -> AnyResult<()> {
-    use metaseg::train::{profile, run};
-    if steps + 1 > config.iterations {
-        return Err(format!(
-            "--profile {steps} needs {} iterations (one to warm up); the run has {}",
-            steps + 1,
-            config.iterations
-        )
-        .into());
-    }
-    let options = |resume, stop| run::RunOptions {
-        resume,
-        progress: false,
-        stop_after: Some(stop),
-    };
-    // MLB-Seg's stage 0 (online-pl's teacher) runs first, unprofiled.
-    let first = config.stage0_iterations();
-    run::train(gpu, config, data, paths, options(false, first + 1))?;
-    gpu.context().start_profiling();
-    let summary = run::train(gpu, config, data, paths, options(true, first + steps + 1));
-    let (times, clock) = gpu.context().take_kernel_times()?;
-    let summary = summary?;
-    let wall = Duration::from_secs_f64(summary.step_seconds);
-    print!(
-        "{}",
-        profile::table(&profile::rows(&times), steps, wall, clock)
-    );
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let command = Cli::command().mut_subcommand("kernel", |c| c.after_help(ops_help()));
     // Usage errors exit with clap's code 2; errors while running exit with 1.
@@ -364,7 +143,7 @@ fn main() -> ExitCode {
         Command::Kernel(args) => kernel(&args),
         Command::Info => info(),
         Command::Dataset(DatasetCommand::Default(args)) => default_dataset(&args),
-        Command::Train(args) => train(&args),
+        Command::Train(args) => metaseg::cli::train::run(&args),
         Command::Predict(args) => metaseg::cli::predict::run(&args).map_err(Into::into),
         Command::Evaluate(args) => metaseg::cli::evaluate::run(&args).map_err(Into::into),
     };

@@ -3,12 +3,12 @@
 //! The command line, the GPU-vs-Cpu64 tests and the benches all go through this one table.
 
 use crate::error::{Error, Result};
-use crate::meta::{MetaPath, MetaStep, Sgd};
+use crate::meta::{study, MetaPath};
 use metaseg_autograd::contrastive::DEFAULT_TAU;
 use metaseg_autograd::{
     grad, Backend, BinaryOp, ContrastiveBackend, ConvBackend, ConvSpec, DiceOptions,
     DistanceBackend, Interp, LayerBackend, LossBackend, MatmulSpec, MetaBackend, Normalization,
-    Reduction, Rule, Shape, UnaryOp, Upsample, Var, Warp, WarpBackend, Window3d,
+    Reduction, Shape, UnaryOp, Upsample, Var, Warp, WarpBackend, Window3d,
 };
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -515,55 +515,16 @@ pub fn apply_op<B: OpBackend>(
     Ok(y)
 }
 
-/// MLB-Seg's learning rate of the look-ahead in the runner's study network.
-const META_LR: f64 = 0.1;
-
-/// The meta-gradient of the runner's study network (issue 5): f(x) = conv3d(relu(conv3d(x, w1,
-/// b1, padding 1)), w2, b2), costs c = cross_entropy(f(x_u), y_u) per voxel, a plain SGD
-/// look-ahead theta' = theta - lr grad sum(eps c), and L_meta = mean cross_entropy(f_theta'(x_m),
-/// y_m). The result g = dL_meta/d eps at eps = 0 [N, 1, D, H, W] has no gradient of its own.
+/// The meta-gradient of the study network of [`crate::meta::study`], with the op's settings.
 fn meta_gradient<B: OpBackend>(
     spec: &OpSpec,
     inputs: &[Var<B>],
     settings: &Settings,
 ) -> Result<Var<B>> {
-    let lr = settings.f64("lr")?.unwrap_or(META_LR);
+    let lr = settings.f64("lr")?.unwrap_or(study::LR);
     let path = settings.choice("path", &["reverse", "fast"])?;
     let path = MetaPath::parse(path.as_deref().unwrap_or("fast")).expect("a checked choice");
-    let net = |theta: &[Var<B>], x: &Var<B>| -> metaseg_autograd::Result<Var<B>> {
-        let same = ConvSpec::new([1; 3], [1; 3]);
-        let h = x.conv3d(&theta[0], Some(&theta[1]), same)?.relu()?;
-        h.conv3d(&theta[2], Some(&theta[3]), ConvSpec::default())
-    };
-    let [x_u, y_u, x_m, y_m] = [0, 1, 2, 3].map(|k| inputs[k].detach());
-    let theta: Vec<Var<B>> = inputs[4..]
-        .iter()
-        .map(|t| Var::parameter(t.backend(), t.value().clone()))
-        .collect();
-    let costs = |t: &[Var<B>]| net(t, &x_u)?.cross_entropy(&y_u, None, Reduction::None);
-    let meta_loss = |t: &[Var<B>]| net(t, &x_m)?.cross_entropy(&y_m, None, Reduction::Mean);
-    let step = MetaStep {
-        theta: &theta,
-        buffers: None,
-        sgd: Sgd {
-            lr,
-            momentum: 0.0,
-            weight_decay: 0.0,
-        },
-        costs: &costs,
-        other: None,
-        meta_loss: &meta_loss,
-    };
-    let g = step
-        .meta_gradient(path)
-        .map_err(|e| spec.error(e.to_string()))?;
-    let refs: Vec<&Var<B>> = inputs.iter().collect();
-    Ok(Var::from_op(
-        "meta_gradient",
-        g.value().clone(),
-        &refs,
-        Rule::None,
-    ))
+    study::meta_gradient(inputs, lr, path).map_err(|e| spec.error(e.to_string()))
 }
 
 /// The outputs an op writes besides `out`: the normalised weights of `meta_gradient`.

@@ -1,7 +1,8 @@
 //! Checkpoints: a round trip keeps every tensor bit for bit and the sidecar whole; a save leaves no
 //! temporary files; tensors and sidecar from different saves, and missing files, are errors.
 
-use metaseg::train::checkpoint::{load, paths, save, HostTensor, Sidecar};
+use metaseg::train::checkpoint::{load, paths, save, HostTensor, Sidecar, FORMAT};
+use metaseg::train::methods::Stage;
 use std::collections::BTreeMap;
 
 fn sample(step: u64) -> (BTreeMap<String, HostTensor>, Sidecar) {
@@ -23,9 +24,11 @@ fn sample(step: u64) -> (BTreeMap<String, HostTensor>, Sidecar) {
         ),
     ]);
     let sidecar = Sidecar {
+        format: FORMAT,
         step,
         seed: 7,
-        config: serde_json::json!({"method": "mean-teacher", "lr": 0.01}),
+        config: serde_json::json!({"method": "online-pl", "lr": 0.01}),
+        stage: Stage::First,
         counters: BTreeMap::from([("optimizer_steps".to_string(), step)]),
     };
     (tensors, sidecar)

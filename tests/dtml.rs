@@ -7,9 +7,12 @@
 mod common;
 
 use common::{gpu, log_lines, logged, seeded};
+use metaseg::gpu::Gpu;
 use metaseg::nn::{Mode, Network};
 use metaseg::train::config::TrainConfig;
-use metaseg::train::dtml::{signed_distance, terms};
+use metaseg::train::methods::dtml::{signed_distance, terms, Dtml, DtmlConfig};
+use metaseg::train::methods::{Method, Stage};
+use metaseg::train::network::Net;
 use metaseg::train::run::{self, RunOptions, RunPaths};
 use metaseg::train::trainer::{DeviceBatch, Trainer};
 use metaseg_autograd::{Cpu64, Shape, Var};
@@ -151,8 +154,8 @@ fn the_loss_is_the_weighted_sum_of_its_logged_terms_with_l1_a_flag() {
             let config = tiny(&[flag]);
             let data = run::load_data(&config).unwrap();
             let mut trainer = Trainer::new(&g, &config, 1).unwrap();
-            let first_a = trainer.params.values()[0].to_f64().unwrap();
-            let net_b = trainer.dtml.as_ref().unwrap();
+            let first_a = trainer.student.weights.params.values()[0].to_f64().unwrap();
+            let net_b = &trainer.state::<Dtml<Gpu>>().unwrap().net_b.weights;
             let first_b = net_b.params.values()[0].to_f64().unwrap();
             assert_ne!(first_a, first_b, "the two networks start apart");
             // At iteration 4 the ramp (2 units of 1 iteration) is over.
@@ -161,8 +164,9 @@ fn the_loss_is_the_weighted_sum_of_its_logged_terms_with_l1_a_flag() {
                 let batch = run::device_batch(&g, &trainer, &data, t).unwrap();
                 log.push(trainer.step(&batch, t).unwrap());
             }
-            assert_ne!(trainer.params.values()[0].to_f64().unwrap(), first_a);
-            let net_b = trainer.dtml.as_ref().unwrap();
+            let student = &trainer.student.weights;
+            assert_ne!(student.params.values()[0].to_f64().unwrap(), first_a);
+            let net_b = &trainer.state::<Dtml<Gpu>>().unwrap().net_b.weights;
             assert_ne!(net_b.params.values()[0].to_f64().unwrap(), first_b);
             (config, log)
         })
@@ -200,17 +204,11 @@ fn the_loss_is_the_weighted_sum_of_its_logged_terms_with_l1_a_flag() {
 
 /// Of the labeled voxels off the masks' boundary (where the reference SDF is 0): the share inside
 /// the mask where net B's SDF is negative, and outside where it is positive.
-fn sign_agreement(
-    trainer: &Trainer<metaseg::gpu::Gpu>,
-    batch: &DeviceBatch<metaseg::gpu::Gpu>,
-) -> (f64, f64) {
-    let net_b = trainer.dtml.as_ref().unwrap();
+fn sign_agreement(trainer: &Trainer<Gpu>, batch: &DeviceBatch<Gpu>) -> (f64, f64) {
+    let net_b = &trainer.state::<Dtml<Gpu>>().unwrap().net_b.weights;
     // Training mode (batch statistics, no dropout here): the fit's own view of the batch.
     let mode = Mode::Train { seed: 0, step: 0 };
-    let out = trainer
-        .net
-        .run(&net_b.params, &net_b.stats, &batch.x, mode)
-        .unwrap();
+    let out = net_b.run(&trainer.net, &batch.x, mode).unwrap();
     let sdf = out.sdf.unwrap().slice_channels(1, 1).unwrap();
     // Labeled samples come first: zipped with the reference, the unlabeled ones drop out.
     let labeled = sdf.to_f64().unwrap();
@@ -297,7 +295,7 @@ fn a_resumed_run_repeats_the_uninterrupted_one_with_both_networks() {
         }
     }
     // Validation predicts with net A's segmentation head, as restored from the checkpoint.
-    let restored = run::restore_trainer(&g, &config, 1, &paths).unwrap();
+    let restored = run::restore_trainer(&g, &config, Stage::Main, 1, &paths).unwrap();
     let (dice, _) = run::validation_dice(&g, &restored, &data.test).unwrap();
     assert_eq!(Some(dice), summary.validation_dice);
 
@@ -318,7 +316,8 @@ fn a_resumed_run_repeats_the_uninterrupted_one_with_both_networks() {
     let (b, _) = metaseg::train::checkpoint::load(&paths_b.checkpoint()).unwrap();
     assert_eq!(a, b, "the final checkpoints differ");
     // Both networks, both optimisers.
-    let net = metaseg::train::trainer::Net::new(&config, 1).unwrap();
+    let heads = Method::Dtml.kind().heads(&config, Stage::Main);
+    let net = Net::new(&config, heads, 1).unwrap();
     let specs = net.params().specs();
     let differing = specs
         .iter()
@@ -367,6 +366,6 @@ fn dtml_configuration_mistakes_name_the_key() {
     assert_eq!((small.dtml.rampup, small.dtml.rampup_unit), (40.0, 6));
     assert_eq!((small.dtml.lr, small.dtml.l1_sdf), (Some(0.01), true));
     let paper = TrainConfig::load("dtml", &[]).unwrap();
-    assert_eq!(paper.method, "dtml");
-    assert_eq!(paper.dtml, metaseg::train::dtml::DtmlConfig::default());
+    assert_eq!(paper.method, Method::Dtml);
+    assert_eq!(paper.dtml, DtmlConfig::default());
 }

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{derivatives, gpu, seeded};
-use metaseg::gpu::{ConvVariant, Gpu};
+use metaseg::gpu::{ConvPlan, ConvVariant, Gpu};
 use metaseg_autograd::{
     Backend, Conv3dGeometry, ConvBackend, ConvSpec, Cpu64, Shape, TensorShape, Tolerance, Var,
 };
@@ -145,6 +145,14 @@ fn cases() -> Vec<Case> {
             [1, 2, 7, 7, 12],
             [3, 2, 7, 7, 7],
             spec([1; 3], [3; 3]),
+        ),
+        // Wider than the forward's weight registers and grad-weight's accumulators hold at 8
+        // channels (direct kernels there).
+        (
+            "1x1x17",
+            [1, 2, 1, 2, 32],
+            [9, 2, 1, 1, 17],
+            spec([1; 3], [0, 0, 8]),
         ),
         ("dilated", [1, 2, 7, 8, 9], [3, 2, 3, 2, 3], dilated),
         ("dilated", [1, 2, 7, 8, 12], [3, 2, 3, 2, 3], dilated),
@@ -316,50 +324,86 @@ fn constant_input_and_kernel_give_the_closed_form_on_the_gpu() {
     }
 }
 
-/// The blocked kernels run where their conditions hold (W and Wo multiples of 4; grad-input at
-/// stride 1 or 2 along W, by the patch kernel where stride = kernel tiles the input), the direct
-/// ones elsewhere.
+/// The plan picks the blocked kernels where their conditions hold (the table in the header of
+/// kernels/conv.wgsl: W and Wo multiples of 4; grad-input at stride 1 by the flipped forward, by
+/// the patch kernel where stride = kernel tiles the input, else by its own blocked kernel),
+/// the direct ones elsewhere.
 #[test]
-fn the_blocked_variant_runs_where_its_conditions_hold() {
+fn the_plan_runs_the_blocked_kernels_where_their_conditions_hold() {
     let (direct, blocked) = (ConvVariant::Direct, ConvVariant::BLOCKED);
-    let plan = |x: [usize; 5], w: [usize; 5], s: ConvSpec| {
-        let geo = Conv3dGeometry::new(&Shape::from(x), &Shape::from(w), s).unwrap();
-        blocked.runs(&geo)
+    let geo = |x: [usize; 5], w: [usize; 5], s: ConvSpec| {
+        Conv3dGeometry::new(&Shape::from(x), &Shape::from(w), s).unwrap()
     };
+    let entries = |x, w, s| ConvPlan::new(blocked, &geo(x, w, s)).entry_points();
     let pad1 = spec([1; 3], [1; 3]);
-    // Forward, grad-input (the forward of the flipped weight) and grad-weight (sliding down H) all
-    // blocked.
+    // Forward, grad-input (the forward of the flipped weight) and grad-weight (sliding down H).
     let vnet = ([1, 2, 3, 4, 8], [3, 2, 3, 3, 3], pad1);
-    assert_eq!(plan(vnet.0, vnet.1, vnet.2), [blocked; 3]);
+    let (rows, weight_blocked) = ("conv3d_grad_weight_rows", "conv3d_grad_weight_blocked");
+    assert_eq!(
+        entries(vnet.0, vnet.1, vnet.2),
+        ["conv3d_blocked", "conv3d_blocked", rows]
+    );
     // Stride 2: grad-input by the patch kernel (stride = kernel, exact tiling) or by its own
     // blocked kernel (H = 2 Ho + 1).
     let down = spec([2; 3], [0; 3]);
-    assert_eq!(plan([1, 2, 4, 4, 16], [3, 2, 2, 2, 2], down), [blocked; 3]);
-    assert_eq!(plan([1, 2, 4, 5, 16], [3, 2, 2, 2, 2], down), [blocked; 3]);
+    assert_eq!(
+        entries([1, 2, 4, 4, 16], [3, 2, 2, 2, 2], down),
+        [
+            "conv3d_blocked",
+            "conv3d_grad_input_patches",
+            weight_blocked
+        ]
+    );
+    assert_eq!(
+        entries([1, 2, 4, 5, 16], [3, 2, 2, 2, 2], down),
+        [
+            "conv3d_blocked",
+            "conv3d_grad_input_blocked",
+            weight_blocked
+        ]
+    );
     // Stride 3 along W: grad-input direct. An odd width: all direct.
     let s3 = spec([1, 1, 3], [0; 3]);
     assert_eq!(
-        plan([1, 2, 3, 4, 24], [3, 2, 3, 3, 3], s3),
-        [blocked, direct, blocked]
+        entries([1, 2, 3, 4, 24], [3, 2, 3, 3, 3], s3),
+        ["conv3d_blocked", "conv3d_grad_input_direct", rows]
     );
-    assert_eq!(plan([1, 2, 3, 4, 7], [3, 2, 3, 3, 3], pad1), [direct; 3]);
+    assert_eq!(
+        entries([1, 2, 3, 4, 7], [3, 2, 3, 3, 3], pad1),
+        [
+            "conv3d_direct",
+            "conv3d_grad_input_direct",
+            "conv3d_grad_weight_direct"
+        ]
+    );
+    // Variant 1 runs the direct kernels only.
+    let vnet_geo = geo(vnet.0, vnet.1, vnet.2);
+    assert_eq!(ConvPlan::new(direct, &vnet_geo).numbers(), [1; 3]);
     // Variant 3 stages the weights of the forward kernel only (the flipped forward of grad-input
     // included); grad-weight runs variant 2's. At 7x7x7 one input channel's weights for 8
     // output channels (686 vec4s) do not fit its 512: the forward runs direct, grad-input by
     // variant 2's kernel for other strides.
     let staged = ConvVariant::STAGED;
-    let geo = |x: [usize; 5], w: [usize; 5]| {
-        Conv3dGeometry::new(&Shape::from(x), &Shape::from(w), pad1).unwrap()
-    };
-    assert_eq!(staged.runs(&geo(vnet.0, vnet.1)), [staged, staged, blocked]);
-    let wide = geo([1, 2, 7, 7, 12], [3, 2, 7, 7, 7]);
-    assert_eq!(staged.runs(&wide), [direct, blocked, blocked]);
-    assert_eq!(blocked.runs(&wide), [blocked, blocked, blocked]);
+    assert_eq!(ConvPlan::new(staged, &vnet_geo).numbers(), [3, 3, 2]);
+    let wide = geo([1, 2, 7, 7, 12], [3, 2, 7, 7, 7], pad1);
+    let plan = ConvPlan::new(staged, &wide);
+    assert_eq!(plan.numbers(), [1, 2, 2]);
+    assert_eq!(
+        plan.entry_points(),
+        ["conv3d_direct", "conv3d_grad_input_blocked", weight_blocked]
+    );
+    assert_eq!(ConvPlan::new(blocked, &wide).numbers(), [2; 3]);
+    // Kernels too wide for the forward's weight registers (KW x KB / 4 > 28 vec4s) and for
+    // grad-weight's accumulators (> 32).
+    let wide_15 = geo([1, 1, 1, 1, 32], [8, 1, 1, 1, 15], spec([1; 3], [0, 0, 7]));
+    assert_eq!(ConvPlan::new(blocked, &wide_15).numbers(), [1, 2, 2]);
+    let wide_17 = geo([1, 1, 1, 1, 32], [8, 1, 1, 1, 17], spec([1; 3], [0, 0, 8]));
+    assert_eq!(ConvPlan::new(blocked, &wide_17).numbers(), [1, 2, 1]);
 
     // And the profile names the blocked kernels when they run.
     let g = gpu();
     let (x, w) = (Shape::from(vnet.0), Shape::from(vnet.1));
-    let geo = Conv3dGeometry::new(&x, &w, pad1).unwrap();
+    let geo = vnet_geo;
     let (xt, wt) = (g.fill(&x, 1.0).unwrap(), g.fill(&w, 1.0).unwrap());
     let dy = g.fill(&geo.output_shape(), 1.0).unwrap();
     let w2 = Shape::from([3, 2, 2, 2, 2]);

@@ -7,13 +7,14 @@
 mod common;
 
 use common::{gpu, log_lines, logged};
+use metaseg::gpu::Gpu;
 use metaseg::nn::{NetBackend, ParamStore};
 use metaseg::train::checkpoint;
 use metaseg::train::config::TrainConfig;
-use metaseg::train::ideal::{
-    encoder_stem, fine_tuning_trainer, hard_labels, is_encoder, pretrain_config, pretrain_paths,
-    view_flips,
+use metaseg::train::methods::ideal::{
+    encoder_stem, hard_labels, is_encoder, load_encoder, pretraining, view_flips, Pretraining,
 };
+use metaseg::train::methods::{FirstStage, Method, Stage};
 use metaseg::train::run::{self, RunOptions, RunPaths};
 use metaseg::train::trainer::Trainer;
 use metaseg_autograd::{Shape, Tolerance, Var};
@@ -44,6 +45,21 @@ fn tiny(extra: &[&str]) -> TrainConfig {
     TrainConfig::load("default", &sets).unwrap()
 }
 
+fn pretraining_of(config: &TrainConfig) -> FirstStage {
+    pretraining(config).expect("no ideal.encoder: a pre-training stage")
+}
+
+/// The fine-tuning network before its first step, its encoder from the file at `stem`.
+fn fine_tuning_trainer(
+    g: &Gpu,
+    config: &TrainConfig,
+    stem: &std::path::Path,
+) -> run::Result<Trainer<Gpu>> {
+    let mut trainer = Trainer::new(g, config, 1)?;
+    load_encoder(g, &mut trainer.student.weights, stem)?;
+    Ok(trainer)
+}
+
 fn flat<B: NetBackend>(store: &ParamStore<B>) -> Vec<f64> {
     let backend = store.values()[0].backend();
     Var::constant(backend, store.flat().unwrap())
@@ -54,9 +70,12 @@ fn flat<B: NetBackend>(store: &ParamStore<B>) -> Vec<f64> {
 #[test]
 fn the_key_encoder_follows_the_query_encoder_by_its_momentum() {
     let g = gpu();
-    let config = pretrain_config(&tiny(&["ideal.key_momentum=0.9"]));
+    let first = pretraining_of(&tiny(&["ideal.key_momentum=0.9"]));
+    let config = first.config;
     let data = run::load_data(&config).unwrap();
-    let mut trainer = Trainer::new(&g, &config, 1).unwrap();
+    let mut trainer = Trainer::at(&g, &config, Stage::First, 1).unwrap();
+    let key_encoder =
+        |t: &Trainer<Gpu>| flat(&t.state::<Pretraining<Gpu>>().unwrap().key_encoder.params);
     let batch = run::device_batch(&g, &trainer, &data, 0).unwrap();
     assert_eq!(
         batch.x.shape().dims()[0],
@@ -64,17 +83,17 @@ fn the_key_encoder_follows_the_query_encoder_by_its_momentum() {
         "labeled and unlabeled patches"
     );
     for t in 0..2 {
-        let key = flat(&trainer.teacher.as_ref().unwrap().params);
+        let key = key_encoder(&trainer);
         let log = trainer.step(&batch, t).unwrap();
         let loss = logged(&log, "loss");
         assert!(loss.is_finite() && loss > 0.0, "{log:?}");
-        let query = flat(&trainer.params);
+        let query = flat(&trainer.student.weights.params);
         let expected: Vec<f64> = key
             .iter()
             .zip(&query)
             .map(|(k, q)| 0.9 * k + 0.1 * q)
             .collect();
-        let got = flat(&trainer.teacher.as_ref().unwrap().params);
+        let got = key_encoder(&trainer);
         Tolerance::new(1e-6, 1e-5).assert("key encoder", &got, &expected);
         assert_ne!(got, query, "the key encoder lags");
     }
@@ -140,7 +159,7 @@ fn the_pretrained_encoder_is_saved_alone_and_loads_into_the_fine_tuning_network(
     };
     let summary = run::train(&g, &config, &data, &paths, RunOptions::default()).unwrap();
     assert_eq!(summary.iterations, 5, "2 of pre-training, 3 of fine-tuning");
-    let pretrain_log = log_lines(&pretrain_paths(&paths).log());
+    let pretrain_log = log_lines(&pretraining_of(&config).paths(&paths).log());
     assert_eq!(pretrain_log.len(), 2);
     assert!(pretrain_log
         .iter()
@@ -150,7 +169,8 @@ fn the_pretrained_encoder_is_saved_alone_and_loads_into_the_fine_tuning_network(
     let stem = encoder_stem(&paths);
     let (file, sidecar) = checkpoint::load(&stem).unwrap();
     assert_eq!(sidecar.step, 2);
-    let (pretrained, _) = checkpoint::load(&pretrain_paths(&paths).checkpoint()).unwrap();
+    let (pretrained, _) =
+        checkpoint::load(&pretraining_of(&config).paths(&paths).checkpoint()).unwrap();
     assert!(!file.is_empty());
     for (name, tensor) in &file {
         let (_, bare) = name.split_once('/').unwrap();
@@ -167,11 +187,13 @@ fn the_pretrained_encoder_is_saved_alone_and_loads_into_the_fine_tuning_network(
     );
 
     // Fine-tuning starts from it: encoder from the file, decoders as a fresh network's.
-    let started = fine_tuning_trainer(&g, &config, 1, &stem, false).unwrap();
+    let started = fine_tuning_trainer(&g, &config, &stem).unwrap();
+    let started = &started.student.weights.params;
     let fresh = Trainer::new(&g, &config, 1).unwrap();
+    let fresh = &fresh.student.weights.params;
     let mut second = 0;
-    for (i, spec) in started.params.specs().iter().enumerate() {
-        let got = started.params.values()[i].to_f64().unwrap();
+    for (i, spec) in started.specs().iter().enumerate() {
+        let got = started.values()[i].to_f64().unwrap();
         if is_encoder(&spec.name) {
             let want: Vec<f64> = file[&format!("params/{}", spec.name)]
                 .data
@@ -180,12 +202,7 @@ fn the_pretrained_encoder_is_saved_alone_and_loads_into_the_fine_tuning_network(
                 .collect();
             assert_eq!(got, want, "{}", spec.name);
         } else {
-            assert_eq!(
-                got,
-                fresh.params.values()[i].to_f64().unwrap(),
-                "{}",
-                spec.name
-            );
+            assert_eq!(got, fresh.values()[i].to_f64().unwrap(), "{}", spec.name);
             second += usize::from(spec.name.starts_with("b."));
         }
     }
@@ -201,10 +218,10 @@ fn the_pretrained_encoder_is_saved_alone_and_loads_into_the_fine_tuning_network(
         stem.with_extension("safetensors").display()
     );
     let config_b = tiny(&[&encoder]);
-    assert_eq!(config_b.stage0_iterations(), 0);
+    assert_eq!(config_b.first_stage_iterations(), 0);
     let summary = run::train(&g, &config_b, &data, &paths_b, RunOptions::default()).unwrap();
     assert_eq!(summary.iterations, 3);
-    assert!(!pretrain_paths(&paths_b).dir.exists());
+    assert!(!paths_b.sub("pretrain").dir.exists());
     assert_eq!(
         log_lines(&paths_b.log()),
         log_lines(&paths.log()),
@@ -212,7 +229,7 @@ fn the_pretrained_encoder_is_saved_alone_and_loads_into_the_fine_tuning_network(
     );
 
     let wrong = tiny(&[&encoder, "network.base_width=2"]);
-    let Err(err) = fine_tuning_trainer(&g, &wrong, 1, &stem, false) else {
+    let Err(err) = fine_tuning_trainer(&g, &wrong, &stem) else {
         panic!("an encoder of another width loaded");
     };
     assert!(err.to_string().contains("encoder.safetensors"), "{err}");
@@ -271,7 +288,10 @@ fn ideal_configuration_mistakes_name_the_key() {
         assert!(err.contains(key), "{sets:?}: {err}");
     }
     let config = TrainConfig::load("ideal", &[]).unwrap();
-    assert_eq!(config.method, "ideal");
+    assert_eq!(config.method, Method::Ideal);
     assert_eq!(config.ideal.cps, 0.1);
-    assert_eq!(config.stage0_iterations(), config.ideal.pretrain_iterations);
+    assert_eq!(
+        config.first_stage_iterations(),
+        config.ideal.pretrain_iterations
+    );
 }

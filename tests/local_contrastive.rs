@@ -6,10 +6,11 @@
 mod common;
 
 use common::{gpu, log_lines, logged};
-use metaseg::nn::{Mode, NetBackend, Network, ParamStore};
+use metaseg::nn::{Mode, NetBackend, ParamStore};
 use metaseg::train::checkpoint;
 use metaseg::train::config::TrainConfig;
-use metaseg::train::local_contrastive::{pseudo_label_dir, stage1_config, stage1_paths};
+use metaseg::train::methods::local_contrastive::{pseudo_label_dir, stage1};
+use metaseg::train::methods::Method;
 use metaseg::train::pseudo_labels;
 use metaseg::train::run::{self, RunData, RunOptions, RunPaths};
 use metaseg::train::trainer::{DeviceBatch, Trainer};
@@ -62,12 +63,7 @@ fn contrastive<B: NetBackend>(
         seed: trainer.config.seed,
         step: 0,
     };
-    let out = no_grad(|| {
-        trainer
-            .net
-            .run(&trainer.params, &trainer.stats, &batch.x, mode)
-    })
-    .unwrap();
+    let out = no_grad(|| trainer.student.weights.run(&trainer.net, &batch.x, mode)).unwrap();
     let tau = trainer.config.local_contrastive.tau;
     let loss = out
         .embedding
@@ -133,7 +129,7 @@ fn rounds_write_pseudo_labels_and_resume_as_the_uninterrupted_run() {
         assert_eq!(read.len(), data.unlabeled.len(), "round {}", r + 1);
     }
     // Round 1's labels are stage 1's predictions.
-    let stage1 = run::restore_trainer(&g, &stage1_config(&config), 1, &stage1_paths(&paths));
+    let stage1 = stage1(&config).restore(&g, 1, &paths);
     let stage1 = stage1.unwrap();
     let predicted: Vec<Vec<u8>> = data
         .unlabeled
@@ -198,7 +194,7 @@ fn the_agreement_filter_records_each_cases_flip_dice() {
     let text = std::fs::read_to_string(pseudo_label_dir(&paths, 0).join("agreement.json")).unwrap();
     let recorded: std::collections::BTreeMap<String, f64> = serde_json::from_str(&text).unwrap();
     // Recomputed from stage 1's network: the prediction against the flipped image's, flipped back.
-    let stage1 = run::restore_trainer(&g, &stage1_config(&config), 1, &stage1_paths(&paths));
+    let stage1 = stage1(&config).restore(&g, 1, &paths);
     let stage1 = stage1.unwrap();
     assert_eq!(recorded.len(), data.unlabeled.len());
     for case in &data.unlabeled {
@@ -231,9 +227,10 @@ fn the_network_starts_from_stage_1_with_a_fresh_projection_head() {
         ..RunOptions::default()
     };
     run::train(&g, &config, &data, &paths, options).unwrap();
-    let stage1 = run::restore_trainer(&g, &stage1_config(&config), 1, &stage1_paths(&paths));
+    let stage1 = stage1(&config).restore(&g, 1, &paths);
     let stage1 = stage1.unwrap();
     let fresh = Trainer::new(&g, &config, 1).unwrap();
+    let (stage1, fresh) = (&stage1.student.weights, &fresh.student.weights);
     let started = fresh.params.with_matching(&stage1.params).unwrap();
     let (specs, values) = (started.specs(), host(&started));
     let (stage1_values, fresh_values) = (host(&stage1.params), host(&fresh.params));
@@ -299,7 +296,7 @@ fn local_contrastive_configuration_mistakes_name_the_key() {
         assert!(err.contains(key), "{sets:?}: {err}");
     }
     let config = TrainConfig::load("local-contrastive", &[]).unwrap();
-    assert_eq!(config.method, "local-contrastive");
+    assert_eq!(config.method, Method::LocalContrastive);
     assert_eq!(
         (
             config.local_contrastive.rounds,
@@ -308,7 +305,7 @@ fn local_contrastive_configuration_mistakes_name_the_key() {
         (3, 0.1)
     );
     assert_eq!(
-        config.stage0_iterations(),
+        config.first_stage_iterations(),
         config.local_contrastive.stage1_iterations
     );
 }

@@ -7,11 +7,14 @@ mod common;
 
 use common::{gpu, log_lines};
 use metaseg::data::nifti;
-use metaseg::nn::{Mode, Network};
+use metaseg::gpu::Gpu;
+use metaseg::nn::Mode;
 use metaseg::train::config::TrainConfig;
-use metaseg::train::mlb_seg::stages::{self, stage0_config, stage0_paths};
-use metaseg::train::mlb_seg::step::{meta_batch_loss, meta_weights, unlabeled_terms};
-use metaseg::train::mlb_seg::views::{Average, Views, VIEWS};
+use metaseg::train::methods::mlb_seg::start::{self, stage0};
+use metaseg::train::methods::mlb_seg::step::{meta_batch_loss, meta_weights, unlabeled_terms};
+use metaseg::train::methods::mlb_seg::views::{Average, Views, VIEWS};
+use metaseg::train::methods::mlb_seg::MlbSeg;
+use metaseg::train::methods::Method;
 use metaseg::train::run::{self, RunOptions, RunPaths};
 use metaseg::train::trainer::{slice_batch, supervised_loss, Trainer};
 use metaseg_autograd::{Cpu64, Shape, Tolerance, Var};
@@ -243,9 +246,11 @@ fn meta_weights_are_a_distribution_agree_on_both_paths_and_move_with_the_network
     let slice = |x: &Var<_>, start, len| slice_batch(x, start, len).unwrap();
     let (x_m, y_m) = (slice(&batch.x, 0, l), slice(&batch.y, 0, l));
     let (x_u, y_u) = (slice(&batch.x, l, u), slice(&batch.y, l, u));
-    let weights = |trainer: &Trainer<_>| {
-        let (terms, _) = unlabeled_terms(trainer, &x_u, &y_u, l, 0).unwrap();
-        let w = meta_weights(trainer, &terms, (&x_m, &y_m), 0.01, 0).unwrap();
+    let weights = |trainer: &Trainer<Gpu>| {
+        let (cx, student) = (trainer.context(), &trainer.student);
+        let teacher = &trainer.state::<MlbSeg<Gpu>>().unwrap().teacher;
+        let (terms, _) = unlabeled_terms(&cx, &student.weights, teacher, &x_u, &y_u, l, 0).unwrap();
+        let w = meta_weights(&cx, student, &terms, (&x_m, &y_m), 0.01, 0).unwrap();
         let [d, h, w3] = config.batch.patch;
         assert_eq!(w.shape(), &Shape::from([VIEWS * u, 2, d, h, w3]));
         w.to_f64().unwrap()
@@ -323,8 +328,10 @@ fn the_ple_mode_flag_takes_the_enhanced_labels_from_an_eval_mode_pass() {
     let (l, u) = (config.batch.labeled, config.batch.unlabeled);
     let x_u = slice_batch(&batch.x, l, u).unwrap();
     let y_u = slice_batch(&batch.y, l, u).unwrap();
-    let ple = |trainer: &Trainer<_>| {
-        let (terms, _) = unlabeled_terms(trainer, &x_u, &y_u, l, 0).unwrap();
+    let ple = |trainer: &Trainer<Gpu>| {
+        let (cx, student) = (trainer.context(), &trainer.student.weights);
+        let teacher = &trainer.state::<MlbSeg<Gpu>>().unwrap().teacher;
+        let (terms, _) = unlabeled_terms(&cx, student, teacher, &x_u, &y_u, l, 0).unwrap();
         terms.y_ple.to_f64().unwrap()
     };
     let train = ple(&trainer);
@@ -333,9 +340,8 @@ fn the_ple_mode_flag_takes_the_enhanced_labels_from_an_eval_mode_pass() {
     // The same views through the network in evaluation mode (no dropout, running statistics).
     let views = Views::draw(&config, 0, l, u);
     let x = views.images(&x_u).unwrap();
-    let out = trainer
-        .net
-        .run(&trainer.params, &trainer.stats, &x, Mode::Eval)
+    let out = (trainer.student.weights)
+        .run(&trainer.net, &x, Mode::Eval)
         .unwrap();
     let p = out.logits.softmax_channels().unwrap();
     let expected = views.enhanced_labels(&p, Average::Coverage).unwrap();
@@ -361,13 +367,12 @@ fn both_stages_write_initial_labels_train_and_resume_as_the_uninterrupted_run() 
     assert_eq!(summary.iterations, 5, "2 of stage 0, 3 of the main stage");
 
     // The initial labels on disk are the stage-0 network's predictions, on each case's grid.
-    let stage0 = stage0_config(&config);
-    let network = run::restore_trainer(&g, &stage0, 1, &stage0_paths(&paths)).unwrap();
+    let network = stage0(&config).restore(&g, 1, &paths).unwrap();
     let read =
-        metaseg::train::pseudo_labels::read(&data.unlabeled, &stages::initial_labels_dir(&paths));
+        metaseg::train::pseudo_labels::read(&data.unlabeled, &start::initial_labels_dir(&paths));
     let read = read.unwrap();
     for (c, labels) in data.unlabeled.iter().zip(&read) {
-        let file = stages::initial_labels_dir(&paths).join(format!("{}.nii.gz", c.name));
+        let file = start::initial_labels_dir(&paths).join(format!("{}.nii.gz", c.name));
         assert_eq!(nifti::read(&file).unwrap().dims, c.image.dims);
         assert_eq!(labels, &run::predict_case(&g, &network, c).unwrap());
     }
@@ -482,7 +487,7 @@ fn mlb_seg_configuration_mistakes_name_the_key() {
     .unwrap_err();
     assert!(err.to_string().contains("zoom"), "{err}");
     let config = TrainConfig::load("mlb-seg", &[]).unwrap();
-    assert_eq!(config.method, "mlb-seg");
+    assert_eq!(config.method, Method::MlbSeg);
     // A configuration written before ple_mode existed (a checkpoint's) reads as it ran.
     let text = std::fs::read_to_string("presets/mlb-seg.toml").unwrap();
     let old: String = text

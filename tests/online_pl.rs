@@ -7,11 +7,13 @@ mod common;
 
 use common::{gpu, log_lines, logged};
 use metaseg::eval::trained::SavedRun;
+use metaseg::gpu::Gpu;
 use metaseg::nn::NetBackend;
 use metaseg::nn::ParamStore;
 use metaseg::train::checkpoint::{self, HostTensor};
 use metaseg::train::config::TrainConfig;
-use metaseg::train::online_pl::{stage1_config, stage1_paths};
+use metaseg::train::methods::online_pl::{stage1, OnlinePl};
+use metaseg::train::methods::{Method, Stage};
 use metaseg::train::run::{self, RunOptions, RunPaths};
 use metaseg::train::trainer::Trainer;
 use metaseg_autograd::{Tolerance, Var};
@@ -49,6 +51,11 @@ fn host<B: NetBackend>(store: &ParamStore<B>) -> Vec<f64> {
         .unwrap()
 }
 
+/// The trainer's online-pl state.
+fn state(trainer: &Trainer<Gpu>) -> &OnlinePl<Gpu> {
+    trainer.state().expect("an online-pl trainer")
+}
+
 /// m a + (1 - m) b, elementwise.
 fn ema(a: &[f64], b: &[f64], m: f64) -> Vec<f64> {
     a.iter()
@@ -60,11 +67,11 @@ fn ema(a: &[f64], b: &[f64], m: f64) -> Vec<f64> {
 #[test]
 fn stage1_keeps_a_momentum_copy_of_the_teacher() {
     let g = gpu();
-    let config = stage1_config(&tiny(&[]));
+    let config = stage1(&tiny(&[])).config;
     let data = run::load_data(&config).unwrap();
-    let mut trainer = Trainer::new(&g, &config, 1).unwrap();
+    let mut trainer = Trainer::at(&g, &config, Stage::First, 1).unwrap();
     assert!(
-        trainer.teacher.is_none(),
+        state(&trainer).teacher.is_none(),
         "stage 1 trains the teacher alone"
     );
     let batch = run::device_batch(&g, &trainer, &data, 0).unwrap();
@@ -75,13 +82,13 @@ fn stage1_keeps_a_momentum_copy_of_the_teacher() {
     );
     // Two steps: after the first the copy still equals the initial weights' EMA exactly.
     for t in 0..2 {
-        let copy = host(&trainer.momentum.as_ref().unwrap().params);
+        let copy = host(&state(&trainer).momentum.params);
         let log = trainer.step(&batch, t).unwrap();
         assert!(log.iter().all(|(_, v)| v.is_finite()), "{log:?}");
         assert_eq!(logged(&log, "loss"), logged(&log, "dice"));
-        let student = host(&trainer.params);
+        let student = host(&trainer.student.weights.params);
         let expected = ema(&copy, &student, 0.95);
-        let got = host(&trainer.momentum.as_ref().unwrap().params);
+        let got = host(&state(&trainer).momentum.params);
         Tolerance::new(1e-6, 1e-5).assert("momentum copy, m = 0.95", &got, &expected);
         assert_ne!(got, student, "the copy lags the teacher");
     }
@@ -96,16 +103,16 @@ fn stage2_step(extra: &[&str]) -> (Vec<f64>, Vec<f64>, Vec<(&'static str, f64)>)
     let batch = run::device_batch(&g, &trainer, &data, 0).unwrap();
     let (l, u) = (config.batch.labeled, config.batch.unlabeled);
     assert_eq!(batch.x.shape().dims()[0], l + u);
-    let before = host(&trainer.teacher.as_ref().unwrap().params);
-    let copy = host(&trainer.momentum.as_ref().unwrap().params);
+    let before = host(&state(&trainer).teacher.as_ref().unwrap().params);
+    let copy = host(&state(&trainer).momentum.params);
     let log = trainer.step(&batch, 0).unwrap();
     assert!(log.iter().all(|(_, v)| v.is_finite()), "{log:?}");
     let total = logged(&log, "dice") + 0.3 * logged(&log, "dice_unlabeled");
     assert!((logged(&log, "loss") - total).abs() < 1e-5, "{log:?}");
-    let student = host(&trainer.params);
-    let got = host(&trainer.momentum.as_ref().unwrap().params);
+    let student = host(&trainer.student.weights.params);
+    let got = host(&state(&trainer).momentum.params);
     Tolerance::new(1e-6, 1e-5).assert("momentum copy, m = 0.99", &got, &ema(&copy, &student, 0.99));
-    let after = host(&trainer.teacher.as_ref().unwrap().params);
+    let after = host(&state(&trainer).teacher.as_ref().unwrap().params);
     if config.online_pl.online {
         let expected = ema(&before, &student, config.online_pl.teacher_ema);
         Tolerance::new(1e-6, 1e-5).assert("online teacher", &after, &expected);
@@ -193,11 +200,12 @@ fn both_stages_train_and_resume_as_the_uninterrupted_run() {
     assert!(a.keys().any(|k| k.starts_with("teacher/params/")));
 
     // `metaseg predict` segments with the student's momentum copy, as validation does.
-    let trainer = run::restore_trainer(&g, &config, 1, &paths).unwrap();
+    let trainer = run::restore_trainer(&g, &config, Stage::Main, 1, &paths).unwrap();
     let trained = SavedRun::read(&paths.dir).unwrap().network(&g, 1).unwrap();
-    let copy = host(&trainer.momentum.as_ref().unwrap().params);
+    let copy = host(&state(&trainer).momentum.params);
     assert_eq!(host(&trained.params), copy);
-    assert_ne!(host(&trainer.params), copy, "the copy lags the student");
+    let student = host(&trainer.student.weights.params);
+    assert_ne!(student, copy, "the copy lags the student");
 }
 
 #[test]
@@ -215,7 +223,7 @@ fn the_offline_teacher_is_where_teacher_start_says_at_the_end() {
             dir: dir.path().to_path_buf(),
         };
         run::train(&g, &config, &data, &paths, RunOptions::default()).unwrap();
-        let stage1 = tensors(&stage1_paths(&paths).checkpoint(), stage1_prefix);
+        let stage1 = tensors(&stage1(&config).paths(&paths).checkpoint(), stage1_prefix);
         let teacher = tensors(&paths.checkpoint(), "teacher/params");
         assert_eq!(teacher, stage1, "teacher_start = {start}");
         let student = tensors(&paths.checkpoint(), "params");
@@ -252,10 +260,10 @@ fn online_pl_configuration_mistakes_name_the_key() {
         assert!(err.to_string().contains(key), "{set}: {err}");
     }
     let config = TrainConfig::load("online-pl", &[]).unwrap();
-    assert_eq!(config.method, "online-pl");
+    assert_eq!(config.method, Method::OnlinePl);
     assert_eq!(config.online_pl.beta, 0.3);
     assert_eq!(
-        config.stage0_iterations(),
+        config.first_stage_iterations(),
         config.online_pl.stage1_iterations
     );
 }

@@ -6,7 +6,7 @@ mod common;
 use common::{gpu, seeded};
 use metaseg::nn::{Declarations, Init, ParamStore};
 use metaseg::optim::{
-    clip_grad_norm, sigmoid_rampup, teacher_decay, Adam, Optimizer, Rule, Schedule, Sgd,
+    clip_grad_norm, sigmoid_rampup, teacher_decay, Adam, Optimizer, Rampup, Rule, Schedule, Sgd,
 };
 use metaseg_autograd::{Backend, Cpu64, Shape, Tolerance, Var};
 
@@ -155,6 +155,22 @@ fn schedules_rampup_and_teacher_decay_follow_their_formulas() {
             sigmoid_rampup(50.0, 40.0),
         ],
         &[(-5.0f64).exp(), (-1.25f64).exp(), 1.0],
+    );
+    // A weight of 0.1 ramped over 40 units of 150 iterations: iteration 3000 is unit 20, half way.
+    let ramp = Rampup {
+        weight: 0.1,
+        length: 40.0,
+        unit: 150,
+    };
+    Tolerance::F64.assert(
+        "ramped weight",
+        &[ramp.at(0), ramp.at(3000), ramp.at(3149), ramp.at(6000)],
+        &[
+            0.1 * (-5.0f64).exp(),
+            0.1 * (-1.25f64).exp(),
+            0.1 * (-1.25f64).exp(),
+            0.1,
+        ],
     );
     Tolerance::F64.assert(
         "teacher decay",

@@ -1,8 +1,9 @@
-//! The commands of `metaseg` that work on volumes, as library functions with their clap
+//! The commands of `metaseg` that train and work on volumes, as library functions with their clap
 //! arguments, so `main.rs` only dispatches to them.
 
 pub mod evaluate;
 pub mod predict;
+pub mod train;
 
 use std::path::Path;
 

@@ -1,17 +1,19 @@
 //! A network trained by `metaseg train`, loaded from its checkpoint to segment whole volumes the
 //! way the run's validation does: the input z-scored per volume as training normalises it, the
-//! student's parameters and running statistics (validation predicts with the student, also in a
-//! mean-teacher run), sliding windows of the training patch, argmax.
+//! evaluated network's parameters and running statistics (the student's, also in a mean-teacher
+//! run, or the momentum copy online-pl validates with), sliding windows of the training patch,
+//! argmax.
 
 use super::inference::{argmax, keep_largest_components, HostVolume};
 use super::{predict_probabilities, SlidingWindow};
 use crate::data::{DataError, Volume};
-use crate::nn::{NetBackend, Network, ParamStore};
-use crate::train::checkpoint::{self, CheckpointError, HostTensor, Sidecar};
+use crate::nn::{NetBackend, ParamStore};
+use crate::train::checkpoint::{self, parts, CheckpointError, Parts, Sidecar};
 use crate::train::config::TrainConfig;
+use crate::train::methods::Stage;
+use crate::train::network::Net;
 use crate::train::run::{self, RunError};
-use crate::train::trainer::Net;
-use std::collections::BTreeMap;
+use crate::train::trainer::Trainer;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -81,8 +83,10 @@ pub fn checkpoint_stem(path: &Path) -> Result<PathBuf> {
 pub struct SavedRun {
     pub stem: PathBuf,
     pub config: TrainConfig,
+    /// The stage of its method's run the checkpoint is from.
+    pub stage: Stage,
     pub sidecar: Sidecar,
-    tensors: BTreeMap<String, HostTensor>,
+    parts: Parts,
 }
 
 impl SavedRun {
@@ -90,46 +94,43 @@ impl SavedRun {
     pub fn read(path: &Path) -> Result<SavedRun> {
         let stem = checkpoint_stem(path)?;
         let (tensors, sidecar) = checkpoint::load(&stem)?;
-        let config: TrainConfig =
-            serde_json::from_value(sidecar.config.clone()).map_err(|e| TrainedError::Config {
+        let (config, stage) =
+            parts::saved_config(&sidecar).map_err(|message| TrainedError::Config {
                 path: checkpoint::paths(&stem).1,
-                message: e.to_string(),
+                message,
             })?;
+        let parts = Parts {
+            tensors,
+            counters: sidecar.counters.clone(),
+        };
         Ok(SavedRun {
             stem,
             config,
+            stage,
             sidecar,
-            tensors,
+            parts,
         })
     }
 
     /// The run's network for `in_channels`-channel inputs with the evaluated network's tensors
-    /// (the student's, or its momentum copy's) on `backend`.
+    /// (the student's, or what its method evaluates in its place: [`Trainer::evaluated`]) on
+    /// `backend`.
     pub fn network<B: NetBackend>(&self, backend: &B, in_channels: usize) -> Result<Trained<B>> {
-        let net = Net::new(&self.config, in_channels)?;
-        let restored = |store: ParamStore<B>, prefix: &str| {
-            run::restore(&store, prefix, &self.tensors, backend).map_err(|e| match e {
-                RunError::Resume(reason) => TrainedError::Network {
-                    path: self.stem.clone(),
-                    channels: in_channels,
-                    reason,
-                },
-                other => other.into(),
-            })
-        };
-        // The evaluated network (`Trainer::evaluated`): the momentum copy if the run keeps one.
-        let prefix = if self.config.has_momentum_copy() {
-            "momentum/"
-        } else {
-            ""
-        };
-        let params = restored(net.init_params(backend, 0)?, &format!("{prefix}params"))?;
-        let stats = restored(net.init_stats(backend)?, &format!("{prefix}stats"))?;
+        let mut trainer = Trainer::at(backend, &self.config, self.stage, in_channels)?;
+        parts::restore(backend, &mut trainer, &self.parts, &self.sidecar).map_err(|e| match e {
+            RunError::Resume(reason) => TrainedError::Network {
+                path: self.stem.clone(),
+                channels: in_channels,
+                reason,
+            },
+            other => other.into(),
+        })?;
+        let weights = trainer.evaluated().clone();
         Ok(Trained {
             config: self.config.clone(),
-            net,
-            params,
-            stats,
+            net: trainer.net,
+            params: weights.params,
+            stats: weights.stats,
             in_channels,
         })
     }

@@ -52,55 +52,59 @@ impl GpuTensor {
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ElementwiseParams {
-    n: u32,
-    p0: f32,
-    p1: f32,
-    unused: u32,
-    shape: [u32; MAX_RANK],
-    stride_a: [u32; MAX_RANK],
-    stride_b: [u32; MAX_RANK],
+pub(super) struct ElementwiseParams {
+    pub(super) n: u32,
+    pub(super) p0: f32,
+    pub(super) p1: f32,
+    pub(super) unused: u32,
+    pub(super) shape: [u32; MAX_RANK],
+    pub(super) stride_a: [u32; MAX_RANK],
+    pub(super) stride_b: [u32; MAX_RANK],
 }
 
 /// Dimensions a broadcast may keep after collapsing (the size of the arrays in elementwise.wgsl).
-const MAX_RANK: usize = 8;
+pub(super) const MAX_RANK: usize = 8;
 type Collapsed = (u32, [[u32; MAX_RANK]; 3]);
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ReduceParams {
-    outer: u32,
-    reduce: u32,
-    inner: u32,
-    chunk: u32,
-    chunks: u32,
+pub(super) struct ReduceParams {
+    pub(super) outer: u32,
+    pub(super) reduce: u32,
+    pub(super) inner: u32,
+    pub(super) chunk: u32,
+    pub(super) chunks: u32,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct MatmulParams {
-    m: u32,
-    k: u32,
-    n: u32,
-    batch_a: u32,
-    batch_b: u32,
+pub(super) struct MatmulParams {
+    pub(super) m: u32,
+    pub(super) k: u32,
+    pub(super) n: u32,
+    pub(super) batch_a: u32,
+    pub(super) batch_b: u32,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-pub(crate) struct RandomParams {
-    pub n: u32,
-    pub seed_lo: u32,
-    pub seed_hi: u32,
-    pub counter_lo: u32,
-    pub counter_hi: u32,
-    pub classes: u32,
+pub(super) struct RandomParams {
+    pub(super) n: u32,
+    pub(super) seed_lo: u32,
+    pub(super) seed_hi: u32,
+    pub(super) counter_lo: u32,
+    pub(super) counter_hi: u32,
+    pub(super) classes: u32,
 }
 
 /// Invocations per workgroup of the 1D kernels (their `WG` override default).
-const WG: u32 = 256;
+pub(super) const WG: u32 = 256;
 /// vec4s per invocation of the elementwise kernels (their `VECS` override default).
-const VECS: u32 = 4;
+pub(super) const VECS: u32 = 4;
+/// Invocations of matmul.wgsl along each axis of a workgroup (its WG_X and WG_Y defaults), and
+/// outputs per invocation along each axis (its RB).
+pub(super) const MATMUL_WG: usize = 16;
+pub(super) const MATMUL_RB: usize = 4;
 /// A row reduction longer than this is split into chunks summed by a second pass.
 const ROW_CHUNK: usize = 16_384;
 /// Column reductions are split when fewer than this many outputs would keep the device busy.
@@ -129,7 +133,7 @@ fn row_broadcast(
 }
 
 /// The `OP` override of elementwise.wgsl for each unary op.
-fn unary_code(op: UnaryOp) -> u32 {
+pub(super) fn unary_code(op: UnaryOp) -> u32 {
     match op {
         UnaryOp::Neg => 0,
         UnaryOp::Exp => 1,
@@ -149,7 +153,7 @@ fn unary_code(op: UnaryOp) -> u32 {
     }
 }
 
-fn binary_code(op: BinaryOp) -> u32 {
+pub(super) fn binary_code(op: BinaryOp) -> u32 {
     match op {
         BinaryOp::Add => 0,
         BinaryOp::Sub => 1,
@@ -552,10 +556,11 @@ impl Backend for Gpu {
         let kernel = Kernel::new(KernelFile::Matmul, "matmul")
             .with("TRANS_A", flag(spec.trans_a))
             .with("TRANS_B", flag(spec.trans_b));
-        // Tile of 64 x 64 outputs per workgroup (16 x 16 invocations, 4 x 4 each).
+        // A tile of MATMUL_WG x MATMUL_RB outputs per workgroup along each axis.
+        let tile = MATMUL_WG * MATMUL_RB;
         let grid = [
-            d.n.div_ceil(64) as u32,
-            d.m.div_ceil(64) as u32,
+            d.n.div_ceil(tile) as u32,
+            d.m.div_ceil(tile) as u32,
             d.batch as u32,
         ];
         if d.m * d.n * d.batch == 0 {

@@ -12,20 +12,20 @@ use metaseg_autograd::{Backend, ContrastiveBackend, Error, Result, Shape, Tensor
 /// The uniform of kernels/contrastive.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct InfonceParams {
-    e: u32,
-    s: u32,
-    m: u32,
-    chunk: u32,
-    chunks: u32,
-    inv_tau: f32,
+pub(super) struct InfonceParams {
+    pub(super) e: u32,
+    pub(super) s: u32,
+    pub(super) m: u32,
+    pub(super) chunk: u32,
+    pub(super) chunks: u32,
+    pub(super) inv_tau: f32,
 }
 
 /// Invocations per workgroup (the kernel's `WG`).
-const WG: usize = 64;
+pub(super) const WG: usize = 64;
 /// Most rows per invocation (`MAX_ROWS`) and vec4 registers for them (`MAX_REG`).
-const MAX_ROWS: usize = 4;
-const MAX_REG: usize = 32;
+pub(super) const MAX_ROWS: usize = 4;
+pub(super) const MAX_REG: usize = 32;
 /// Row registers of the backward, which holds as many accumulators again: half the forward's, so
 /// both passes keep about MAX_REG vec4s live per invocation (for E up to 64).
 const BACKWARD_REG: usize = 16;

@@ -11,25 +11,25 @@ use metaseg_autograd::{DistanceBackend, Error, Result, Shape, TensorShape};
 /// The uniform of kernels/distance.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct DistanceParams {
-    lines: u32,
-    len: u32,
-    inner: u32,
-    weight: f32,
-    infinity: f32,
-    voxels: u32,
-    groups: u32,
-    d: u32,
-    h: u32,
-    w: u32,
-    pad: [u32; 2],
+pub(super) struct DistanceParams {
+    pub(super) lines: u32,
+    pub(super) len: u32,
+    pub(super) inner: u32,
+    pub(super) weight: f32,
+    pub(super) infinity: f32,
+    pub(super) voxels: u32,
+    pub(super) groups: u32,
+    pub(super) d: u32,
+    pub(super) h: u32,
+    pub(super) w: u32,
+    pub(super) pad: [u32; 2],
 }
 
 /// Points of the longest line the FH pass handles along H and D (`MAX_LINE` in the kernel).
 pub const MAX_LINE: usize = 512;
 /// Invocations per workgroup of the line passes (the kernel's `WG` default): each holds envelope
 /// arrays of 3 MAX_LINE words, so fewer than the usual 256.
-const LINE_WG: usize = 64;
+pub(super) const LINE_WG: usize = 64;
 /// Invocations per workgroup of the SDF kernels (a power of two: a tree reduction).
 const SDF_WG: usize = 256;
 /// Most workgroups per sample of the extrema reduction: each invocation then reduces

@@ -6,36 +6,44 @@ use metaseg_autograd::layers::{affine_entries, dims5, upsample_shape};
 use metaseg_autograd::{Error, LayerBackend, Result, Shape, TensorShape, Upsample, Window3d};
 
 /// Invocations per workgroup (the `WG` override default of both files).
-const WG: usize = 256;
+pub(super) const WG: usize = 256;
 
 /// The uniform of pool.wgsl: src is the forward op's input, dst its output.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct PoolParams {
-    n: u32,
-    volumes: u32,
-    src: [u32; 3],
-    dst: [u32; 3],
-    kernel: [u32; 3],
-    stride: [u32; 3],
+pub(super) struct PoolParams {
+    pub(super) n: u32,
+    pub(super) volumes: u32,
+    pub(super) src_d: u32,
+    pub(super) src_h: u32,
+    pub(super) src_w: u32,
+    pub(super) dst_d: u32,
+    pub(super) dst_h: u32,
+    pub(super) dst_w: u32,
+    pub(super) k_d: u32,
+    pub(super) k_h: u32,
+    pub(super) k_w: u32,
+    pub(super) s_d: u32,
+    pub(super) s_h: u32,
+    pub(super) s_w: u32,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct AffineParams {
-    n: u32,
-    volume: u32,
-    groups: u32,
+pub(super) struct AffineParams {
+    pub(super) n: u32,
+    pub(super) volume: u32,
+    pub(super) groups: u32,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ChannelParams {
-    n: u32,
-    volume: u32,
-    channels_in: u32,
-    channels_out: u32,
-    start: i32,
+pub(super) struct ChannelParams {
+    pub(super) n: u32,
+    pub(super) volume: u32,
+    pub(super) channels_in: u32,
+    pub(super) channels_out: u32,
+    pub(super) start: i32,
 }
 
 fn spatial(s: &Shape) -> [u32; 3] {
@@ -68,13 +76,25 @@ impl Gpu {
         out: &Shape,
         invocations: usize,
     ) -> Result<GpuTensor> {
+        let [src_d, src_h, src_w] = spatial(src);
+        let [dst_d, dst_h, dst_w] = spatial(dst);
+        let [k_d, k_h, k_w] = kernel.map(|k| k as u32);
+        let [s_d, s_h, s_w] = stride.map(|s| s as u32);
         let params = PoolParams {
             n: invocations as u32,
             volumes: (src.dims()[0] * src.dims()[1]) as u32,
-            src: spatial(src),
-            dst: spatial(dst),
-            kernel: kernel.map(|k| k as u32),
-            stride: stride.map(|s| s as u32),
+            src_d,
+            src_h,
+            src_w,
+            dst_d,
+            dst_h,
+            dst_w,
+            k_d,
+            k_h,
+            k_w,
+            s_d,
+            s_h,
+            s_w,
         };
         let result = self.empty(out)?;
         let grid = self.grid(invocations.div_ceil(WG));

@@ -11,17 +11,17 @@ use metaseg_autograd::{Backend, Error, LossBackend, Result, Shape, TensorShape};
 /// The uniform of kernels/losses.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct LossParams {
-    n: u32,
-    s: u32,
-    chunk: u32,
-    decay: f32,
+pub(super) struct LossParams {
+    pub(super) n: u32,
+    pub(super) s: u32,
+    pub(super) chunk: u32,
+    pub(super) decay: f32,
 }
 
 /// Invocations per workgroup (the kernels' `WG` default).
-const WG: usize = 256;
+pub(super) const WG: usize = 256;
 /// Classes `softmax_dice_sums` accumulates per invocation (`MAX_CLASSES` in the kernel).
-const MAX_CLASSES: usize = 16;
+pub(super) const MAX_CLASSES: usize = 16;
 /// Workgroups of `softmax_dice_sums`: enough to fill a GPU, few enough that the partial sums
 /// (3 C per invocation) are a few percent of the traffic.
 const DICE_GROUPS: usize = 128;

@@ -6,6 +6,8 @@
 
 mod backend;
 mod context;
+#[cfg(test)]
+mod contract;
 mod contrastive;
 mod conv;
 pub mod denormals;
@@ -20,7 +22,7 @@ mod warp;
 
 pub use backend::{Gpu, GpuTensor};
 pub use context::{AdapterSummary, Binding, Context, DeviceError};
-pub use conv::ConvVariant;
+pub use conv::{ConvPlan, ConvVariant, Forward, GradInput, GradWeight, Tiling};
 pub use distance::MAX_LINE;
 pub use kernels::{Access, Kernel, KernelFile};
 pub use profiler::{Clock, KernelTime};

@@ -5,7 +5,7 @@ use super::kernels::{Kernel, KernelFile};
 use metaseg_autograd::{Error, Interp, Result, Shape, TensorShape, Warp, WarpBackend};
 
 /// Invocations per workgroup (the `WG` override default of warp.wgsl).
-const WG: usize = 256;
+pub(super) const WG: usize = 256;
 
 /// Added to the adjoint box's half-extents: covers the f32 rounding of its centre (about 1e-5 of
 /// a voxel at the sizes in use) many times over; a candidate too many only costs a loop trip.
@@ -14,12 +14,12 @@ const BOX_MARGIN: f64 = 0.01;
 /// The uniform of warp.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct WarpParams {
-    rows: [[f32; 4]; 3],
-    inverse: [[f32; 4]; 3],
-    reach: [f32; 4],
-    src: [u32; 4],
-    dst: [u32; 4],
+pub(super) struct WarpParams {
+    pub(super) rows: [[f32; 4]; 3],
+    pub(super) inverse: [[f32; 4]; 3],
+    pub(super) reach: [f32; 4],
+    pub(super) src: [u32; 4],
+    pub(super) dst: [u32; 4],
 }
 
 fn rows(matrix: &[[f64; 4]; 3]) -> [[f32; 4]; 3] {

@@ -18,6 +18,8 @@
 //! costs in forward mode, which keep no record (each activation and its tangent are freed as the
 //! network moves on). Phase 2 is about a plain training step, so the step's peak is too.
 
+pub mod study;
+
 pub use crate::optim::Sgd;
 use metaseg_autograd::{grad, jvp, no_grad, Backend, Error, Result, Var};
 

@@ -224,6 +224,26 @@ pub fn sigmoid_rampup(t: f64, length: f64) -> f64 {
     (-5.0 * phase * phase).exp()
 }
 
+/// A loss term's weight ramped up over a run: `weight` * sigmoid_rampup(t // `unit`, `length`) at
+/// iteration t, the one form of the consistency, mutual and cross-supervision weights of
+/// METHODS.md (there `unit` 150 and `length` 40).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rampup {
+    /// The weight at the end of the ramp-up.
+    pub weight: f64,
+    /// Its length in units.
+    pub length: f64,
+    /// Iterations per unit.
+    pub unit: u64,
+}
+
+impl Rampup {
+    /// The weight at iteration `t` (from 0).
+    pub fn at(&self, t: u64) -> f64 {
+        self.weight * sigmoid_rampup((t / self.unit.max(1)) as f64, self.length)
+    }
+}
+
 /// The mean teacher's decay at step t (from 0): min(1 - 1 / (t + 1), decay), so the teacher
 /// follows the student closely at first.
 pub fn teacher_decay(t: u64, decay: f64) -> f64 {

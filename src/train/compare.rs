@@ -1,16 +1,17 @@
 //! Several methods and seeds trained on the same data and split, and their test results side by
 //! side: what `metaseg train` does when given more than one method or seed.
 
+use super::methods::Method;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// The baselines `metaseg train` compares when no method is named.
-pub const BASELINES: [&str; 3] = ["supervised", "mean-teacher", "full"];
+pub const BASELINES: [Method; 3] = [Method::Supervised, Method::MeanTeacher, Method::Full];
 
 /// One run of a comparison: a method, a seed and the directory it writes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunSpec {
-    pub method: String,
+    pub method: Method,
     pub seed: u64,
     pub dir: PathBuf,
 }
@@ -18,21 +19,17 @@ pub struct RunSpec {
 /// Every method for `seeds` consecutive seeds from `first_seed`, method-major. A single run writes
 /// straight into `out`; otherwise each gets `out/METHOD` or, with several seeds,
 /// `out/METHOD/seed-S`.
-pub fn plan(methods: &[String], first_seed: u64, seeds: u64, out: &Path) -> Vec<RunSpec> {
+pub fn plan(methods: &[Method], first_seed: u64, seeds: u64, out: &Path) -> Vec<RunSpec> {
     let single = methods.len() == 1 && seeds == 1;
     let mut runs = Vec::new();
-    for method in methods {
+    for &method in methods {
         for seed in first_seed..first_seed + seeds {
             let dir = match (single, seeds) {
                 (true, _) => out.to_path_buf(),
-                (false, 1) => out.join(method),
-                (false, _) => out.join(method).join(format!("seed-{seed}")),
+                (false, 1) => out.join(method.name()),
+                (false, _) => out.join(method.name()).join(format!("seed-{seed}")),
             };
-            runs.push(RunSpec {
-                method: method.clone(),
-                seed,
-                dir,
-            });
+            runs.push(RunSpec { method, seed, dir });
         }
     }
     runs
@@ -160,12 +157,11 @@ mod tests {
     #[test]
     fn plan_nests_directories_only_when_there_are_several_runs() {
         let out = Path::new("runs/x");
-        let one = plan(&["full".into()], 7, 1, out);
+        let one = plan(&[Method::Full], 7, 1, out);
         assert_eq!(one[0].dir, out);
-        let methods: Vec<String> = BASELINES.iter().map(|m| m.to_string()).collect();
-        let three = plan(&methods, 7, 1, out);
+        let three = plan(&BASELINES, 7, 1, out);
         assert_eq!(three[2].dir, out.join("full"));
-        let seeds = plan(&methods[..1], 7, 2, out);
+        let seeds = plan(&BASELINES[..1], 7, 2, out);
         assert_eq!(seeds[1].dir, out.join("supervised/seed-8"));
         assert_eq!(seeds[1].seed, 8);
     }

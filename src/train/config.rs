@@ -2,16 +2,20 @@
 //! key overridable from the command line as `--set section.key=value` (the value in TOML syntax;
 //! a bare word is taken as a string).
 
-use super::dtml::DtmlConfig;
-use metaseg_autograd::Normalization;
+use super::methods::dtml::DtmlConfig;
+use super::methods::ideal::IdealConfig;
+use super::methods::local_contrastive::LocalContrastiveConfig;
+use super::methods::mlb_seg::MlbSegConfig;
+use super::methods::online_pl::OnlinePlConfig;
+use super::methods::{Method, Stage};
+use crate::optim::Rampup;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// supervised, full, mean-teacher, mlb-seg, online-pl (online-pl-teacher: its first stage),
-    /// dtml, local-contrastive or ideal (ideal-pretrain: its first stage).
-    pub method: String,
+    /// One of the registry's methods ([`Method`]), by its kebab-case name.
+    pub method: Method,
     pub seed: u64,
     pub iterations: u64,
     pub data: DataConfig,
@@ -26,16 +30,16 @@ pub struct TrainConfig {
     pub mlb_seg: MlbSegConfig,
     /// Online pseudo-labeling's settings (METHODS.md, section 5); defaults as `mlb_seg`.
     #[serde(default)]
-    pub online_pl: super::online_pl::OnlinePlConfig,
+    pub online_pl: OnlinePlConfig,
     /// DTML's settings (METHODS.md, section 3), defaults when the preset has no `[dtml]`.
     #[serde(default)]
     pub dtml: DtmlConfig,
     /// The local contrastive method's settings (METHODS.md, section 2), defaults as `mlb_seg`.
     #[serde(default)]
-    pub local_contrastive: super::local_contrastive::LocalContrastiveConfig,
+    pub local_contrastive: LocalContrastiveConfig,
     /// IDEAL's settings (METHODS.md, section 4), defaults as `mlb_seg`.
     #[serde(default)]
-    pub ideal: super::ideal::IdealConfig,
+    pub ideal: IdealConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -122,80 +126,13 @@ pub struct MeanTeacherConfig {
     pub rampup_unit: u64,
 }
 
-/// MLB-Seg (METHODS.md, section 1): the paper's intent by default, the released code's behaviour
-/// behind flags.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MlbSegConfig {
-    /// Stage 0: supervised iterations on the labeled cases before the initial labels are
-    /// predicted (a run of its own in RUN_DIR/stage0).
-    pub stage0_iterations: u64,
-    /// Where the main stage starts: "stage0" (the network trained on the labeled cases, as the
-    /// paper describes) or "scratch" (fresh weights: the released code without --checkpoint).
-    pub init: String,
-    /// The zoom offsets p of the PLE views are drawn from the even numbers in this range (the
-    /// released code's 4..30 voxels on 144-voxel slices), scaled by the patch's smallest axis
-    /// (of more than one voxel) over `zoom_reference`.
-    pub zoom_range: [u32; 2],
-    pub zoom_reference: f64,
-    /// "coverage": the views' predictions warped back are averaged where each covers the frame
-    /// (a zoom-in view covers only its centre); "views": divided by the number of views, as the
-    /// released code does.
-    pub ple_average: String,
-    /// The student pass the PLE labels come from: "train" (the pass the update differentiates,
-    /// dropout and batch statistics included: the paper and the released code) or "eval" (an
-    /// extra pass without gradient in evaluation mode, as stage 0 predicts the initial labels;
-    /// ours, to test whether training mode's batch statistics bias the PLE labels). Absent from
-    /// configurations written before it existed, which ran "train".
-    #[serde(default = "train_mode")]
-    pub ple_mode: String,
-    /// Which exact meta-gradient: "fast" (forward mode) or "reverse" (reverse over reverse).
-    pub meta_path: String,
-    /// Weight normalisation: "clip" (max(-g, 0) / sum, the paper's), "softmax", "sigmoid" or
-    /// "hard".
-    pub weights: String,
-    /// false: the meta loss is the CE on the meta batch itself (the paper); true: on its PLE views
-    /// (the released code).
-    pub meta_views: bool,
-    /// Weight of L_cons and L_mt in both updates (1 in the paper and the released code).
-    pub consistency: f64,
-    /// false: the meta batch's losses (the meta loss and the supervised step) are mean CE, as in
-    /// the paper and the released code; true: 0.5 (CE + Dice) as the baselines' supervised loss
-    /// (in neither: it tests whether CE-only objectives drift to background on small structures).
-    pub meta_batch_dice: bool,
-    /// Ramp that weight up as the mean teacher's consistency (mean_teacher.rampup and
-    /// rampup_unit); neither the paper nor the released code does.
-    pub rampup: bool,
-    /// Global L2 norm both updates clip their gradients to (0: none).
-    pub clip: f64,
-    /// An unlabeled case whose weight maps are written as NIfTI at every validation (empty:
-    /// none).
-    pub save_weights: String,
-}
-
-/// `ple_mode`'s default: the paper's training-mode pass.
-fn train_mode() -> String {
-    "train".into()
-}
-
-/// The released code's 2D recipe where it applies to any network (METHODS.md, section 1.7).
-impl Default for MlbSegConfig {
-    fn default() -> Self {
-        MlbSegConfig {
-            stage0_iterations: 3000,
-            init: "stage0".into(),
-            zoom_range: [4, 30],
-            zoom_reference: 144.0,
-            ple_average: "coverage".into(),
-            ple_mode: train_mode(),
-            meta_path: "fast".into(),
-            weights: "clip".into(),
-            meta_views: false,
-            consistency: 1.0,
-            meta_batch_dice: false,
-            rampup: false,
-            clip: 0.2,
-            save_weights: String::new(),
+impl MeanTeacherConfig {
+    /// The consistency weight's ramp-up.
+    pub fn rampup(&self) -> Rampup {
+        Rampup {
+            weight: self.consistency,
+            length: self.rampup,
+            unit: self.rampup_unit,
         }
     }
 }
@@ -210,25 +147,40 @@ pub struct LogConfig {
     pub stride_fraction: f64,
 }
 
-/// The presets shipped with metaseg, by name.
+/// The presets shipped with metaseg, by name: the small default, the LA V-Net recipe, and each
+/// method's paper-scale recipe under the method's name.
 pub const PRESETS: [(&str, &str); 7] = [
     ("default", include_str!("../../presets/default.toml")),
     ("la-vnet", include_str!("../../presets/la-vnet.toml")),
-    ("mlb-seg", include_str!("../../presets/mlb-seg.toml")),
-    ("online-pl", include_str!("../../presets/online-pl.toml")),
-    ("dtml", include_str!("../../presets/dtml.toml")),
     (
-        "local-contrastive",
+        Method::MlbSeg.name(),
+        include_str!("../../presets/mlb-seg.toml"),
+    ),
+    (
+        Method::OnlinePl.name(),
+        include_str!("../../presets/online-pl.toml"),
+    ),
+    (Method::Dtml.name(), include_str!("../../presets/dtml.toml")),
+    (
+        Method::LocalContrastive.name(),
         include_str!("../../presets/local-contrastive.toml"),
     ),
-    ("ideal", include_str!("../../presets/ideal.toml")),
+    (
+        Method::Ideal.name(),
+        include_str!("../../presets/ideal.toml"),
+    ),
 ];
+
+/// The presets' names, for messages.
+fn preset_names() -> String {
+    PRESETS.map(|(name, _)| name).join(", ")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "unknown preset '{0}'; the presets are default, la-vnet, mlb-seg, online-pl, dtml, \
-         local-contrastive, ideal (or give a .toml file)"
+        "unknown preset '{0}'; the presets are {names} (or give a .toml file)",
+        names = preset_names()
     )]
     UnknownPreset(String),
     #[error("reading {path}: {message}")]
@@ -270,32 +222,13 @@ impl TrainConfig {
         Ok(config)
     }
 
-    /// Whether the method trains on unlabeled patches.
-    pub fn uses_unlabeled(&self) -> bool {
-        self.has_teacher() || ["dtml", "local-contrastive", "ideal"].contains(&self.method.as_str())
-    }
-
-    /// Whether the method keeps a mean teacher (online-pl: the teacher of its pseudo-labels;
-    /// ideal-pretrain: the momentum key encoder).
-    pub fn has_teacher(&self) -> bool {
-        ["mean-teacher", "mlb-seg", "online-pl", "ideal-pretrain"].contains(&self.method.as_str())
-    }
-
-    /// Whether the method keeps a momentum copy of its network (online-pl, both stages).
-    pub fn has_momentum_copy(&self) -> bool {
-        self.method.starts_with("online-pl")
-    }
-
-    /// Iterations a run spends before its main stage (MLB-Seg's stage 0, online-pl's teacher),
-    /// 0 for other methods.
-    pub fn stage0_iterations(&self) -> u64 {
-        match self.method.as_str() {
-            "mlb-seg" => self.mlb_seg.stage0_iterations,
-            "online-pl" => self.online_pl.stage1_iterations,
-            "local-contrastive" => self.local_contrastive.stage1_iterations,
-            "ideal" if self.ideal.encoder.is_empty() => self.ideal.pretrain_iterations,
-            _ => 0,
-        }
+    /// Iterations a run spends before its main stage (its method's first stage), 0 for methods
+    /// without one.
+    pub fn first_stage_iterations(&self) -> u64 {
+        self.method
+            .kind()
+            .first_stage(self)
+            .map_or(0, |first| first.config.iterations)
     }
 
     /// Checks what the types cannot: names from their lists, sizes that fit together.
@@ -308,22 +241,6 @@ impl TrainConfig {
                 bad(format!("{what} '{v}' is not one of {}", names.join(", ")))
             }
         };
-        one_of(
-            "method",
-            &self.method,
-            &[
-                "supervised",
-                "full",
-                "mean-teacher",
-                "mlb-seg",
-                "online-pl",
-                "online-pl-teacher",
-                "dtml",
-                "local-contrastive",
-                "ideal",
-                "ideal-pretrain",
-            ],
-        )?;
         one_of("network.kind", &self.network.kind, &["vnet", "unet"])?;
         one_of("optimizer.kind", &self.optimizer.kind, &["sgd", "adam"])?;
         one_of(
@@ -349,27 +266,14 @@ impl TrainConfig {
         if self.batch.labeled == 0 || self.data.labeled == 0 {
             return bad("a run needs at least one labeled case and patch per batch".into());
         }
-        if self.uses_unlabeled() && self.batch.unlabeled == 0 {
+        let kind = self.method.kind();
+        if kind.streams(Stage::Main).unlabeled && self.batch.unlabeled == 0 {
             return bad(format!(
                 "{} needs unlabeled patches (batch.unlabeled > 0)",
                 self.method
             ));
         }
-        if self.method == "mlb-seg" {
-            self.check_mlb_seg()?;
-        }
-        if self.has_momentum_copy() {
-            self.online_pl.check().map_err(ConfigError::Invalid)?;
-        }
-        if self.method == "dtml" {
-            self.dtml.check(self)?;
-        }
-        if self.method == "local-contrastive" {
-            self.local_contrastive.check(self)?;
-        }
-        if self.method.starts_with("ideal") {
-            self.ideal.check(self)?;
-        }
+        kind.check(self)?;
         let (rotate, scale) = (self.batch.rotate, self.batch.scale);
         if !(0.0..=180.0).contains(&rotate) || !(0.0..1.0).contains(&scale) {
             return bad(format!(
@@ -382,62 +286,6 @@ impl TrainConfig {
                 "optimizer.lr {} must be positive",
                 self.optimizer.lr
             ));
-        }
-        Ok(())
-    }
-}
-
-impl TrainConfig {
-    fn check_mlb_seg(&self) -> Result<(), ConfigError> {
-        let m = &self.mlb_seg;
-        let bad = |m: String| Err(ConfigError::Invalid(m));
-        let one_of = |what: &str, v: &str, names: &[&str]| {
-            if names.contains(&v) {
-                Ok(())
-            } else {
-                bad(format!(
-                    "mlb_seg.{what} '{v}' is not one of {}",
-                    names.join(", ")
-                ))
-            }
-        };
-        one_of("init", &m.init, &["stage0", "scratch"])?;
-        one_of("ple_average", &m.ple_average, &["coverage", "views"])?;
-        one_of("ple_mode", &m.ple_mode, &["train", "eval"])?;
-        one_of("meta_path", &m.meta_path, &["fast", "reverse"])?;
-        one_of("weights", &m.weights, &Normalization::NAMES)?;
-        if self.optimizer.kind != "sgd" {
-            return bad("mlb-seg's look-ahead step is SGD: set optimizer.kind = \"sgd\"".into());
-        }
-        if m.stage0_iterations == 0 {
-            return bad(
-                "mlb_seg.stage0_iterations must be at least 1: the initial labels come \
-                        from the stage-0 network"
-                    .into(),
-            );
-        }
-        let [lo, hi] = m.zoom_range;
-        let smallest = self.batch.patch.iter().filter(|&&n| n > 1).min().copied();
-        let largest_p = f64::from(hi) * smallest.unwrap_or(1) as f64 / m.zoom_reference;
-        let positive_reference = m.zoom_reference > 0.0;
-        if lo == 0 || lo > hi || !positive_reference || smallest.is_none() {
-            return bad(format!(
-                "mlb_seg.zoom_range {:?} must be 1 <= low <= high, with zoom_reference > 0 and a \
-                 patch of more than one voxel",
-                m.zoom_range
-            ));
-        }
-        if 4.0 * largest_p >= smallest.unwrap_or(1) as f64 {
-            return bad(format!(
-                "mlb_seg.zoom_range {:?}: a zoom-out by {largest_p:.1} voxels per side would leave \
-                 less than half of a {}-voxel patch axis",
-                m.zoom_range,
-                smallest.unwrap_or(1)
-            ));
-        }
-        let nonnegative = |v: f64| v >= 0.0;
-        if !nonnegative(m.consistency) || !nonnegative(m.clip) {
-            return bad("mlb_seg.consistency and mlb_seg.clip must be >= 0".into());
         }
         Ok(())
     }

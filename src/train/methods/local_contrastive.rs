@@ -21,21 +21,22 @@
 //! Our runs validate on the test cases, so choosing by that Dice would let the test set pick the
 //! model: each round starts from the latest network instead.
 //!
-//! Resumption: a round boundary is a checkpoint of the main run, and a round's pseudo-labels are
-//! read back from their files when the run resumes inside it, so an interrupted run repeats the
-//! uninterrupted one.
+//! The rounds are a hook of the run loop ([`Training::before_iteration`]): a round boundary is a
+//! checkpoint of the main run, and a round's pseudo-labels are read back from their files when the
+//! run resumes inside it, so an interrupted run repeats the uninterrupted one.
 
-use super::batch::LoadedCase;
-use super::config::{ConfigError, TrainConfig};
-use super::pseudo_labels;
-use super::run::{
-    self, io, predict_case, restore_trainer, RunData, RunError, RunOptions, RunPaths, Summary,
-};
-use super::stages::{self, say, FirstStage};
-use super::trainer::{slice_batch, supervised_loss, DeviceBatch, StepLog, Trainer};
+use super::{FirstStage, Method, MethodKind, Setup, Stage, Streams, Training};
 use crate::data;
 use crate::eval::metrics;
-use crate::nn::{Mode, NetBackend, Network};
+use crate::nn::NetBackend;
+use crate::train::batch::LoadedCase;
+use crate::train::config::{ConfigError, TrainConfig};
+use crate::train::network::{Heads, Learner};
+use crate::train::pseudo_labels;
+use crate::train::run::{self, io, predict_case, RunContext, RunData, RunError, RunPaths};
+use crate::train::trainer::{
+    slice_batch, step_log, supervised_loss, Context, DeviceBatch, StepLog, Trainer,
+};
 use metaseg_autograd::contrastive::MAX_ANCHORS;
 use metaseg_autograd::{no_grad, Error, Result};
 use serde::{Deserialize, Serialize};
@@ -152,17 +153,19 @@ impl LocalContrastiveConfig {
     }
 }
 
-/// Stage 1's run: supervised on the labeled cases, with the run's optimiser.
-pub fn stage1_config(config: &TrainConfig) -> TrainConfig {
-    stages::stage_config(
-        config,
-        "supervised",
-        config.local_contrastive.stage1_iterations,
-    )
-}
-
-pub fn stage1_paths(paths: &RunPaths) -> RunPaths {
-    paths.sub("stage1")
+/// Stage 1: a supervised run on the labeled cases, with the run's optimiser, in RUN_DIR/stage1.
+pub fn stage1(config: &TrainConfig) -> FirstStage {
+    FirstStage {
+        dir: "stage1",
+        config: TrainConfig {
+            method: Method::Supervised,
+            iterations: config.local_contrastive.stage1_iterations,
+            ..config.clone()
+        },
+        stage: Stage::Main,
+        title: "stage 1: supervised",
+        all_cases: false,
+    }
 }
 
 /// Where round `r`'s (from 0) pseudo-labels are written.
@@ -173,140 +176,128 @@ pub fn pseudo_label_dir(paths: &RunPaths, r: u64) -> PathBuf {
         .join(format!("round-{}", r + 1))
 }
 
-/// Stage 1, then the rounds (see the top).
-pub fn train<B: NetBackend>(
-    backend: &B,
-    config: &TrainConfig,
-    data: &RunData,
-    paths: &RunPaths,
-    options: RunOptions,
-) -> run::Result<Summary> {
-    stages::require_unlabeled(data, "local-contrastive")?;
-    let stage1 = stage1_config(config);
-    let stage1_paths = stage1_paths(paths);
-    let first = FirstStage {
-        config: &stage1,
-        paths: &stage1_paths,
-        message: format!(
-            "stage 1: supervised on {} labeled cases for {} iterations, in {}",
-            data.labeled.len(),
-            stage1.iterations,
-            stage1_paths.dir.display()
-        ),
-    };
-    stages::train(backend, data, paths, options, first, |_, main_options| {
-        rounds(backend, config, data, paths, &stage1_paths, main_options)
-    })
+/// The local contrastive method's kind: every patch with labels (the unlabeled ones the round's
+/// pseudo-labels), the V-Net's projection head, stage 1 first.
+pub struct Kind;
+
+impl MethodKind for Kind {
+    fn streams(&self, _: Stage) -> Streams {
+        Streams {
+            unlabeled: true,
+            unlabeled_labels: true,
+        }
+    }
+
+    fn heads(&self, config: &TrainConfig, _: Stage) -> Heads {
+        Heads {
+            projection: Some(config.local_contrastive.embedding),
+            ..Heads::default()
+        }
+    }
+
+    fn check(&self, config: &TrainConfig) -> std::result::Result<(), ConfigError> {
+        config.local_contrastive.check(config)
+    }
+
+    fn needs_unlabeled_cases(&self) -> bool {
+        true
+    }
+
+    fn first_stage(&self, config: &TrainConfig) -> Option<FirstStage> {
+        Some(stage1(config))
+    }
+
+    fn build<B: NetBackend>(&self, _: &Setup<'_, B>) -> Result<Box<dyn Training<B>>> {
+        Ok(Box::new(LocalContrastive))
+    }
 }
 
-/// The main run, round by round: each round's pseudo-labels, then its iterations.
-fn rounds<B: NetBackend>(
-    backend: &B,
-    config: &TrainConfig,
-    data: &RunData,
-    paths: &RunPaths,
-    stage1_paths: &RunPaths,
-    options: RunOptions,
-) -> run::Result<Summary> {
-    let lc = &config.local_contrastive;
-    let channels = data.labeled[0].image.channels;
-    let mut resume = options.resume;
-    let mut step = if resume {
-        let mut t = Trainer::new(backend, config, channels)?;
-        run::load_checkpoint(backend, &mut t, &paths.checkpoint())?
-    } else {
-        0
-    };
-    let mut total: Option<Summary> = None;
-    for r in 0..lc.rounds {
-        let (begin, end) = lc.round(r, config.iterations);
-        if step >= end {
-            continue;
+/// The method keeps nothing beside the student: its rounds are a function of the iteration.
+pub struct LocalContrastive;
+
+impl<B: NetBackend> Training<B> for LocalContrastive {
+    fn step(
+        &mut self,
+        cx: &Context<'_>,
+        student: &mut Learner<B>,
+        batch: &DeviceBatch<B>,
+        t: u64,
+    ) -> Result<StepLog> {
+        step(cx, student, batch, t)
+    }
+
+    /// The stage-1 network (the projection head, which stage 1 has not, at its initial values)
+    /// or fresh weights, a fresh optimiser.
+    fn start(
+        &mut self,
+        cx: &Context<'_>,
+        student: &mut Learner<B>,
+        run: &RunContext<'_, B>,
+        resuming: bool,
+    ) -> run::Result<Option<RunData>> {
+        if !resuming && cx.config.local_contrastive.init == "stage1" {
+            let stage1 = stage1(cx.config).restore(run.backend, run.channels(), run.paths)?;
+            let w = &mut student.weights;
+            w.params = w.params.with_matching(&stage1.student.weights.params)?;
+            w.stats = w.stats.with_matching(&stage1.student.weights.stats)?;
         }
-        let dir = pseudo_label_dir(paths, r);
-        let labels = if step > begin {
-            read_round(data, lc, &dir)?
+        Ok(None)
+    }
+
+    /// At the start of each round (or where a resumed run starts inside one): its cases.
+    fn before_iteration(
+        &self,
+        trainer: &Trainer<B>,
+        run: &RunContext<'_, B>,
+        t: u64,
+        first: bool,
+    ) -> run::Result<Option<RunData>> {
+        let config = &trainer.config;
+        let lc = &config.local_contrastive;
+        let round = |r| lc.round(r, config.iterations);
+        let Some(r) = (0..lc.rounds).find(|&r| t < round(r).1) else {
+            return Ok(None);
+        };
+        let (begin, _) = round(r);
+        if t != begin && !first {
+            return Ok(None);
+        }
+        let dir = pseudo_label_dir(run.paths, r);
+        let labels = if t > begin {
+            read_round(run.data, lc, &dir)?
         } else {
-            say(
-                options,
-                format!(
-                    "round {} of {}: pseudo-labels of {} unlabeled cases, in {}",
-                    r + 1,
-                    lc.rounds,
-                    data.unlabeled.len(),
-                    dir.display()
-                ),
-            );
-            let network = if r == 0 {
-                restore_trainer(backend, &stage1_config(config), channels, stage1_paths)?
+            run.say(format!(
+                "round {} of {}: pseudo-labels of {} unlabeled cases, in {}",
+                r + 1,
+                lc.rounds,
+                run.data.unlabeled.len(),
+                dir.display()
+            ));
+            if r == 0 {
+                let network = stage1(config).restore(run.backend, run.channels(), run.paths)?;
+                predict_round(run.backend, &network, run.data, lc, &dir)?
             } else {
-                restore_trainer(backend, config, channels, paths)?
-            };
-            predict_round(backend, &network, data, lc, &dir)?
+                predict_round(run.backend, trainer, run.data, lc, &dir)?
+            }
         };
-        let round_data = kept_cases(data, labels, lc.agreement)?;
-        if round_data.unlabeled.len() < data.unlabeled.len() {
-            say(
-                options,
-                format!(
-                    "round {}: {} of {} unlabeled cases agree above {}",
-                    r + 1,
-                    round_data.unlabeled.len(),
-                    data.unlabeled.len(),
-                    lc.agreement
-                ),
-            );
+        let round_data = kept_cases(run.data, labels, lc.agreement)?;
+        if round_data.unlabeled.len() < run.data.unlabeled.len() {
+            run.say(format!(
+                "round {}: {} of {} unlabeled cases agree above {}",
+                r + 1,
+                round_data.unlabeled.len(),
+                run.data.unlabeled.len(),
+                lc.agreement
+            ));
         }
-        let trainer = if resume {
-            Trainer::new(backend, config, channels)?
-        } else {
-            first_trainer(backend, config, channels, stage1_paths)?
-        };
-        let stop = options.stop_after.map_or(end, |s| s.min(end));
-        let summary = run::train_from(
-            backend,
-            trainer,
-            &round_data,
-            paths,
-            RunOptions {
-                resume,
-                stop_after: Some(stop),
-                ..options
-            },
-        )?;
-        total = Some(match total {
-            Some(before) => Summary {
-                seconds: before.seconds + summary.seconds,
-                iterations: before.iterations + summary.iterations,
-                step_seconds: before.step_seconds + summary.step_seconds,
-                ..summary
-            },
-            None => summary,
-        });
-        (step, resume) = (stop, true);
-        if options.stop_after.is_some_and(|s| s <= end) {
-            break;
-        }
+        Ok(Some(round_data))
     }
-    // A finished run resumed (a comparison carried on after an interruption) trains nothing.
-    Ok(total.unwrap_or_else(Summary::empty))
-}
 
-/// The main run's trainer before its first step: the stage-1 network (the projection head, which
-/// stage 1 has not, at its initial values) or fresh weights, a fresh optimiser.
-fn first_trainer<B: NetBackend>(
-    backend: &B,
-    config: &TrainConfig,
-    channels: usize,
-    stage1_paths: &RunPaths,
-) -> run::Result<Trainer<B>> {
-    let mut trainer = Trainer::new(backend, config, channels)?;
-    if config.local_contrastive.init == "stage1" {
-        let stage1 = restore_trainer(backend, &stage1_config(config), channels, stage1_paths)?;
-        trainer.params = trainer.params.with_matching(&stage1.params)?;
-        trainer.stats = trainer.stats.with_matching(&stage1.stats)?;
+    /// The end of every round, so a resumed run starts a round as the uninterrupted one did.
+    fn checkpoint_at(&self, config: &TrainConfig, done: u64) -> bool {
+        let lc = &config.local_contrastive;
+        (0..lc.rounds).any(|r| lc.round(r, config.iterations).1 == done)
     }
-    Ok(trainer)
 }
 
 /// A round's labels: the predicted label map of every unlabeled case and, with the filter on,
@@ -406,27 +397,22 @@ fn flip_labels_w(labels: &[u8], dims: [usize; 3]) -> Vec<u8> {
 
 fn no_embedding() -> Error {
     Error::InvalidArgument {
-        op: "local-contrastive",
+        op: Method::LocalContrastive.name(),
         message: "the network has no projection head: it was not made for local-contrastive".into(),
     }
 }
 
 /// One step at `t`: the supervised loss on the labeled patches plus lambda L_local on every patch
 /// with the labels the batch carries (the unlabeled ones' are the round's pseudo-labels).
-pub fn step<B: NetBackend>(
-    trainer: &mut Trainer<B>,
+fn step<B: NetBackend>(
+    cx: &Context<'_>,
+    student: &mut Learner<B>,
     batch: &DeviceBatch<B>,
     t: u64,
 ) -> Result<StepLog> {
-    let config = &trainer.config;
+    let config = cx.config;
     let lc = &config.local_contrastive;
-    let mode = Mode::Train {
-        seed: config.seed,
-        step: t as u32,
-    };
-    let out = trainer
-        .net
-        .run(&trainer.params, &trainer.stats, &batch.x, mode)?;
+    let out = student.weights.run(cx.net, &batch.x, cx.train_mode(t))?;
     let (ce, dice) = supervised_loss(
         &slice_batch(&out.logits, 0, batch.labeled)?,
         &slice_batch(&batch.y, 0, batch.labeled)?,
@@ -439,16 +425,15 @@ pub fn step<B: NetBackend>(
         .add(&dice)?
         .scale(0.5)?
         .add(&contrastive.scale(lc.lambda)?)?;
-    let lr = trainer.schedule().lr(config.optimizer.lr, t);
-    let clip = config.optimizer.clip;
-    trainer.descend(&total, &out.batch_stats, clip, lr, t)?;
+    let lr = cx.lr(t);
+    student.descend(&total, &out.batch_stats, config.optimizer.clip, lr)?;
     let named = [
         ("loss", total),
         ("ce", ce),
         ("dice", dice),
         ("contrastive", contrastive),
     ];
-    trainer.step_log(&named, lr)
+    step_log(&named, lr)
 }
 
 #[cfg(test)]

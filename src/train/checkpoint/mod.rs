@@ -1,11 +1,21 @@
 //! Checkpoints: every tensor of a run (parameters, running statistics, the teacher, optimiser
-//! moments) in one safetensors file, and a JSON sidecar with what is not a tensor (step, seed,
-//! configuration, optimiser counters). Both are written to a temporary file and renamed into
-//! place, tensors first, so a crash leaves the previous checkpoint whole; the sidecar names the
-//! step the tensors were saved at, and loading checks the two agree.
+//! moments) in one safetensors file, and a JSON sidecar with what is not a tensor (format, step,
+//! seed, configuration and stage, counters). Both are written to a temporary file and renamed
+//! into place, tensors first, so a crash leaves the previous checkpoint whole; the sidecar names
+//! the step the tensors were saved at, and loading checks the two agree. [`parts`] is what a
+//! trainer writes into them and reads back.
 //!
 //! Tensors are stored as f32, the GPU's precision, so a GPU run resumes bit for bit.
+//!
+//! Formats: 1 (no `format` key) named the first stages of online-pl and IDEAL as methods of their
+//! own ("online-pl-teacher", "ideal-pretrain"); 2 names the method and, apart, its [`Stage`]. The
+//! tensors' names are the same in both.
 
+pub mod parts;
+
+pub use parts::Parts;
+
+use super::methods::Stage;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -25,16 +35,30 @@ pub enum CheckpointError {
 
 pub type Result<T> = std::result::Result<T, CheckpointError>;
 
+/// The format this version writes (see the top).
+pub const FORMAT: u32 = 2;
+
 /// What a checkpoint holds besides its tensors.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sidecar {
+    /// Its layout's version; absent in format 1.
+    #[serde(default = "format_1")]
+    pub format: u32,
     /// Iterations completed when it was written.
     pub step: u64,
     pub seed: u64,
     /// The run's configuration, as the run read it.
     pub config: serde_json::Value,
+    /// The stage of its method's run (format 1 has none: see the top).
+    #[serde(default)]
+    pub stage: Stage,
     /// Any further counters (optimiser steps, the method's state).
     pub counters: BTreeMap<String, u64>,
+}
+
+/// Sidecars without a `format` key were written before it existed.
+fn format_1() -> u32 {
+    1
 }
 
 /// A named tensor on the host.

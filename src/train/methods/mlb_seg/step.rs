@@ -17,12 +17,17 @@
 //! pass's record plus the meta step's largest phase (about two training steps); recomputing it
 //! instead would cost a forward pass of all K * U views.
 
-use super::super::config::TrainConfig;
-use super::super::trainer::{slice_batch, supervised_loss, DeviceBatch, StepLog, Trainer};
 use super::views::{Average, Views};
 use crate::meta::{MetaPath, MetaStep, Sgd};
 use crate::nn::{Forward, Mode, NetBackend, Network, Outputs};
-use crate::optim::sigmoid_rampup;
+use crate::optim::teacher_decay;
+use crate::optim::Rampup;
+use crate::train::config::TrainConfig;
+use crate::train::methods::mean_teacher::teacher_logits;
+use crate::train::network::{Learner, Weights};
+use crate::train::trainer::{
+    slice_batch, step_log, supervised_loss, Context, DeviceBatch, StepLog,
+};
 use metaseg_autograd::{no_grad, Normalization, Reduction, Result, Var};
 
 /// Salt of the meta batch's dropout and teacher-noise streams, apart from the unlabeled views'.
@@ -46,8 +51,12 @@ fn consistency_weight(config: &TrainConfig, t: u64) -> f64 {
     if !m.rampup {
         return m.consistency;
     }
-    let mt = &config.mean_teacher;
-    m.consistency * sigmoid_rampup((t / mt.rampup_unit.max(1)) as f64, mt.rampup)
+    let ramp = config.mean_teacher.rampup();
+    Rampup {
+        weight: m.consistency,
+        ..ramp
+    }
+    .at(t)
 }
 
 fn average(config: &TrainConfig) -> Average {
@@ -64,33 +73,29 @@ fn costs<B: NetBackend>(logits: &Var<B>, y_init: &Var<B>, y_ple: &Var<B>) -> Res
     Var::concat_channels(&[&c_init, &c_ple])
 }
 
-/// Step 1 for unlabeled patches x_u [U, C, patch] with one-hot initial labels, the student at
-/// the trainer's parameters; also returns the teacher's running statistics after its pass.
+/// Step 1 for unlabeled patches x_u [U, C, patch] with one-hot initial labels, in batch slots
+/// `first_slot ..`, the student at its current weights; also returns the teacher with the running
+/// statistics of its pass.
 pub fn unlabeled_terms<B: NetBackend>(
-    trainer: &Trainer<B>,
+    cx: &Context<'_>,
+    student: &Weights<B>,
+    teacher: &Weights<B>,
     x_u: &Var<B>,
     y_init: &Var<B>,
     first_slot: usize,
     t: u64,
-) -> Result<(UnlabeledTerms<B>, crate::nn::ParamStore<B>)> {
-    let config = &trainer.config;
+) -> Result<(UnlabeledTerms<B>, Weights<B>)> {
+    let config = cx.config;
     let samples = x_u.shape().dims()[0];
     let views = Views::draw(config, t, first_slot, samples);
     let x = views.images(x_u)?;
     let y_init = views.labels(y_init)?;
-    let teacher = trainer.teacher.as_ref().expect("mlb-seg keeps a teacher");
-    let (teacher_logits, teacher_stats) = trainer.teacher_logits(teacher, &x, 0, t)?;
-    let mode = Mode::Train {
-        seed: config.seed,
-        step: t as u32,
-    };
-    let student = trainer.net.run(&trainer.params, &trainer.stats, &x, mode)?;
-    let probabilities = student.logits.softmax_channels()?;
+    let (teacher_logits, teacher) = teacher_logits(cx, teacher, &x, 0, t)?;
+    let pass = student.run(cx.net, &x, cx.train_mode(t))?;
+    let probabilities = pass.logits.softmax_channels()?;
     let y_ple = no_grad(|| -> Result<_> {
         let p = if config.mlb_seg.ple_mode == "eval" {
-            let eval = trainer
-                .net
-                .run(&trainer.params, &trainer.stats, &x, Mode::Eval)?;
+            let eval = student.run(cx.net, &x, Mode::Eval)?;
             eval.logits.softmax_channels()?
         } else {
             probabilities.detach()
@@ -98,59 +103,52 @@ pub fn unlabeled_terms<B: NetBackend>(
         views.enhanced_labels(&p, average(config))
     })?;
     let cons = views.consistency(&probabilities)?;
-    let mt = student.logits.softmax_mse(&teacher_logits)?;
+    let mt = pass.logits.softmax_mse(&teacher_logits)?;
     let terms = UnlabeledTerms {
         views,
         x,
         y_init,
         y_ple,
-        student,
+        student: pass,
         cons,
         mt,
     };
-    Ok((terms, teacher_stats))
+    Ok((terms, teacher))
 }
 
-/// Step 2: the weights [K * U, 2, patch] of the costs of `u`, from a look-ahead at the trainer's
-/// parameters with learning rate `lr`, and the meta loss on (x_meta, y_meta).
+/// Step 2: the weights [K * U, 2, patch] of the costs of `u`, from a look-ahead of the student
+/// (its parameters and SGD momentum buffers) with learning rate `lr`, and the meta loss on
+/// (x_meta, y_meta).
 pub fn meta_weights<B: NetBackend>(
-    trainer: &Trainer<B>,
+    cx: &Context<'_>,
+    student: &Learner<B>,
     u: &UnlabeledTerms<B>,
     meta: (&Var<B>, &Var<B>),
     lr: f64,
     t: u64,
 ) -> Result<Var<B>> {
-    let config = &trainer.config;
+    let config = cx.config;
     let m = &config.mlb_seg;
-    let theta = trainer.params.values();
-    let stats = trainer.stats.values();
-    let mode = Mode::Train {
-        seed: config.seed,
-        step: t as u32,
-    };
+    let theta = student.weights.params.values();
+    let stats = student.weights.stats.values();
+    let mode = cx.train_mode(t);
     let costs_at = |p: &[Var<B>]| {
-        let logits = trainer
-            .net
-            .forward(&Forward::new(p, stats, mode), &u.x)?
-            .logits;
+        let logits = cx.net.forward(&Forward::new(p, stats, mode), &u.x)?.logits;
         costs(&logits, &u.y_init, &u.y_ple)
     };
     let weight = consistency_weight(config, t);
     let other = u.cons.add(&u.mt)?.scale(weight)?;
     // Evaluated at theta only (MetaStep differentiates it there), so the pass of step 1 serves.
     let other_at = |_: &[Var<B>]| Ok(other.clone());
-    let meta_mode = Mode::Train {
-        seed: config.seed ^ META_SALT,
-        step: t as u32,
-    };
+    let meta_mode = cx.mode(config.seed ^ META_SALT, t);
     let meta_loss = |p: &[Var<B>]| {
-        let logits = trainer
+        let logits = cx
             .net
             .forward(&Forward::new(p, stats, meta_mode), meta.0)?
             .logits;
         meta_batch_loss(config, &logits, meta.1)
     };
-    let buffers = momentum_buffers(trainer)?;
+    let buffers = momentum_buffers(student)?;
     let o = &config.optimizer;
     let step = MetaStep {
         theta,
@@ -172,12 +170,13 @@ pub fn meta_weights<B: NetBackend>(
 
 /// The optimiser's momentum buffers per parameter (it keeps them flat), None before its first
 /// step.
-fn momentum_buffers<B: NetBackend>(trainer: &Trainer<B>) -> Result<Option<Vec<Var<B>>>> {
-    let Some(flat) = trainer.optimizer.state.first() else {
+fn momentum_buffers<B: NetBackend>(student: &Learner<B>) -> Result<Option<Vec<Var<B>>>> {
+    let Some(flat) = student.optimizer.state.first() else {
         return Ok(None);
     };
     let backend = flat.backend();
-    let shapes: Vec<_> = trainer
+    let shapes: Vec<_> = student
+        .weights
         .params
         .values()
         .iter()
@@ -208,30 +207,44 @@ pub fn meta_batch_loss<B: NetBackend>(
     }
 }
 
+/// An update of the student on `total` (its gradient clipped to `mlb_seg.clip`), then the teacher's
+/// EMA towards it: how steps 3 and 4 end.
+fn update<B: NetBackend>(
+    cx: &Context<'_>,
+    (student, teacher): (&mut Learner<B>, &mut Weights<B>),
+    total: &Var<B>,
+    pass: &Outputs<B>,
+    lr: f64,
+    t: u64,
+) -> Result<()> {
+    student.descend(total, &pass.batch_stats, cx.config.mlb_seg.clip, lr)?;
+    let decay = teacher_decay(t, cx.config.mean_teacher.ema_decay);
+    teacher.follow_params(&student.weights, decay)
+}
+
 /// Step 4 on the meta batch's views (x, y): mean CE (or 0.5 (CE + Dice) with
-/// `mlb_seg.meta_batch_dice`) + L_cons + L_mt, an update and the teacher's EMA. Returns the loss and its three terms, detached.
+/// `mlb_seg.meta_batch_dice`) + L_cons + L_mt, an update and the teacher's EMA. Returns the loss
+/// and its three terms, detached.
 fn supervised_step<B: NetBackend>(
-    trainer: &mut Trainer<B>,
+    cx: &Context<'_>,
+    (student, teacher): (&mut Learner<B>, &mut Weights<B>),
     views: &Views,
     (x, y): (&Var<B>, &Var<B>),
     lr: f64,
     t: u64,
 ) -> Result<[Var<B>; 4]> {
-    let config = &trainer.config;
-    let teacher = trainer.teacher.as_ref().expect("mlb-seg keeps a teacher");
-    let (teacher_logits, teacher_stats) = trainer.teacher_logits(teacher, x, META_SALT, t)?;
-    let mode = Mode::Train {
-        seed: config.seed ^ META_SALT ^ 1,
-        step: t as u32,
-    };
-    let out = trainer.net.run(&trainer.params, &trainer.stats, x, mode)?;
+    let config = cx.config;
+    let (teacher_logits, moved) = teacher_logits(cx, teacher, x, META_SALT, t)?;
+    let out = student
+        .weights
+        .run(cx.net, x, cx.mode(config.seed ^ META_SALT ^ 1, t))?;
     let ce = meta_batch_loss(config, &out.logits, y)?;
     let cons = views.consistency(&out.logits.softmax_channels()?)?;
     let mt = out.logits.softmax_mse(&teacher_logits)?;
     let weight = consistency_weight(config, t);
     let total = ce.add(&cons.add(&mt)?.scale(weight)?)?;
-    trainer.teacher.as_mut().expect("checked").stats = teacher_stats;
-    trainer.descend(&total, &out.batch_stats, config.mlb_seg.clip, lr, t)?;
+    *teacher = moved;
+    update(cx, (student, teacher), &total, &out, lr, t)?;
     Ok([total, ce, cons, mt].map(|v| v.detach()))
 }
 
@@ -246,11 +259,13 @@ fn foreground_share<B: NetBackend>(y: &Var<B>) -> Result<Var<B>> {
 
 /// One MLB-Seg iteration (see the top).
 pub fn step<B: NetBackend>(
-    trainer: &mut Trainer<B>,
+    cx: &Context<'_>,
+    student: &mut Learner<B>,
+    teacher: &mut Weights<B>,
     batch: &DeviceBatch<B>,
     t: u64,
 ) -> Result<StepLog> {
-    let config = trainer.config.clone();
+    let config = cx.config;
     let m = &config.mlb_seg;
     let labeled = batch.labeled;
     let unlabeled = batch.x.shape().dims()[0] - labeled;
@@ -260,31 +275,27 @@ pub fn step<B: NetBackend>(
     );
     let x_u = slice_batch(&batch.x, labeled, unlabeled)?;
     let y_u = slice_batch(&batch.y, labeled, unlabeled)?;
-    let lr = trainer.schedule().lr(config.optimizer.lr, t);
-    let weight = consistency_weight(&config, t);
+    let lr = cx.lr(t);
+    let weight = consistency_weight(config, t);
 
     // 1-2: the unlabeled terms at theta, and the weights of their costs.
-    let (u, teacher_stats) = unlabeled_terms(trainer, &x_u, &y_u, labeled, t)?;
-    trainer
-        .teacher
-        .as_mut()
-        .expect("mlb-seg keeps a teacher")
-        .stats = teacher_stats;
-    let meta_views = Views::draw(&config, t, 0, labeled);
+    let (u, moved) = unlabeled_terms(cx, &student.weights, teacher, &x_u, &y_u, labeled, t)?;
+    *teacher = moved;
+    let meta_views = Views::draw(config, t, 0, labeled);
     let (x_mv, y_mv) = (meta_views.images(&x_m)?, meta_views.labels(&y_m)?);
     let meta = if m.meta_views {
         (&x_mv, &y_mv)
     } else {
         (&x_m, &y_m)
     };
-    let w = meta_weights(trainer, &u, meta, lr, t)?;
+    let w = meta_weights(cx, student, &u, meta, lr, t)?;
 
-    // 3: the real update at theta.
+    // 3: the real update at theta, then the teacher's EMA.
     let weighted = costs(&u.student.logits, &u.y_init, &u.y_ple)?
         .mul(&w)?
         .sum()?;
     let total = weighted.add(&u.cons.add(&u.mt)?.scale(weight)?)?;
-    trainer.descend(&total, &u.student.batch_stats, m.clip, lr, t)?;
+    update(cx, (student, teacher), &total, &u.student, lr, t)?;
     // Only their values are logged: the record of step 1 goes before step 4 records its own.
     let (total, weighted) = (total.detach(), weighted.detach());
     let (cons, mt) = (u.cons.detach(), u.mt.detach());
@@ -292,9 +303,9 @@ pub fn step<B: NetBackend>(
         (foreground_share(&u.y_init)?, foreground_share(&u.y_ple)?);
     drop(u);
 
-    // 4: the supervised step on the meta batch's views.
+    // 4: the supervised step on the meta batch's views, then the teacher's EMA.
     let [meta_total, meta_ce, meta_cons, meta_mt] =
-        supervised_step(trainer, &meta_views, (&x_mv, &y_mv), lr, t)?;
+        supervised_step(cx, (student, teacher), &meta_views, (&x_mv, &y_mv), lr, t)?;
 
     // The shares of the total weight on the initial labels' and on the PLE labels' costs.
     let weight_init = w.slice_channels(0, 1)?.sum()?;
@@ -312,5 +323,5 @@ pub fn step<B: NetBackend>(
         ("init_foreground", init_foreground),
         ("ple_foreground", ple_foreground),
     ];
-    trainer.step_log(&terms, lr)
+    step_log(&terms, lr)
 }

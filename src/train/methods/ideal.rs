@@ -21,14 +21,16 @@
 //!   exp(-5 (1 - min(t', T) / T)^2), t' = t // `rampup_unit`, T = `rampup`. Validation, test
 //!   figures and `metaseg predict` read decoder A.
 
-use super::checkpoint::{self, HostTensor, Sidecar};
-use super::config::{ConfigError, TrainConfig};
-use super::run::{self, RunData, RunError, RunOptions, RunPaths, Summary};
-use super::stages::{self, FirstStage};
-use super::trainer::{slice_batch, supervised_loss, DeviceBatch, Net, StepLog, Trainer};
-use crate::nn::layers::{updated_stats, BN_MOMENTUM};
-use crate::nn::{Forward, Mode, NetBackend, ParamStore};
-use crate::optim::sigmoid_rampup;
+use super::{FirstStage, Method, MethodKind, Setup, Stage, Streams, Training};
+use crate::nn::{Forward, NetBackend, ParamStore};
+use crate::optim::Rampup;
+use crate::train::checkpoint::{self, HostTensor, Parts, Sidecar, FORMAT};
+use crate::train::config::{ConfigError, TrainConfig};
+use crate::train::network::{Heads, Learner, Net, Weights};
+use crate::train::run::{self, RunContext, RunData, RunError, RunPaths};
+use crate::train::trainer::{
+    slice_batch, step_log, supervised_loss, Context, DeviceBatch, StepLog, Trainer,
+};
 use metaseg_autograd::{
     no_grad, random, Distribution, Error, Interp, Reduction, Result, Shape, UnaryOp, Var, Warp,
     Window3d,
@@ -121,24 +123,34 @@ impl IdealConfig {
         Ok(())
     }
 
-    /// The weight of cross pseudo supervision at iteration `t`.
-    pub fn cps_weight(&self, t: u64) -> f64 {
-        self.cps * sigmoid_rampup((t / self.rampup_unit.max(1)) as f64, self.rampup)
+    /// The weight of cross pseudo supervision over the run.
+    pub fn cps_weight(&self) -> Rampup {
+        Rampup {
+            weight: self.cps,
+            length: self.rampup,
+            unit: self.rampup_unit,
+        }
     }
 }
 
-/// The pre-training run: every training patch, the query encoder and its momentum key encoder.
-pub fn pretrain_config(config: &TrainConfig) -> TrainConfig {
-    stages::stage_config(config, "ideal-pretrain", config.ideal.pretrain_iterations)
+/// Pre-training, IDEAL's first stage (unless `ideal.encoder` names an encoder): every training
+/// patch, the query encoder and its momentum key encoder, in RUN_DIR/pretrain.
+pub fn pretraining(config: &TrainConfig) -> Option<FirstStage> {
+    config.ideal.encoder.is_empty().then(|| FirstStage {
+        dir: "pretrain",
+        config: TrainConfig {
+            iterations: config.ideal.pretrain_iterations,
+            ..config.clone()
+        },
+        stage: Stage::First,
+        title: "pre-training: dense contrastive",
+        all_cases: true,
+    })
 }
 
-pub fn pretrain_paths(paths: &RunPaths) -> RunPaths {
-    paths.sub("pretrain")
-}
-
-/// The stem of the pre-trained encoder's files (`.safetensors` and `.json`).
+/// The stem of the pre-trained encoder's files (`.safetensors` and `.json`) of a run.
 pub fn encoder_stem(paths: &RunPaths) -> PathBuf {
-    pretrain_paths(paths).dir.join("encoder")
+    paths.sub("pretrain").dir.join("encoder")
 }
 
 /// Whether a tensor belongs to the encoder (the part pre-training trains and fine-tuning shares).
@@ -146,90 +158,40 @@ pub fn is_encoder(name: &str) -> bool {
     name.starts_with("encoder.") || name.starts_with("down.")
 }
 
-/// Pre-training (unless `ideal.encoder` names one), then fine-tuning (see the top).
-pub fn train<B: NetBackend>(
-    backend: &B,
-    config: &TrainConfig,
-    data: &RunData,
-    paths: &RunPaths,
-    options: RunOptions,
-) -> run::Result<Summary> {
-    stages::require_unlabeled(data, "ideal")?;
-    let channels = data.labeled[0].image.channels;
-    let given = &config.ideal.encoder;
-    if !given.is_empty() {
-        let stem = Path::new(given).with_extension("");
-        let resuming = options.resume;
-        let trainer = fine_tuning_trainer(backend, config, channels, &stem, resuming)?;
-        return run::train_from(backend, trainer, data, paths, options);
-    }
-    let pretrain = pretrain_config(config);
-    let pretrain_paths = pretrain_paths(paths);
-    let first = FirstStage {
-        config: &pretrain,
-        paths: &pretrain_paths,
-        message: format!(
-            "pre-training: dense contrastive on {} training cases for {} iterations, in {}",
-            data.labeled.len() + data.unlabeled.len(),
-            pretrain.iterations,
-            pretrain_paths.dir.display()
-        ),
-    };
-    stages::train(
-        backend,
-        data,
-        paths,
-        options,
-        first,
-        |main_started, main_options| {
-            let stem = encoder_stem(paths);
-            if !main_started {
-                let network = run::restore_trainer(backend, &pretrain, channels, &pretrain_paths)?;
-                save_encoder(&network, &stem)?;
-            }
-            let trainer = fine_tuning_trainer(backend, config, channels, &stem, main_started)?;
-            run::train_from(backend, trainer, data, paths, main_options)
-        },
-    )
-}
-
 /// Writes the query encoder's parameters and statistics (`params/NAME`, `stats/NAME`) to
 /// `stem`.safetensors with a JSON sidecar (its pre-training step, seed and configuration).
 pub fn save_encoder<B: NetBackend>(network: &Trainer<B>, stem: &Path) -> run::Result<()> {
-    let mut tensors = BTreeMap::new();
-    run::host(&network.params, "params", &mut tensors)?;
-    run::host(&network.stats, "stats", &mut tensors)?;
+    let mut parts = Parts::default();
+    parts.put_weights("", &network.student.weights)?;
+    let mut tensors = parts.tensors;
     tensors.retain(|name, _| name.split_once('/').is_some_and(|(_, n)| is_encoder(n)));
     let sidecar = Sidecar {
-        step: network.optimizer.steps,
+        format: FORMAT,
+        step: network.student.optimizer.steps,
         seed: network.config.seed,
         config: serde_json::to_value(&network.config).expect("a configuration serialises"),
+        stage: network.stage,
         counters: BTreeMap::new(),
     };
     Ok(checkpoint::save(stem, &tensors, &sidecar)?)
 }
 
-/// The fine-tuning trainer: fresh, with the encoder read from `stem` (unless the run resumes,
-/// which restores everything from its checkpoint anyway).
-pub fn fine_tuning_trainer<B: NetBackend>(
+/// `weights` with their encoder tensors read from the encoder file at `stem` (the decoders' as
+/// they were).
+pub fn load_encoder<B: NetBackend>(
     backend: &B,
-    config: &TrainConfig,
-    channels: usize,
+    weights: &mut Weights<B>,
     stem: &Path,
-    resuming: bool,
-) -> run::Result<Trainer<B>> {
-    let mut trainer = Trainer::new(backend, config, channels)?;
-    if !resuming {
-        let (tensors, _) = checkpoint::load(stem)?;
-        trainer.params = load_encoder(backend, &trainer.params, "params", &tensors, stem)?;
-        trainer.stats = load_encoder(backend, &trainer.stats, "stats", &tensors, stem)?;
-    }
-    Ok(trainer)
+) -> run::Result<()> {
+    let (tensors, _) = checkpoint::load(stem)?;
+    weights.params = with_encoder(backend, &weights.params, "params", &tensors, stem)?;
+    weights.stats = with_encoder(backend, &weights.stats, "stats", &tensors, stem)?;
+    Ok(())
 }
 
 /// `store` with its encoder tensors replaced by the file's `prefix/NAME` ones; every encoder
 /// tensor must be there with its shape.
-fn load_encoder<B: NetBackend>(
+fn with_encoder<B: NetBackend>(
     backend: &B,
     store: &ParamStore<B>,
     prefix: &str,
@@ -262,7 +224,7 @@ fn load_encoder<B: NetBackend>(
 
 fn not_a_vnet() -> Error {
     Error::InvalidArgument {
-        op: "ideal",
+        op: Method::Ideal.name(),
         message: "ideal runs on a V-Net".into(),
     }
 }
@@ -289,69 +251,6 @@ pub fn flips(size: [usize; 3], axes: &[usize]) -> Warp {
     axes.iter()
         .fold(Warp::identity(size), |w, &a| Warp::flip(size, a).then(&w))
         .with_interp(Interp::Nearest)
-}
-
-/// One pre-training step at `t` (see the top).
-pub fn pretrain_step<B: NetBackend>(
-    trainer: &mut Trainer<B>,
-    batch: &DeviceBatch<B>,
-    t: u64,
-) -> Result<StepLog> {
-    let config = &trainer.config;
-    let ideal = &config.ideal;
-    let Net::VNet(vnet) = &trainer.net else {
-        return Err(not_a_vnet());
-    };
-    let teacher = trainer
-        .teacher
-        .as_ref()
-        .ok_or_else(|| Error::InvalidArgument {
-            op: "ideal",
-            message: "the pre-training trainer has no key encoder".into(),
-        })?;
-    let axes = view_flips(config.seed, t, config.batch.patch);
-    let x = &batch.x;
-    let noise = Var::random(
-        x.backend(),
-        x.shape(),
-        Distribution::Normal,
-        config.seed ^ KEY_SALT,
-        (t << 32) | 1,
-    )?
-    .scale(ideal.noise)?;
-    let view2 = x.warp(&flips(config.batch.patch, &axes))?.add(&noise)?;
-    let mode = |seed| Mode::Train {
-        seed,
-        step: t as u32,
-    };
-    let (queries, query_stats) = vnet.dense_embedding(
-        &Forward::new(
-            trainer.params.values(),
-            trainer.stats.values(),
-            mode(config.seed),
-        ),
-        x,
-    )?;
-    let (keys, key_stats) = no_grad(|| -> Result<_> {
-        let f = Forward::new(
-            teacher.params.values(),
-            teacher.stats.values(),
-            mode(config.seed ^ KEY_SALT),
-        );
-        let (keys, batch_stats) = vnet.dense_embedding(&f, &view2)?;
-        let grid: [usize; 3] = keys.shape().dims()[2..].try_into().expect("rank 5");
-        let stats = updated_stats(teacher.stats.values(), &batch_stats, BN_MOMENTUM)?;
-        Ok((keys.warp(&flips(grid, &axes))?.detach(), stats))
-    })?;
-    let infonce = queries.dense_infonce(&keys, ideal.tau)?;
-    let lr = trainer.schedule().lr(config.optimizer.lr, t);
-    let clip = config.optimizer.clip;
-    let key_stats =
-        (teacher.stats).with_values(key_stats.iter().map(|v| v.value().clone()).collect())?;
-    // The key encoder's EMA in `descend` moves its parameters only: its statistics are set here.
-    trainer.teacher.as_mut().expect("checked").stats = key_stats;
-    trainer.descend(&infonce, &query_stats, clip, lr, t)?;
-    trainer.step_log(&[("loss", infonce)], lr)
 }
 
 /// One-hot of the argmax over the channels of logits [N, C, ...], without gradient (a voxel
@@ -381,53 +280,189 @@ pub fn hard_labels<B: NetBackend>(logits: &Var<B>) -> Result<Var<B>> {
     })
 }
 
-/// One fine-tuning step at `t` (see the top).
-pub fn step<B: NetBackend>(
-    trainer: &mut Trainer<B>,
-    batch: &DeviceBatch<B>,
-    t: u64,
-) -> Result<StepLog> {
-    let config = &trainer.config;
-    let mode = Mode::Train {
-        seed: config.seed,
-        step: t as u32,
-    };
-    let out = crate::nn::Network::run(
-        &trainer.net,
-        &trainer.params,
-        &trainer.stats,
-        &batch.x,
-        mode,
-    )?;
-    let logits_b = out
-        .logits_b
-        .as_ref()
-        .ok_or_else(|| Error::InvalidArgument {
-            op: "ideal",
-            message: "the network has no second decoder: it was not made for ideal".into(),
+/// IDEAL's kind: every patch in both stages; the encoder projection in pre-training, the second
+/// decoder in fine-tuning.
+pub struct Kind;
+
+impl MethodKind for Kind {
+    fn streams(&self, _: Stage) -> Streams {
+        Streams {
+            unlabeled: true,
+            unlabeled_labels: false,
+        }
+    }
+
+    fn heads(&self, config: &TrainConfig, stage: Stage) -> Heads {
+        match stage {
+            Stage::First => Heads {
+                encoder_projection: Some(config.ideal.embedding),
+                ..Heads::default()
+            },
+            Stage::Main => Heads {
+                second_decoder: true,
+                ..Heads::default()
+            },
+        }
+    }
+
+    fn check(&self, config: &TrainConfig) -> std::result::Result<(), ConfigError> {
+        config.ideal.check(config)
+    }
+
+    fn needs_unlabeled_cases(&self) -> bool {
+        true
+    }
+
+    fn first_stage(&self, config: &TrainConfig) -> Option<FirstStage> {
+        pretraining(config)
+    }
+
+    fn build<B: NetBackend>(&self, setup: &Setup<'_, B>) -> Result<Box<dyn Training<B>>> {
+        Ok(match setup.stage {
+            Stage::First => Box::new(Pretraining {
+                key_encoder: setup.student.clone(),
+            }),
+            Stage::Main => Box::new(FineTuning),
+        })
+    }
+}
+
+/// Pre-training's state: the key encoder, which starts as a copy of the query encoder (MoCo's
+/// initialisation) and is checkpointed as `teacher/`.
+pub struct Pretraining<B: NetBackend> {
+    pub key_encoder: Weights<B>,
+}
+
+impl<B: NetBackend> Training<B> for Pretraining<B> {
+    /// One pre-training step at `t` (see the top).
+    fn step(
+        &mut self,
+        cx: &Context<'_>,
+        student: &mut Learner<B>,
+        batch: &DeviceBatch<B>,
+        t: u64,
+    ) -> Result<StepLog> {
+        let config = cx.config;
+        let Net::VNet(vnet) = cx.net else {
+            return Err(not_a_vnet());
+        };
+        let axes = view_flips(config.seed, t, config.batch.patch);
+        let x = &batch.x;
+        let noise = Var::random(
+            x.backend(),
+            x.shape(),
+            Distribution::Normal,
+            config.seed ^ KEY_SALT,
+            (t << 32) | 1,
+        )?
+        .scale(config.ideal.noise)?;
+        let view2 = x.warp(&flips(config.batch.patch, &axes))?.add(&noise)?;
+        let query = &student.weights;
+        let f = Forward::new(
+            query.params.values(),
+            query.stats.values(),
+            cx.train_mode(t),
+        );
+        let (queries, query_stats) = vnet.dense_embedding(&f, x)?;
+        let key = &mut self.key_encoder;
+        let keys = no_grad(|| -> Result<_> {
+            let mode = cx.mode(config.seed ^ KEY_SALT, t);
+            let f = Forward::new(key.params.values(), key.stats.values(), mode);
+            let (keys, batch_stats) = vnet.dense_embedding(&f, &view2)?;
+            let grid: [usize; 3] = keys.shape().dims()[2..].try_into().expect("rank 5");
+            key.keep_stats(&batch_stats)?;
+            Ok(keys.warp(&flips(grid, &axes))?.detach())
         })?;
-    let y = slice_batch(&batch.y, 0, batch.labeled)?;
-    let (ce_a, dice_a) = supervised_loss(&slice_batch(&out.logits, 0, batch.labeled)?, &y)?;
-    let (ce_b, dice_b) = supervised_loss(&slice_batch(logits_b, 0, batch.labeled)?, &y)?;
-    let supervised = ce_a.add(&dice_a)?.add(&ce_b)?.add(&dice_b)?.scale(0.5)?;
-    let cps = out
-        .logits
-        .cross_entropy(&hard_labels(logits_b)?, None, Reduction::Mean)?
-        .add(&logits_b.cross_entropy(&hard_labels(&out.logits)?, None, Reduction::Mean)?)?;
-    let weight = config.ideal.cps_weight(t);
-    let total = supervised.add(&cps.scale(weight)?)?;
-    let lr = trainer.schedule().lr(config.optimizer.lr, t);
-    let clip = config.optimizer.clip;
-    trainer.descend(&total, &out.batch_stats, clip, lr, t)?;
-    let named = [
-        ("loss", total),
-        ("ce", ce_a),
-        ("dice", dice_a),
-        ("ce_b", ce_b),
-        ("dice_b", dice_b),
-        ("cps", cps),
-    ];
-    let mut log = trainer.step_log(&named, lr)?;
-    log.push(("cps_weight", weight));
-    Ok(log)
+        let infonce = queries.dense_infonce(&keys, config.ideal.tau)?;
+        let lr = cx.lr(t);
+        student.descend(&infonce, &query_stats, config.optimizer.clip, lr)?;
+        // A fixed momentum from the start, as MoCo's; the statistics follow the key's own pass.
+        (self.key_encoder).follow_params(&student.weights, config.ideal.key_momentum)?;
+        step_log(&[("loss", infonce)], lr)
+    }
+
+    /// Pre-training trains no decoder: nothing to validate.
+    fn validates(&self) -> bool {
+        false
+    }
+
+    fn save(&self, parts: &mut Parts) -> run::Result<()> {
+        parts.put_weights("teacher", &self.key_encoder)
+    }
+
+    fn load(&mut self, backend: &B, parts: &Parts) -> run::Result<()> {
+        self.key_encoder = parts.weights("teacher", &self.key_encoder, backend)?;
+        Ok(())
+    }
+}
+
+/// Fine-tuning keeps nothing beside the student (its second decoder is part of the network).
+pub struct FineTuning;
+
+impl<B: NetBackend> Training<B> for FineTuning {
+    /// One fine-tuning step at `t` (see the top).
+    fn step(
+        &mut self,
+        cx: &Context<'_>,
+        student: &mut Learner<B>,
+        batch: &DeviceBatch<B>,
+        t: u64,
+    ) -> Result<StepLog> {
+        let out = student.weights.run(cx.net, &batch.x, cx.train_mode(t))?;
+        let logits_b = out
+            .logits_b
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument {
+                op: Method::Ideal.name(),
+                message: "the network has no second decoder: it was not made for ideal".into(),
+            })?;
+        let y = slice_batch(&batch.y, 0, batch.labeled)?;
+        let (ce_a, dice_a) = supervised_loss(&slice_batch(&out.logits, 0, batch.labeled)?, &y)?;
+        let (ce_b, dice_b) = supervised_loss(&slice_batch(logits_b, 0, batch.labeled)?, &y)?;
+        let supervised = ce_a.add(&dice_a)?.add(&ce_b)?.add(&dice_b)?.scale(0.5)?;
+        let cps = out
+            .logits
+            .cross_entropy(&hard_labels(logits_b)?, None, Reduction::Mean)?
+            .add(&logits_b.cross_entropy(&hard_labels(&out.logits)?, None, Reduction::Mean)?)?;
+        let weight = cx.config.ideal.cps_weight().at(t);
+        let total = supervised.add(&cps.scale(weight)?)?;
+        let lr = cx.lr(t);
+        student.descend(&total, &out.batch_stats, cx.config.optimizer.clip, lr)?;
+        let named = [
+            ("loss", total),
+            ("ce", ce_a),
+            ("dice", dice_a),
+            ("ce_b", ce_b),
+            ("dice_b", dice_b),
+            ("cps", cps),
+        ];
+        let mut log = step_log(&named, lr)?;
+        log.push(("cps_weight", weight));
+        Ok(log)
+    }
+
+    /// The pre-trained encoder (written from the pre-training run's network when it has just
+    /// finished, or the one `ideal.encoder` names) under fresh decoders.
+    fn start(
+        &mut self,
+        cx: &Context<'_>,
+        student: &mut Learner<B>,
+        run: &RunContext<'_, B>,
+        resuming: bool,
+    ) -> run::Result<Option<RunData>> {
+        if resuming {
+            return Ok(None);
+        }
+        let stem = match pretraining(cx.config) {
+            Some(first) => {
+                let stem = encoder_stem(run.paths);
+                let network = first.restore(run.backend, run.channels(), run.paths)?;
+                save_encoder(&network, &stem)?;
+                stem
+            }
+            None => Path::new(&cx.config.ideal.encoder).with_extension(""),
+        };
+        load_encoder(run.backend, &mut student.weights, &stem)?;
+        Ok(None)
+    }
 }

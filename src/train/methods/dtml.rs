@@ -3,7 +3,7 @@
 //! Two V-Nets of the configured architecture, each with a segmentation head and a tanh SDF head,
 //! trained together on the whole batch (labeled and unlabeled patches). Net A is the trainer's
 //! student, read through its segmentation head (validation, prediction and `metaseg predict` use
-//! it); net B ([`NetB`], initialised from a seed of its own) is read through its SDF head.
+//! it); net B ([`Dtml::net_b`], initialised from a seed of its own) is read through its SDF head.
 //!
 //! - Net A: 0.5 (CE + Dice) on the labeled patches, the supervised method's losses (softmax CE and
 //!   softmax-Dice over the foreground classes: the project's 2-class form of the paper's BCE + Dice
@@ -23,16 +23,16 @@
 //! Each network has its own SGD (or Adam) state; both take the same learning rate and clipping.
 //! Checkpoints add net B's parameters, statistics and optimiser under `dtml/`.
 
-use super::checkpoint::HostTensor;
-use super::config::{ConfigError, TrainConfig};
-use super::run::{self, RunError};
-use super::trainer::{slice_batch, DeviceBatch, Net, StepLog, Trainer};
-use crate::nn::layers::{updated_stats, BN_MOMENTUM};
-use crate::nn::{Mode, NetBackend, Network, ParamStore};
-use crate::optim::{clip_grad_norm, sigmoid_rampup, Optimizer, Rule};
-use metaseg_autograd::{grad, BatchStats, DiceOptions, Error, Reduction, Result, Var};
+use super::{Method, MethodKind, Setup, Stage, Streams, Training};
+use crate::nn::NetBackend;
+use crate::optim::Rampup;
+use crate::train::checkpoint::Parts;
+use crate::train::config::{ConfigError, TrainConfig};
+use crate::train::network::{optimizer_rule, Heads, Learner, Weights};
+use crate::train::run;
+use crate::train::trainer::{slice_batch, step_log, Context, DeviceBatch, StepLog};
+use metaseg_autograd::{grad, DiceOptions, Error, Reduction, Result, Var};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// Salt of net B's initialisation and dropout streams, apart from net A's.
 const NET_B_SALT: u64 = 0xd7_0b00;
@@ -102,56 +102,51 @@ impl DtmlConfig {
         Ok(())
     }
 
-    /// The mutual term's weight at iteration `t`.
-    pub fn mutual_weight(&self, t: u64) -> f64 {
-        self.consistency * sigmoid_rampup((t / self.rampup_unit.max(1)) as f64, self.rampup)
+    /// The mutual term's weight over the run.
+    pub fn mutual_weight(&self) -> Rampup {
+        Rampup {
+            weight: self.consistency,
+            length: self.rampup,
+            unit: self.rampup_unit,
+        }
     }
 }
 
-/// Net B: the second network's parameters, running statistics and optimiser (its architecture
-/// is the trainer's `net`).
-pub struct NetB<B: NetBackend> {
-    pub params: ParamStore<B>,
-    pub stats: ParamStore<B>,
-    pub optimizer: Optimizer<B>,
-}
+/// DTML's kind: two networks with SDF heads over the whole batch.
+pub struct Kind;
 
-impl<B: NetBackend> NetB<B> {
-    /// Net B of a DTML configuration (None for other methods), with the optimiser rule of net A.
-    pub fn for_config(
-        backend: &B,
-        net: &Net,
-        config: &TrainConfig,
-        rule: Rule,
-    ) -> Result<Option<Self>> {
-        if config.method != "dtml" {
-            return Ok(None);
+impl MethodKind for Kind {
+    fn streams(&self, _: Stage) -> Streams {
+        Streams {
+            unlabeled: true,
+            unlabeled_labels: false,
         }
-        Ok(Some(NetB {
-            params: net.init_params(backend, config.seed ^ NET_B_SALT)?,
-            stats: net.init_stats(backend)?,
-            optimizer: Optimizer::new(rule),
+    }
+
+    fn heads(&self, _: &TrainConfig, _: Stage) -> Heads {
+        Heads {
+            sdf: true,
+            ..Heads::default()
+        }
+    }
+
+    fn check(&self, config: &TrainConfig) -> std::result::Result<(), ConfigError> {
+        config.dtml.check(config)
+    }
+
+    /// Net B initialised from a seed of its own, with net A's optimiser rule.
+    fn build<B: NetBackend>(&self, setup: &Setup<'_, B>) -> Result<Box<dyn Training<B>>> {
+        let seed = setup.config.seed ^ NET_B_SALT;
+        let weights = Weights::init(setup.backend, setup.net, seed)?;
+        Ok(Box::new(Dtml {
+            net_b: Learner::new(weights, optimizer_rule(setup.config)),
         }))
     }
+}
 
-    /// Keeps the statistics of a training pass, then one optimiser update (clipped to `clip`).
-    fn update(
-        &mut self,
-        mut grads: Vec<Var<B>>,
-        clip: f64,
-        lr: f64,
-        batch_stats: &[(usize, BatchStats<B>)],
-    ) -> Result<()> {
-        let stats = updated_stats(self.stats.values(), batch_stats, BN_MOMENTUM)?;
-        self.stats = self
-            .stats
-            .with_values(stats.iter().map(|v| v.value().clone()).collect())?;
-        if clip > 0.0 {
-            grads = clip_grad_norm(&grads, clip)?;
-        }
-        self.params = self.optimizer.step(&self.params, &grads, lr)?;
-        Ok(())
-    }
+/// DTML's second network, read through its SDF head (its architecture is the student's).
+pub struct Dtml<B: NetBackend> {
+    pub net_b: Learner<B>,
 }
 
 /// The loss terms of one step, before weighting.
@@ -228,98 +223,62 @@ impl<B: NetBackend> Terms<B> {
     }
 }
 
-fn no_net_b() -> Error {
+fn no_sdf_head() -> Error {
     Error::InvalidArgument {
-        op: "dtml",
-        message: "the trainer has no net B: it was not made for method dtml".into(),
+        op: Method::Dtml.name(),
+        message: "net B has no SDF head: it was not made for dtml".into(),
     }
 }
 
-/// One DTML iteration at `t`: both networks' training passes over the whole batch, one backward
-/// pass of the total, an update of each network with its own optimiser.
-pub fn step<B: NetBackend>(
-    trainer: &mut Trainer<B>,
-    batch: &DeviceBatch<B>,
-    t: u64,
-) -> Result<StepLog> {
-    let seed = trainer.config.seed;
-    let mode = |seed| Mode::Train {
-        seed,
-        step: t as u32,
-    };
-    let net_b = trainer.dtml.as_ref().ok_or_else(no_net_b)?;
-    let a = (trainer.net).run(&trainer.params, &trainer.stats, &batch.x, mode(seed))?;
-    let b = (trainer.net).run(
-        &net_b.params,
-        &net_b.stats,
-        &batch.x,
-        mode(seed ^ NET_B_SALT),
-    )?;
-    let sdf_b = b.sdf.as_ref().ok_or_else(no_net_b)?;
-    let terms = terms(&trainer.config, batch, &a.logits, sdf_b)?;
-    let weight = trainer.config.dtml.mutual_weight(t);
-    let total = terms.total(&trainer.config.dtml, weight)?;
-    let wrt: Vec<&Var<B>> = trainer
-        .params
-        .values()
-        .iter()
-        .chain(net_b.params.values())
-        .collect();
-    let mut grads_a = grad(&total, &wrt, None, false)?;
-    let grads_b = grads_a.split_off(trainer.params.len());
-    let (clip, lr) = (
-        trainer.config.optimizer.clip,
-        trainer.schedule().lr(
-            trainer
-                .config
-                .dtml
-                .lr
-                .unwrap_or(trainer.config.optimizer.lr),
-            t,
-        ),
-    );
-    trainer.keep_stats(&a.batch_stats)?;
-    trainer.update(grads_a, clip, lr, t)?;
-    let net_b = trainer.dtml.as_mut().ok_or_else(no_net_b)?;
-    net_b.update(grads_b, clip, lr, &b.batch_stats)?;
-    let named = [
-        ("loss", total),
-        ("ce", terms.ce),
-        ("dice", terms.dice),
-        ("sdf_dice", terms.sdf_dice),
-        ("sdf_l1", terms.sdf_l1),
-        ("mutual", terms.mutual),
-    ];
-    let mut log = trainer.step_log(&named, lr)?;
-    log.push(("mutual_weight", weight));
-    Ok(log)
-}
+impl<B: NetBackend> Training<B> for Dtml<B> {
+    /// One DTML iteration at `t`: both networks' training passes over the whole batch, one
+    /// backward pass of the total, an update of each network with its own optimiser.
+    fn step(
+        &mut self,
+        cx: &Context<'_>,
+        student: &mut Learner<B>,
+        batch: &DeviceBatch<B>,
+        t: u64,
+    ) -> Result<StepLog> {
+        let config = cx.config;
+        let net_b = &mut self.net_b;
+        let a = student.weights.run(cx.net, &batch.x, cx.train_mode(t))?;
+        let b = (net_b.weights).run(cx.net, &batch.x, cx.mode(config.seed ^ NET_B_SALT, t))?;
+        let sdf_b = b.sdf.as_ref().ok_or_else(no_sdf_head)?;
+        let terms = terms(config, batch, &a.logits, sdf_b)?;
+        let weight = config.dtml.mutual_weight().at(t);
+        let total = terms.total(&config.dtml, weight)?;
+        let wrt: Vec<&Var<B>> = (student.weights.params.values().iter())
+            .chain(net_b.weights.params.values())
+            .collect();
+        let mut grads_a = grad(&total, &wrt, None, false)?;
+        let grads_b = grads_a.split_off(student.weights.params.len());
+        let clip = config.optimizer.clip;
+        let lr = cx
+            .schedule()
+            .lr(config.dtml.lr.unwrap_or(config.optimizer.lr), t);
+        student.weights.keep_stats(&a.batch_stats)?;
+        student.update(grads_a, clip, lr)?;
+        net_b.weights.keep_stats(&b.batch_stats)?;
+        net_b.update(grads_b, clip, lr)?;
+        let named = [
+            ("loss", total),
+            ("ce", terms.ce),
+            ("dice", terms.dice),
+            ("sdf_dice", terms.sdf_dice),
+            ("sdf_l1", terms.sdf_l1),
+            ("mutual", terms.mutual),
+        ];
+        let mut log = step_log(&named, lr)?;
+        log.push(("mutual_weight", weight));
+        Ok(log)
+    }
 
-/// Net B's tensors and its optimiser's step count into a checkpoint's maps.
-pub fn save<B: NetBackend>(
-    net_b: &NetB<B>,
-    tensors: &mut BTreeMap<String, HostTensor>,
-    counters: &mut BTreeMap<String, u64>,
-) -> run::Result<()> {
-    run::host(&net_b.params, "dtml/params", tensors)?;
-    run::host(&net_b.stats, "dtml/stats", tensors)?;
-    run::host_optimizer(&net_b.optimizer, "dtml/optimizer", tensors)?;
-    counters.insert("dtml_optimizer_steps".into(), net_b.optimizer.steps);
-    Ok(())
-}
+    fn save(&self, parts: &mut Parts) -> run::Result<()> {
+        parts.put_learner(Method::Dtml.name(), &self.net_b)
+    }
 
-/// Net B restored from a checkpoint written by [`save`].
-pub fn load<B: NetBackend>(
-    backend: &B,
-    net_b: &mut NetB<B>,
-    tensors: &BTreeMap<String, HostTensor>,
-    counters: &BTreeMap<String, u64>,
-) -> run::Result<()> {
-    net_b.params = run::restore(&net_b.params, "dtml/params", tensors, backend)?;
-    net_b.stats = run::restore(&net_b.stats, "dtml/stats", tensors, backend)?;
-    net_b.optimizer.state = run::restore_optimizer("dtml/optimizer", tensors, backend)?;
-    net_b.optimizer.steps = *counters.get("dtml_optimizer_steps").ok_or_else(|| {
-        RunError::Resume("the checkpoint has no dtml_optimizer_steps: it is not a dtml run".into())
-    })?;
-    Ok(())
+    fn load(&mut self, backend: &B, parts: &Parts) -> run::Result<()> {
+        parts.learner(Method::Dtml.name(), &mut self.net_b, backend)
+    }
 }

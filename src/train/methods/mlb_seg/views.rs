@@ -11,10 +11,10 @@
 //! ones tensor warped back the same way) and a pair of views is compared only where both cover
 //! the frame.
 
-use super::super::batch::stream;
-use super::super::config::TrainConfig;
-use super::super::trainer::slice_batch;
 use crate::nn::NetBackend;
+use crate::train::batch::stream;
+use crate::train::config::TrainConfig;
+use crate::train::trainer::slice_batch;
 use metaseg_autograd::random::uniform;
 use metaseg_autograd::{Interp, Result, Shape, UnaryOp, Var, Warp};
 

@@ -1,0 +1,235 @@
+//! `metaseg train`: one run, or several methods and seeds compared on the same split, with the test
+//! figures, pictures and comparison table of each.
+
+use crate::gpu::Gpu;
+use crate::report;
+use crate::train::config::TrainConfig;
+use crate::train::methods::Method;
+use crate::train::{compare, profile, run};
+use std::path::PathBuf;
+use std::time::Duration;
+
+type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// The method, or several separated by commas to compare them on the same split. Without it,
+    /// the baselines are compared: supervised, mean-teacher and full.
+    #[arg(long, value_delimiter = ',')]
+    pub method: Vec<Method>,
+    /// A preset shipped with metaseg (default, la-vnet, mlb-seg, online-pl, dtml, local-contrastive,
+    /// ideal) or a .toml file.
+    #[arg(long, default_value = "default")]
+    pub preset: String,
+    /// A Medical Segmentation Decathlon folder (imagesTr/, labelsTr/, dataset.json) to train on
+    /// instead of the embedded data set.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Override keys of the preset, like --set optimizer.lr=0.005 iterations=100 (or one --set
+    /// per key).
+    #[arg(long = "set", value_name = "KEY=VALUE", num_args = 1..)]
+    pub overrides: Vec<String>,
+    /// Run every method with this many seeds (the preset's and the next ones): a comparison then
+    /// reports mean ± standard deviation over them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub seeds: u64,
+    /// Directory for config.toml, log.jsonl and the checkpoint (one directory per method and
+    /// seed inside it when there are several runs, with results.md and results.csv).
+    #[arg(long, default_value = "runs/default")]
+    pub out: PathBuf,
+    /// Continue from the checkpoints in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Stop after this many iterations with a checkpoint (continue later with --resume).
+    #[arg(long, value_name = "N")]
+    pub stop_after: Option<u64>,
+    /// After one warm-up step, profile N steps and print every kernel's share of their time.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub profile: Option<u64>,
+}
+
+/// `metaseg train`: every run of the plan (methods x seeds), its test figures and, for several
+/// runs, the comparison table and plot.
+pub fn run(args: &TrainArgs) -> AnyResult<()> {
+    let mut overrides = args.overrides.clone();
+    if overrides
+        .iter()
+        .any(|o| o.trim_start().starts_with("method="))
+    {
+        return Err("choose the method with --method, not --set method=...".into());
+    }
+    if let Some(dir) = &args.data {
+        let source = toml::Value::String(dir.display().to_string());
+        overrides.push(format!("data.source={source}"));
+    }
+    let methods = if args.method.is_empty() {
+        compare::BASELINES.to_vec()
+    } else {
+        args.method.clone()
+    };
+    // The overrides of one run: the user's, then its method (and seed).
+    let for_run = |method: Method, seed: Option<u64>| {
+        let mut o = overrides.clone();
+        o.push(format!(
+            "method={}",
+            toml::Value::String(method.name().into())
+        ));
+        o.extend(seed.map(|s| format!("seed={s}")));
+        o
+    };
+    // Read for its seed, checked as the first run will be (the preset's own method may not
+    // accept the overrides, e.g. batch.unlabeled=0 with mean-teacher).
+    let preset = TrainConfig::load(&args.preset, &for_run(methods[0], None))?;
+    let runs = compare::plan(&methods, preset.seed, args.seeds, &args.out);
+    if args.profile.is_some() && runs.len() > 1 {
+        return Err("--profile runs one method with one seed: give --method NAME".into());
+    }
+    crate::cli::ensure_writable_dir(&args.out)
+        .map_err(|e| format!("--out {}: cannot write there: {e}", args.out.display()))?;
+    let gpu = Gpu::new()?;
+    let info = &gpu.context().adapter.info;
+    eprintln!("{} ({:?})", info.name, info.backend);
+    let mut results = Vec::new();
+    for (i, spec) in runs.iter().enumerate() {
+        let config = TrainConfig::load(&args.preset, &for_run(spec.method, Some(spec.seed)))?;
+        eprintln!(
+            "[{}/{}] {}, seed {}: {} iterations, writing to {}",
+            i + 1,
+            runs.len(),
+            config.method,
+            config.seed,
+            config.iterations,
+            spec.dir.display()
+        );
+        let data = run::load_data(&config)?;
+        eprintln!(
+            "data: {} labeled, {} unlabeled, {} test cases",
+            data.labeled.len(),
+            data.unlabeled.len(),
+            data.test.len()
+        );
+        let paths = run::RunPaths {
+            dir: spec.dir.clone(),
+        };
+        if let Some(steps) = args.profile {
+            return profile(&gpu, &config, &data, &paths, steps);
+        }
+        let options = run::RunOptions {
+            resume: args.resume,
+            progress: !args.quiet,
+            stop_after: args.stop_after,
+        };
+        let summary = run::train(&gpu, &config, &data, &paths, options);
+        // A run stopped by a non-finite loss has a log worth seeing too.
+        if matches!(&summary, Ok(_) | Err(run::RunError::NonFinite { .. })) {
+            warn_on(report::loss_curves(
+                &paths.log(),
+                &paths.dir.join("loss.png"),
+            ));
+        }
+        let summary = summary?;
+        if summary.iterations == 0 {
+            println!(
+                "{}, seed {}: already trained; log in {}",
+                config.method,
+                config.seed,
+                paths.log().display()
+            );
+        } else {
+            let dice = summary
+                .validation_dice
+                .map_or("no test cases".to_string(), |d| format!("{d:.4}"));
+            println!(
+                "{}, seed {}: done in {:.1} s, final loss {:.4}, test Dice {dice}; log in {}",
+                config.method,
+                config.seed,
+                summary.seconds,
+                summary.final_loss,
+                paths.log().display()
+            );
+        }
+        if args.stop_after.is_none() && !data.test.is_empty() {
+            let overlays = paths.dir.join("overlays");
+            let mut shown = 0;
+            let result =
+                run::test_results(&gpu, &config, &data, &paths, &summary, |case, pred| {
+                    if shown < report::OVERLAY_CASES {
+                        warn_on(report::case_overlay(&overlays, case, pred));
+                        shown += 1;
+                    }
+                })?;
+            results.push(result);
+        }
+    }
+    if runs.len() > 1 && !results.is_empty() {
+        let table = compare::markdown(&results);
+        println!(
+            "\nTest cases, means over cases{}:\n{table}",
+            if args.seeds > 1 {
+                " (± std over seeds)"
+            } else {
+                ""
+            }
+        );
+        let write = |name: &str, text: &str| -> AnyResult<()> {
+            let path = args.out.join(name);
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(())
+        };
+        write("results.md", &table)?;
+        write("results.csv", &compare::csv(&results))?;
+        warn_on(report::comparison_plot(
+            &results,
+            &args.out.join("comparison.png"),
+        ));
+    }
+    Ok(())
+}
+
+/// Pictures are extras: failing to draw one is reported, but never throws away a finished
+/// training run (its checkpoint and log are already written).
+fn warn_on<T>(picture: crate::report::Result<T>) {
+    if let Err(e) = picture {
+        eprintln!("warning: picture not written: {e}");
+    }
+}
+
+/// `train --profile N`: one step compiles the pipelines, then N steps run with every dispatch
+/// timed; the run stops there, with its checkpoint, so `--resume` can carry it on.
+fn profile(
+    gpu: &Gpu,
+    config: &crate::train::config::TrainConfig,
+    data: &crate::train::run::RunData,
+    paths: &crate::train::run::RunPaths,
+    steps: u64,
+) -> AnyResult<()> {
+    if steps + 1 > config.iterations {
+        return Err(format!(
+            "--profile {steps} needs {} iterations (one to warm up); the run has {}",
+            steps + 1,
+            config.iterations
+        )
+        .into());
+    }
+    let options = |resume, stop| run::RunOptions {
+        resume,
+        progress: false,
+        stop_after: Some(stop),
+    };
+    // A method's first stage (MLB-Seg's stage 0, online-pl's teacher) runs first, unprofiled.
+    let first = config.first_stage_iterations();
+    run::train(gpu, config, data, paths, options(false, first + 1))?;
+    gpu.context().start_profiling();
+    let summary = run::train(gpu, config, data, paths, options(true, first + steps + 1));
+    let (times, clock) = gpu.context().take_kernel_times()?;
+    let summary = summary?;
+    let wall = Duration::from_secs_f64(summary.step_seconds);
+    print!(
+        "{}",
+        profile::table(&profile::rows(&times), steps, wall, clock)
+    );
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! A training run: its data ([`data`]), the loop over iterations with its log, validation,
+//! checkpoints and the hooks methods and checks attach to ([`train_loop`]), its figures
+//! ([`score`]), and the stages of a method ([`train`]): a first stage in a subdirectory when the
+//! method has one, then the main stage in the run's directory, started from what the first left.
+//!
+//! Resumption: `resume` continues from the last checkpoint exactly as an uninterrupted run
+//! would. In a two-stage method, once the main stage has a checkpoint `--resume` continues it;
+//! before that, it continues the first stage (a finished first stage resumes with nothing left to
+//! do) and then starts the main stage. `stop_after` counts the first stage's iterations first.
+
+mod data;
+mod score;
+mod train_loop;
+
+pub use data::{device_batch, load_data, normalised, RunData};
+pub use score::{predict_case, score, test_results, validation_dice};
+pub use train_loop::{train_from, Iteration};
+
+pub use super::checkpoint::parts::{load_checkpoint, save_checkpoint};
+use super::checkpoint::{self, CheckpointError};
+use super::config::TrainConfig;
+use super::methods::{require_unlabeled, Stage};
+use super::trainer::{Context, Trainer};
+use crate::nn::NetBackend;
+use indicatif::ProgressBar;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Compute(#[from] metaseg_autograd::Error),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the loss became {value} at iteration {step}; stopped. The last good checkpoint ({}) is \
+         kept: lower optimizer.lr or enable optimizer.clip, then --resume",
+        .checkpoint
+    )]
+    NonFinite {
+        step: u64,
+        value: f64,
+        checkpoint: String,
+    },
+    #[error("--resume: {0}")]
+    Resume(String),
+}
+
+pub type Result<T> = std::result::Result<T, RunError>;
+
+/// Where a run writes: its resolved configuration, log, checkpoint and summary.
+pub struct RunPaths {
+    pub dir: PathBuf,
+}
+
+impl RunPaths {
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("log.jsonl")
+    }
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+    /// The paths of a run kept in the subdirectory `name` (a first stage's).
+    pub fn sub(&self, name: &str) -> RunPaths {
+        RunPaths {
+            dir: self.dir.join(name),
+        }
+    }
+}
+
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+    move |source| RunError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How a run is carried out (not part of its configuration).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Continue from the checkpoint in the run's directory.
+    pub resume: bool,
+    pub progress: bool,
+    /// Stop (with a checkpoint) after this many iterations, as an interruption would.
+    pub stop_after: Option<u64>,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub final_loss: f64,
+    pub validation_dice: Option<f64>,
+    pub seconds: f64,
+    /// Iterations this call ran, and their time alone (no validation or checkpoints).
+    pub iterations: u64,
+    pub step_seconds: f64,
+    /// The test cases' label maps at the last iteration, when it was validated: the test figures
+    /// reuse them rather than predict every case again.
+    pub final_predictions: Option<Vec<Vec<u8>>>,
+}
+
+impl Summary {
+    /// Before any iteration of this call (all of a finished run resumed).
+    pub fn empty() -> Summary {
+        Summary {
+            final_loss: f64::NAN,
+            validation_dice: None,
+            seconds: 0.0,
+            iterations: 0,
+            step_seconds: 0.0,
+            final_predictions: None,
+        }
+    }
+
+    /// This summary after `before`, a first stage run by the same call: times and iterations
+    /// added, the rest this one's.
+    fn after(self, before: Summary) -> Summary {
+        Summary {
+            seconds: before.seconds + self.seconds,
+            iterations: before.iterations + self.iterations,
+            step_seconds: before.step_seconds + self.step_seconds,
+            ..self
+        }
+    }
+}
+
+/// What a method's hooks see of the run: the device, the run's data and directory, its options,
+/// and where to say things.
+pub struct RunContext<'a, B: NetBackend> {
+    pub backend: &'a B,
+    pub data: &'a RunData,
+    pub paths: &'a RunPaths,
+    pub options: RunOptions,
+    bar: ProgressBar,
+}
+
+impl<'a, B: NetBackend> RunContext<'a, B> {
+    fn new(
+        backend: &'a B,
+        data: &'a RunData,
+        paths: &'a RunPaths,
+        options: RunOptions,
+        bar: ProgressBar,
+    ) -> Self {
+        RunContext {
+            backend,
+            data,
+            paths,
+            options,
+            bar,
+        }
+    }
+
+    /// A line on stderr when the run shows its progress (above the progress bar).
+    pub fn say(&self, message: String) {
+        if self.options.progress {
+            self.bar.suspend(|| eprintln!("{message}"));
+        }
+    }
+
+    /// The number of image channels of the run's cases.
+    pub fn channels(&self) -> usize {
+        self.data.labeled[0].image.channels
+    }
+}
+
+/// Trains the configuration's method to its number of iterations, writing into `paths.dir`: its
+/// first stage if it has one, then its main stage (see the top).
+pub fn train<B: NetBackend>(
+    backend: &B,
+    config: &TrainConfig,
+    data: &RunData,
+    paths: &RunPaths,
+    options: RunOptions,
+) -> Result<Summary> {
+    let kind = config.method.kind();
+    if kind.needs_unlabeled_cases() {
+        require_unlabeled(data, config.method)?;
+    }
+    let Some(first) = kind.first_stage(config) else {
+        return train_stage(backend, config, Stage::Main, data, paths, options);
+    };
+    let main_started = options.resume && checkpoint::paths(&paths.checkpoint()).1.exists();
+    let mut before = None;
+    if !main_started {
+        if options.progress {
+            eprintln!("{}", first.message(data, paths));
+        }
+        let first_paths = first.paths(paths);
+        let summary = train_stage(
+            backend,
+            &first.config,
+            first.stage,
+            data,
+            &first_paths,
+            options,
+        )?;
+        if options
+            .stop_after
+            .is_some_and(|s| s <= first.config.iterations)
+        {
+            return Ok(summary);
+        }
+        before = Some(summary);
+    }
+    let main_options = RunOptions {
+        resume: main_started,
+        stop_after: options
+            .stop_after
+            .map(|s| s.saturating_sub(first.config.iterations)),
+        ..options
+    };
+    let main = train_stage(backend, config, Stage::Main, data, paths, main_options)?;
+    Ok(match before {
+        Some(first) => main.after(first),
+        None => main,
+    })
+}
+
+/// One stage's run: its trainer, started by the method when it is the main stage, through the
+/// loop.
+fn train_stage<B: NetBackend>(
+    backend: &B,
+    config: &TrainConfig,
+    stage: Stage,
+    data: &RunData,
+    paths: &RunPaths,
+    options: RunOptions,
+) -> Result<Summary> {
+    let channels = data.labeled[0].image.channels;
+    let mut trainer = Trainer::at(backend, config, stage, channels)?;
+    let own_data = if stage == Stage::Main {
+        let run = RunContext::new(backend, data, paths, options, ProgressBar::hidden());
+        let cx = Context {
+            config: &trainer.config,
+            net: &trainer.net,
+        };
+        trainer
+            .method
+            .start(&cx, &mut trainer.student, &run, options.resume)?
+    } else {
+        None
+    };
+    train_from(
+        backend,
+        trainer,
+        own_data.as_ref().unwrap_or(data),
+        paths,
+        options,
+    )
+}
+
+/// The trainer of a finished (or interrupted) run of `stage`, restored from its checkpoint.
+pub fn restore_trainer<B: NetBackend>(
+    backend: &B,
+    config: &TrainConfig,
+    stage: Stage,
+    channels: usize,
+    paths: &RunPaths,
+) -> Result<Trainer<B>> {
+    let mut trainer = Trainer::at(backend, config, stage, channels)?;
+    load_checkpoint(backend, &mut trainer, &paths.checkpoint())?;
+    Ok(trainer)
+}

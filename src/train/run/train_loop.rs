@@ -1,0 +1,197 @@
+//! The loop over iterations, written once for every method: per iteration the method's
+//! `before_iteration` hook, the batch, the method's step, the checks of the finished iteration
+//! ([`Iteration`]), a line of the JSON-lines log, validation (with the method's `at_validation`
+//! hook) and checkpoints (atomic; a resumed run continues exactly as an uninterrupted one would).
+//! A failed check stops the run before anything of its iteration is written, so the last
+//! checkpoint is the last good one.
+
+use super::{
+    device_batch, io, load_checkpoint, save_checkpoint, validation_dice, Result, RunContext,
+    RunData, RunError, RunOptions, RunPaths, Summary,
+};
+use crate::nn::NetBackend;
+use crate::train::trainer::{StepLog, Trainer};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::borrow::Cow;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// A finished iteration, as the checks after every step see it: the trainer after the update (its
+/// parameters, running statistics, the method's networks) and the step's log (the loss first).
+pub struct Iteration<'a, B: NetBackend> {
+    /// The iteration, from 0.
+    pub t: u64,
+    pub terms: &'a StepLog,
+    pub trainer: &'a Trainer<B>,
+    /// The checkpoint a failed check leaves as the last good one.
+    pub checkpoint: PathBuf,
+}
+
+impl<B: NetBackend> Iteration<'_, B> {
+    /// The checks every iteration passes: the loss is finite.
+    pub fn check(&self) -> Result<()> {
+        let loss = self.terms[0].1;
+        if !loss.is_finite() {
+            return Err(RunError::NonFinite {
+                step: self.t,
+                value: loss,
+                checkpoint: self.checkpoint.display().to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Trains `trainer` (its configuration's run) from its state, or from the run's checkpoint with
+/// `options.resume`, on `data` (which the method's hooks may replace as the run goes).
+pub fn train_from<B: NetBackend>(
+    backend: &B,
+    mut trainer: Trainer<B>,
+    data: &RunData,
+    paths: &RunPaths,
+    options: RunOptions,
+) -> Result<Summary> {
+    let config = trainer.config.clone();
+    let (start, mut log) = prepare(backend, &mut trainer, paths, options)?;
+    let log_path = paths.log();
+    let bar = progress_bar(options.progress, config.iterations, start);
+    let run = RunContext::new(backend, data, paths, options, bar.clone());
+    let mut current = Cow::Borrowed(data);
+    let began = Instant::now();
+    let mut summary = Summary::empty();
+    for t in start..config.iterations {
+        if let Some(next) = trainer
+            .method
+            .before_iteration(&trainer, &run, t, t == start)?
+        {
+            current = Cow::Owned(next);
+        }
+        let step_began = Instant::now();
+        let batch = device_batch(backend, &trainer, &current, t)?;
+        let terms = trainer.step(&batch, t)?;
+        summary.step_seconds += step_began.elapsed().as_secs_f64();
+        summary.iterations += 1;
+        let finished = Iteration {
+            t,
+            terms: &terms,
+            trainer: &trainer,
+            checkpoint: paths.checkpoint(),
+        };
+        if let Err(e) = finished.check() {
+            bar.abandon();
+            return Err(e);
+        }
+        let done = t + 1;
+        let mut line = log_line(done, &terms, began.elapsed().as_secs_f64());
+        let last = done == config.iterations;
+        if done % config.log.validate_every.max(1) == 0 || last {
+            if trainer.method.validates() && !current.test.is_empty() {
+                let (dice, predictions) = validation_dice(backend, &trainer, &current.test)?;
+                line.insert("validation_dice".into(), dice.into());
+                summary.validation_dice = Some(dice);
+                summary.final_predictions = last.then_some(predictions);
+            }
+            trainer
+                .method
+                .at_validation(&trainer, &run, &current, &batch, done)?;
+        }
+        writeln!(log, "{}", serde_json::Value::Object(line)).map_err(io(&log_path))?;
+        let stop = options.stop_after == Some(done);
+        let due = done % config.log.checkpoint_every.max(1) == 0 || last || stop;
+        if due || trainer.method.checkpoint_at(&config, done) {
+            save_checkpoint(&trainer, done, &paths.checkpoint())?;
+        }
+        let message: Vec<String> = terms.iter().map(|(n, v)| format!("{n} {v:.4}")).collect();
+        bar.set_message(message.join(" "));
+        bar.inc(1);
+        summary.final_loss = terms[0].1;
+        if stop {
+            break;
+        }
+    }
+    bar.finish();
+    summary.seconds = began.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// The run's directory with its configuration, the trainer restored from the checkpoint when
+/// resuming, and the log opened for appending (truncated to the checkpoint's step, or new):
+/// the step to start from and the log.
+fn prepare<B: NetBackend>(
+    backend: &B,
+    trainer: &mut Trainer<B>,
+    paths: &RunPaths,
+    options: RunOptions,
+) -> Result<(u64, std::fs::File)> {
+    std::fs::create_dir_all(&paths.dir).map_err(io(&paths.dir))?;
+    let start = if options.resume {
+        let step = load_checkpoint(backend, trainer, &paths.checkpoint())?;
+        truncate_log(&paths.log(), step)?;
+        step
+    } else {
+        let _ = std::fs::remove_file(paths.log());
+        0
+    };
+    let config_text = toml::to_string_pretty(&trainer.config).expect("a configuration serialises");
+    std::fs::write(paths.config(), config_text).map_err(io(&paths.config()))?;
+    let log_path = paths.log();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(&log_path))?;
+    Ok((start, log))
+}
+
+/// The log's line of iteration `done` (counted from 1): its terms and the wall time so far.
+fn log_line(
+    done: u64,
+    terms: &StepLog,
+    seconds: f64,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut line = serde_json::Map::new();
+    line.insert("step".into(), done.into());
+    for (name, v) in terms {
+        line.insert((*name).into(), (*v).into());
+    }
+    line.insert("seconds".into(), seconds.into());
+    line
+}
+
+fn progress_bar(show: bool, iterations: u64, start: u64) -> ProgressBar {
+    let bar = if show {
+        ProgressBar::new(iterations)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}, {per_sec}] {msg}",
+        )
+        .expect("a valid template"),
+    );
+    bar.set_position(start);
+    bar
+}
+
+/// Keeps the log's lines of steps up to `step` (a resumed run rewrites what came after).
+fn truncate_log(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    std::fs::write(path, out).map_err(io(path))
+}
