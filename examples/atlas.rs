@@ -6,7 +6,8 @@
 //!
 //! Usage: cargo run --release --example atlas -- [--seeds N] [PRESET] [KEY=VALUE ...]
 //! (default: the `default` preset, 1 seed from the preset's; KEY=VALUE as `train --set`, e.g.
-//! `data.source=DIR`). Prints the comparison table of `metaseg train` with the vote as its method.
+//! `data.source=DIR`). Prints each seed's test Dice, then the comparison table of `metaseg train`
+//! with the vote as its method.
 
 use metaseg::train::compare::{self, RunResult};
 use metaseg::train::config::TrainConfig;
@@ -37,7 +38,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let mut sets = overrides.clone();
         sets.push(format!("seed={seed}"));
         let config = TrainConfig::load(&preset, &sets)?;
-        results.push(atlas_result(&config)?);
+        let result = atlas_result(&config)?;
+        println!("seed {seed}: test Dice {:.4}", result.dice);
+        results.push(result);
     }
     print!("{}", compare::markdown(&results));
     Ok(())

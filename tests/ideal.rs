@@ -79,7 +79,7 @@ fn the_key_encoder_follows_the_query_encoder_by_its_momentum() {
     let batch = run::device_batch(&g, &trainer, &data, 0).unwrap();
     assert_eq!(
         batch.x.shape().dims()[0],
-        4,
+        config.batch.labeled + config.batch.unlabeled,
         "labeled and unlabeled patches"
     );
     for t in 0..2 {

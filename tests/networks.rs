@@ -22,8 +22,16 @@ fn small_vnet() -> VNet {
         projection: Some(3),
         second_decoder: true,
         encoder_projection: None,
+        two_d: false,
     })
     .unwrap()
+}
+
+/// The same V-Net in 2D: kernels of depth 1, on [N, C, 1, H, W].
+fn small_vnet_2d() -> VNet {
+    let mut config = small_vnet().config().clone();
+    config.two_d = true;
+    VNet::new(config).unwrap()
 }
 
 fn small_unet(three_d: bool) -> UNet {
@@ -116,6 +124,47 @@ fn vnet_forward_and_backward_on_the_gpu_match_cpu64() {
 }
 
 #[test]
+fn vnet_2d_forward_and_backward_on_the_gpu_match_cpu64() {
+    let train = Mode::Train { seed: 11, step: 2 };
+    assert_gpu_matches_cpu64(&small_vnet_2d(), Shape::from([2, 1, 1, 8, 12]), train);
+}
+
+/// A 2D V-Net's kernels have depth 1 and it down-samples H and W only, so it takes a depth-1
+/// patch, and on a deeper input each slice comes out as if it had been given alone.
+#[test]
+fn vnet_2d_has_depth_1_kernels_and_treats_each_slice_alone() {
+    let net = small_vnet_2d();
+    for spec in net.params().specs() {
+        let dims = spec.shape.dims();
+        if dims.len() == 5 {
+            assert_eq!(dims[2], 1, "{} {:?}", spec.name, dims);
+        }
+    }
+    let params = net.init_params(&Cpu64, 1).unwrap();
+    let stats = net.init_stats(&Cpu64).unwrap();
+    let slices = 3;
+    let x = input(&Cpu64, &Shape::from([1, 1, slices, 4, 8]));
+    let whole = net.run(&params, &stats, &x, Mode::Eval).unwrap().logits;
+    let whole = whole.to_f64().unwrap();
+    let xs = x.to_f64().unwrap();
+    let (plane, out_plane) = (4 * 8, 4 * 8);
+    for d in 0..slices {
+        let one: Vec<f64> = xs[d * plane..(d + 1) * plane].to_vec();
+        let one = Var::from_f64(&Cpu64, &one, &Shape::from([1, 1, 1, 4, 8]), false).unwrap();
+        let alone = net.run(&params, &stats, &one, Mode::Eval).unwrap().logits;
+        let alone = alone.to_f64().unwrap();
+        // Logits [1, 2, D, 4, 8]: class k of slice d.
+        let from_whole: Vec<f64> = (0..2)
+            .flat_map(|k| {
+                let start = (k * slices + d) * out_plane;
+                whole[start..start + out_plane].to_vec()
+            })
+            .collect();
+        Tolerance::F64.assert("slice", &from_whole, &alone);
+    }
+}
+
+#[test]
 fn unet_2d_and_3d_on_the_gpu_match_cpu64() {
     let train = Mode::Train { seed: 11, step: 2 };
     assert_gpu_matches_cpu64(&small_unet(false), Shape::from([2, 2, 1, 8, 12]), train);
@@ -169,6 +218,11 @@ fn assert_finite_differences(net: &impl Network, x_shape: Shape) {
 #[test]
 fn vnet_parameter_gradients_match_finite_differences() {
     assert_finite_differences(&small_vnet(), Shape::from([2, 1, 4, 4, 8]));
+}
+
+#[test]
+fn vnet_2d_parameter_gradients_match_finite_differences() {
+    assert_finite_differences(&small_vnet_2d(), Shape::from([2, 1, 1, 4, 8]));
 }
 
 #[test]
@@ -324,6 +378,14 @@ fn a_patch_that_does_not_divide_by_the_down_sampling_is_an_error() {
         .unwrap()
         .to_string();
     assert!(err.contains("8x6x8") && err.contains("4x4x4"), "{err}");
+    // In 2D the depth is not down-sampled: depth 1 is fine, H and W still divide by 4.
+    let net = small_vnet_2d();
+    let params = net.init_params(&Cpu64, 1).unwrap();
+    let x = input(&Cpu64, &Shape::from([1, 1, 1, 6, 8]));
+    let err = net.run(&params, &stats, &x, Mode::Eval).err().unwrap();
+    assert!(err.to_string().contains("1x4x4"), "{err}");
+    let x = input(&Cpu64, &Shape::from([1, 1, 1, 4, 8]));
+    assert!(net.run(&params, &stats, &x, Mode::Eval).is_ok());
 }
 
 /// IDEAL's dense embedding (the encoder alone and its bottleneck projection): values and parameter

@@ -365,3 +365,22 @@ fn comparison_plot_shows_every_seed_and_the_means() {
     report::comparison_plot(&[], &out).unwrap();
     assert_eq!(count(&decode(&out), rgb(DICE_COLOUR)), 0);
 }
+
+/// A 2D image (depth 1) is shown as its one slice, scaled up to at least 256 pixels, with the
+/// reference outlined where it is.
+#[test]
+fn a_2d_overlay_is_one_panel() {
+    let dims = [1, 20, 30];
+    let image = Volume::new((0..600).map(|i| (i % 30) as f32).collect(), dims, [1.0; 3]).unwrap();
+    let label: Vec<u8> = (0..600)
+        .map(|i| u8::from((5..15).contains(&(i / 30)) && (8..20).contains(&(i % 30))))
+        .collect();
+    let (picture, layout) = report::overlay_rgb(&image, Some(&label), &label).unwrap();
+    assert_eq!(layout.panels.len(), 1);
+    // ceil(256 / 20) = 13 pixels per voxel.
+    assert_eq!(layout.scale, 13);
+    assert_eq!((picture.width, layout.width), (30 * 13, 30 * 13));
+    let inside = layout.voxel_at(10 * 13, layout.panels[0].y + 13).unwrap();
+    assert_eq!(inside, [0, 18, 10], "rows run from the highest H down");
+    assert!(count(&picture, BOTH) > 0);
+}

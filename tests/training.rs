@@ -210,9 +210,14 @@ fn configuration_mistakes_name_the_key() {
     assert!(err.to_string().contains("optimizer.lrr"), "{err}");
     let err = TrainConfig::load("default", &["method=magic".into()]).unwrap_err();
     assert!(err.to_string().contains("magic"), "{err}");
-    let err = TrainConfig::load("default", &["batch.patch=[30, 32, 32]".into()]).unwrap_err();
-    // 3 levels pool twice.
-    assert!(err.to_string().contains("divide by 4"), "{err}");
+    let levels = TrainConfig::load("default", &[]).unwrap().network.levels;
+    let err = TrainConfig::load("default", &["batch.patch=[1, 30, 32]".into()]).unwrap_err();
+    // The V-Net pools levels - 1 times.
+    let factor = 1 << (levels - 1);
+    assert!(
+        err.to_string().contains(&format!("divide by {factor}")),
+        "{err}"
+    );
     let err = TrainConfig::load("default", &["batch.scale=1.5".into()]).unwrap_err();
     assert!(err.to_string().contains("batch.scale"), "{err}");
     let err = TrainConfig::load("nope", &[]).unwrap_err();
@@ -257,7 +262,8 @@ fn rotations_and_scalings_warp_the_batch_on_the_device_and_keep_labels_one_hot()
         rotate: 20.0,
         scale: 0.15,
     };
-    let warps: Vec<_> = (0..dims[0] + 2)
+    let samples = warped.x.shape().dims()[0];
+    let warps: Vec<_> = (0..samples)
         .map(|slot| r.warp(on.batch.patch, on.seed, t, slot))
         .collect();
     let host = |v: &Var<metaseg::gpu::Gpu>| {

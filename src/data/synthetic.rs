@@ -1,29 +1,32 @@
-//! The embedded default data set: procedural 3D MRI-like volumes with exact binary labels, made from
+//! The embedded default data set: procedural MRI-like volumes with exact binary labels, made from
 //! (seed, case index) alone, so a run needs no download (shared/DATA.md, "The embedded default").
+//! A case is 3D, or 2D: a size of depth 1 is the plane through the centre of the same 3D anatomy.
 //!
-//! Each case is an anatomy drawn from the case's own counter-based random stream
+//! Each case is an anatomy drawn from the case's own counter-based random streams
 //! (`metaseg_autograd::random`), rendered on a voxel grid:
 //!
 //! - **target** (label 1): an "atrium", a randomly rotated ellipsoid whose surface is deformed by a
-//!   few low-frequency waves, with 2-4 curved, tapering "vein/appendage" tubes leaving it in random
-//!   directions; a thin dark wall around it.
+//!   few low-frequency waves, placed anywhere near the centre, with curved, tapering
+//!   "vein/appendage" tubes leaving it in random directions, side branches on the tubes and holes
+//!   (tunnels of tissue) through the body; a thin dark wall around it.
 //! - **distractors** of the same intensity (blood pools are equally bright in contrast MRI), placed
 //!   against the target so that they touch it or merge with it (no wall between them): an elongated
 //!   "ventricle" with a thick dark wall, a long "aorta" tube crossing the volume, and a few small
 //!   blobs. Only shape and context separate them from the target: a global threshold cannot.
-//! - **intensities**: tissue with a smooth texture, dark walls, blood with a weak texture; then
-//!   partial-volume blur (Gaussian), a smooth multiplicative bias field, Rician noise and a random
-//!   overall gain.
+//! - **zoom**: the whole anatomy is scaled about the target's centre, as patients and fields of
+//!   view differ.
+//! - **intensities**: tissue with a smooth texture, dark walls, blood with a weak texture; then,
+//!   per case as between scanners, a contrast curve (a power law), partial-volume blur
+//!   (Gaussian), a coarser acquisition grid, a smooth multiplicative bias field, Rician noise and a
+//!   random overall gain.
 //!
 //! The knobs are the fields of [`SyntheticKnobs`] (`[data.synthetic]` of a training
-//! configuration). Harder: more `noise`, `bias`, `blur`, `blobs`, a wider `distractor_contrast`
-//! (the distractors' intensity may then differ from the target's in either direction, so an
-//! intensity window cannot cut them off), a wider `body_radius` range and more `tubes` (more shape
-//! variability), a wider `tissue_level` range (varying contrast), a `degradation_spread` (noise and
-//! blur that differ from case to case, as between scanners).
+//! configuration), each documented with its range. Every part of a case (the body, the tubes,
+//! each tube's branches, the holes, the distractors, the appearance, the scanner) is drawn from a
+//! stream of its own, so a knob changes its part and leaves the others' draws as they were.
 //!
-//! Geometry is drawn in "unit" coordinates: voxel centres mapped so that the shortest axis spans
-//! [-1, 1] (isotropic in voxels), so a case looks the same at every size.
+//! Geometry is drawn in "unit" coordinates: voxel centres mapped so that the shortest axis (of more
+//! than one voxel) spans [-1, 1] (isotropic in voxels), so a case looks the same at every size.
 
 use super::error::{DataError, Result};
 use super::msd::{self, DatasetInfo, SplitFile};
@@ -45,22 +48,40 @@ pub struct SyntheticConfig {
     pub knobs: SyntheticKnobs,
 }
 
-/// What makes the task hard: shape variability, distractors and image degradation. A training
-/// configuration names them as `[data.synthetic]`.
+/// What makes the task hard: variety of the target's pose, size and shape, distractors, and the
+/// image's appearance, each drawn per case. A training configuration names them as
+/// `[data.synthetic]`; lengths are in unit coordinates (1 = half the shortest axis), ranges are
+/// inclusive, and a knob's neutral value is given where it has one.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyntheticKnobs {
-    /// Range of the target body's semi-axes, in unit coordinates (1 = half the shortest axis).
+    /// Range of the target body's semi-axes, before the zoom; within [0.05, 0.8].
     pub body_radius: (f64, f64),
-    /// Range of the number of tubes on the target (inclusive).
+    /// Range of the number of tubes on the target.
     pub tubes: (usize, usize),
-    /// Small distractor blobs besides the ventricle and the aorta.
+    /// Range of the number of side branches on each tube (0: none).
+    pub branches: (usize, usize),
+    /// Range of the number of holes through the target body: tunnels of tissue lined with the
+    /// target's wall, so the body's topology changes (0: none).
+    pub holes: (usize, usize),
+    /// The target body's centre lies U(-p, p) from the volume's centre along each axis, in [0, 1]
+    /// (0: centred; a 2D case's plane always passes through it).
+    pub position: f64,
+    /// Range of the case's zoom, drawn log-uniformly within [0.25, 4]: the whole anatomy scaled
+    /// about the target's centre ((1, 1): none).
+    pub zoom: (f64, f64),
+    /// Small distractor blobs besides the ventricle and the aorta, anywhere in the volume.
     pub blobs: usize,
-    /// Each distractor's mean intensity is the target's times 1 + U(-c, c).
+    /// Range of the blobs' radii, before the zoom; within [0.02, 0.5].
+    pub blob_radius: (f64, f64),
+    /// Each distractor's mean intensity is the target's times 1 + U(-c, c), c in [0, 1).
     pub distractor_contrast: f64,
     /// Range of the surrounding tissue's intensity, relative to the target's blood (1): above 1,
     /// the blood pools are darker than the tissue, as in another MRI contrast.
     pub tissue_level: (f64, f64),
+    /// Per-case contrast curve: every intensity v (blood about 1) becomes v^g with
+    /// ln g ~ U(-c, c), c in [0, 3] (0: none); g > 1 darkens tissue and walls against blood.
+    pub contrast: f64,
     /// Rician noise sigma, relative to the target's mean intensity.
     pub noise: f64,
     /// Amplitude of the log bias field: the field lies within exp(+-bias).
@@ -70,6 +91,11 @@ pub struct SyntheticKnobs {
     /// Scanner variety: each case's noise and blur are `noise` and `blur` times exp(U(-s, s)),
     /// drawn independently per case (0: every case alike).
     pub degradation_spread: f64,
+    /// Range of the case's acquisition voxel size, in grid voxels, within [1, 8]: the image is
+    /// averaged over voxels this much larger along each axis (of more than one voxel) and
+    /// interpolated back linearly, as a coarser scanner gives; the label keeps the fine grid
+    /// ((1, 1): none).
+    pub resolution: (f64, f64),
 }
 
 impl Default for SyntheticConfig {
@@ -85,19 +111,25 @@ impl Default for SyntheticConfig {
 }
 
 impl Default for SyntheticKnobs {
+    /// The default data set (docs/default-data.md: each value and the measurement that chose it).
     fn default() -> Self {
         SyntheticKnobs {
-            body_radius: (0.34, 0.5),
-            tubes: (2, 4),
+            body_radius: (0.22, 0.36),
+            tubes: (1, 4),
+            branches: (0, 2),
+            holes: (0, 2),
+            position: 0.5,
+            zoom: (0.7, 1.3),
             blobs: 3,
+            blob_radius: (0.04, 0.08),
             distractor_contrast: 0.08,
-            tissue_level: (0.38, 0.5),
+            tissue_level: (0.3, 0.6),
+            contrast: 0.7,
             noise: 0.1,
             bias: 0.3,
             blur: 0.8,
-            // Without scanner variety four labeled cases cover the generator as well as 24 do
-            // (README, "Results on the embedded default"); at 1.2 all labels beat four.
-            degradation_spread: 1.2,
+            degradation_spread: 1.0,
+            resolution: (1.0, 2.5),
         }
     }
 }
@@ -105,46 +137,64 @@ impl Default for SyntheticKnobs {
 impl SyntheticConfig {
     pub fn check(&self) -> Result<()> {
         let bad = |reason: String| Err(DataError::invalid("synthetic data set", reason));
-        if self.size.iter().any(|&n| n < 8) {
+        let [d, h, w] = self.size;
+        if d == 0 || (d != 1 && d < 8) || h < 8 || w < 8 {
             return bad(format!(
-                "size {:?}: every axis needs at least 8 voxels",
+                "size {:?}: every axis needs at least 8 voxels (D may be 1: 2D cases)",
                 self.size
             ));
         }
         if self.cases == 0 {
             return bad("no cases".into());
         }
-        let k = &self.knobs;
-        let (r0, r1) = k.body_radius;
-        if !(0.05 <= r0 && r0 <= r1 && r1 <= 0.8) {
-            return bad(format!(
-                "body_radius ({r0}, {r1}) must satisfy 0.05 <= lo <= hi <= 0.8"
-            ));
-        }
-        let (t0, t1) = k.tissue_level;
-        if !(0.0 <= t0 && t0 <= t1 && t1.is_finite()) {
-            return bad(format!(
-                "tissue_level ({t0}, {t1}) must satisfy 0 <= lo <= hi"
-            ));
-        }
-        if k.tubes.0 > k.tubes.1 {
-            return bad(format!("tubes {:?}: lo > hi", k.tubes));
-        }
-        let levels = [
-            k.distractor_contrast,
-            k.noise,
-            k.bias,
-            k.blur,
-            k.degradation_spread,
-        ];
-        if levels.iter().any(|v| !(v.is_finite() && *v >= 0.0)) || k.distractor_contrast >= 1.0 {
-            return bad(
-                "contrast (< 1), noise, bias, blur and degradation_spread must be finite and >= 0"
-                    .into(),
-            );
-        }
         if self.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
             return bad(format!("spacing {:?} must be positive", self.spacing));
+        }
+        self.knobs
+            .check()
+            .map_err(|reason| DataError::invalid("synthetic data set", reason))
+    }
+}
+
+impl SyntheticKnobs {
+    /// Every knob within its documented range; the error names the first that is not.
+    fn check(&self) -> std::result::Result<(), String> {
+        let range = |name: &str, (lo, hi): (f64, f64), min: f64, max: f64| {
+            if min <= lo && lo <= hi && hi <= max {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{name} ({lo}, {hi}) must satisfy {min} <= lo <= hi <= {max}"
+                ))
+            }
+        };
+        let level = |name: &str, v: f64, max: f64| range(name, (v, v), 0.0, max);
+        let count = |name: &str, (lo, hi): (usize, usize)| {
+            if lo <= hi {
+                Ok(())
+            } else {
+                Err(format!("{name} ({lo}, {hi}): lo > hi"))
+            }
+        };
+        range("body_radius", self.body_radius, 0.05, 0.8)?;
+        range("blob_radius", self.blob_radius, 0.02, 0.5)?;
+        range("tissue_level", self.tissue_level, 0.0, f64::MAX)?;
+        range("zoom", self.zoom, 0.25, 4.0)?;
+        range("resolution", self.resolution, 1.0, 8.0)?;
+        count("tubes", self.tubes)?;
+        count("branches", self.branches)?;
+        count("holes", self.holes)?;
+        level("position", self.position, 1.0)?;
+        level("contrast", self.contrast, 3.0)?;
+        // Below 1, so a distractor's intensity stays positive.
+        level("distractor_contrast", self.distractor_contrast, 0.999)?;
+        for (name, v) in [
+            ("noise", self.noise),
+            ("bias", self.bias),
+            ("blur", self.blur),
+            ("degradation_spread", self.degradation_spread),
+        ] {
+            level(name, v, f64::MAX)?;
         }
         Ok(())
     }
@@ -160,10 +210,10 @@ pub struct SyntheticCase {
 /// Case `index` of the data set `config` describes (the same bytes for the same seed and index).
 pub fn case(config: &SyntheticConfig, index: usize) -> Result<SyntheticCase> {
     config.check()?;
-    let mut draws = Draws::new(case_key(config.seed, index, 0));
-    let anatomy = Anatomy::draw(&mut draws, config);
-    let scanner = Scanner::draw(config, index);
-    let (image, label) = anatomy.render(config, scanner, case_key(config.seed, index, 1));
+    let key = case_key(config.seed, index, 0);
+    let anatomy = Anatomy::draw(key, config);
+    let scanner = Scanner::draw(&mut Draws::part(key, Stream::Scanner), &config.knobs);
+    let (image, label) = anatomy.render(config.size, scanner, case_key(config.seed, index, 1));
     Ok(SyntheticCase {
         image: Volume::new(image, config.size, config.spacing)?,
         label: Volume::new(label, config.size, config.spacing)?,
@@ -221,25 +271,28 @@ pub fn write_msd(dir: &Path, config: &SyntheticConfig, labeled: usize, test: usi
     msd::write_json(&dir.join("split.json"), &split)
 }
 
-/// Salt of the per-case scanner draws (`degradation_spread`).
-const SCANNER_SALT: u64 = 0x5ca1_1e55;
-
-/// A case's image degradation: its blur sigma and noise level.
+/// A case's image acquisition: its contrast curve's exponent, blur sigma, voxel size (in grid
+/// voxels) and noise level.
 #[derive(Clone, Copy)]
 struct Scanner {
+    gamma: f64,
     blur: f64,
+    resolution: f64,
     noise: f64,
 }
 
 impl Scanner {
-    /// The knobs' blur and noise, each times exp(U(-s, s)) with s = `degradation_spread`, from a
-    /// stream of their own: a spread of 0 leaves every other draw of the case as it was.
-    fn draw(config: &SyntheticConfig, index: usize) -> Scanner {
-        let mut d = Draws::new(case_key(config.seed ^ SCANNER_SALT, index, 0));
-        let s = config.knobs.degradation_spread;
-        let blur = config.knobs.blur * d.range(-s, s).exp();
-        let noise = config.knobs.noise * d.range(-s, s).exp();
-        Scanner { blur, noise }
+    /// The knobs' blur and noise, each times exp(U(-s, s)) with s = `degradation_spread`, the
+    /// contrast exponent exp(U(-c, c)) and the voxel size U(resolution).
+    fn draw(d: &mut Draws, knobs: &SyntheticKnobs) -> Scanner {
+        let s = knobs.degradation_spread;
+        let c = knobs.contrast;
+        Scanner {
+            gamma: d.range(-c, c).exp(),
+            blur: knobs.blur * d.range(-s, s).exp(),
+            resolution: d.range(knobs.resolution.0, knobs.resolution.1),
+            noise: knobs.noise * d.range(-s, s).exp(),
+        }
     }
 }
 
@@ -247,6 +300,19 @@ impl Scanner {
 fn case_key(seed: u64, index: usize, stream: u64) -> u64 {
     let counter = (index as u64) * 4 + stream * 2;
     ((random_bits(seed, counter) as u64) << 32) | random_bits(seed, counter + 1) as u64
+}
+
+/// The parts of a case drawn from streams of their own (each tube's branches from the stream
+/// `Branches` + the tube's index).
+#[derive(Clone, Copy)]
+enum Stream {
+    Body = 1,
+    Tubes,
+    Holes,
+    Distractors,
+    Appearance,
+    Scanner,
+    Branches,
 }
 
 /// Uniform draws in sequence from one key.
@@ -260,9 +326,25 @@ impl Draws {
         Draws { key, counter: 0 }
     }
 
+    /// The stream of one part of the case with anatomy key `key`.
+    fn part(key: u64, part: Stream) -> Self {
+        Self::stream(key, part as u64)
+    }
+
+    /// Sub-stream `n` of `key`: its key hashed from both.
+    fn stream(key: u64, n: u64) -> Self {
+        let half = |i: u64| random_bits(key, (n << 1) | i) as u64;
+        Draws::new((half(0) << 32) | half(1))
+    }
+
     fn range(&mut self, lo: f64, hi: f64) -> f64 {
         self.counter += 1;
         lo + (hi - lo) * uniform(self.key, self.counter)
+    }
+
+    /// Log-uniform in [lo, hi] (both positive).
+    fn log_range(&mut self, (lo, hi): (f64, f64)) -> f64 {
+        self.range(lo.ln(), hi.ln()).exp()
     }
 
     fn count(&mut self, (lo, hi): (usize, usize)) -> usize {
@@ -450,7 +532,10 @@ struct Part {
 }
 
 struct Anatomy {
+    /// The target is the union of these (body, tubes, branches) ...
     target: Vec<Shape>,
+    /// ... minus these.
+    holes: Vec<Shape>,
     target_wall: f64,
     distractors: Vec<Part>,
     tissue_level: f64,
@@ -459,39 +544,75 @@ struct Anatomy {
     blood_texture: Waves,
     bias: Waves,
     gain: f64,
+    /// A grid point p shows the anatomy at centre + (p - centre) / zoom.
+    centre: V3,
+    zoom: f64,
 }
 
 impl Anatomy {
-    fn draw(d: &mut Draws, config: &SyntheticConfig) -> Anatomy {
-        let body = draw_body(d, config.knobs.body_radius);
-        let mut target: Vec<Shape> = (0..d.count(config.knobs.tubes))
-            .map(|_| draw_tube(d, &body))
-            .collect();
-        let mut distractors = vec![draw_ventricle(d, &body), draw_aorta(d, &body)];
-        distractors.extend((0..config.knobs.blobs).map(|_| draw_blob(d, config.size)));
-        for part in &mut distractors {
-            part.level = 1.0 + d.range(-1.0, 1.0) * config.knobs.distractor_contrast;
+    fn draw(key: u64, config: &SyntheticConfig) -> Anatomy {
+        let k = &config.knobs;
+        let mut d = Draws::part(key, Stream::Body);
+        let mut centre = [0, 1, 2].map(|_| d.range(-k.position, k.position));
+        if config.size[0] == 1 {
+            // A 2D case is the plane z = 0: through the body's centre.
+            centre[2] = 0.0;
         }
-        target.insert(0, body);
+        let zoom = d.log_range(k.zoom);
+        let body = draw_body(&mut d, centre, k.body_radius);
+        let mut d = Draws::part(key, Stream::Tubes);
+        let tubes: Vec<Shape> = (0..d.count(k.tubes))
+            .map(|_| draw_tube(&mut d, &body))
+            .collect();
+        let branches: Vec<Shape> = (tubes.iter().enumerate())
+            .flat_map(|(i, tube)| {
+                let mut d = Draws::stream(key, Stream::Branches as u64 + i as u64);
+                (0..d.count(k.branches))
+                    .map(|_| draw_branch(&mut d, tube))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut d = Draws::part(key, Stream::Holes);
+        let holes = (0..d.count(k.holes))
+            .map(|_| draw_hole(&mut d, &body))
+            .collect();
+        let mut d = Draws::part(key, Stream::Distractors);
+        let mut distractors = vec![draw_ventricle(&mut d, &body), draw_aorta(&mut d, &body)];
+        distractors.extend((0..k.blobs).map(|_| draw_blob(&mut d, config.size, k.blob_radius)));
+        for part in &mut distractors {
+            part.level = 1.0 + d.range(-1.0, 1.0) * k.distractor_contrast;
+        }
+        let mut d = Draws::part(key, Stream::Appearance);
         Anatomy {
-            target,
+            target: std::iter::once(body).chain(tubes).chain(branches).collect(),
+            holes,
             target_wall: d.range(0.03, 0.05),
             distractors,
-            tissue_level: d.range(config.knobs.tissue_level.0, config.knobs.tissue_level.1),
-            tissue: Waves::draw(d, 4, (2.0, 6.0), 0.3),
+            tissue_level: d.range(k.tissue_level.0, k.tissue_level.1),
+            tissue: Waves::draw(&mut d, 4, (2.0, 6.0), 0.3),
             wall_level: d.range(0.15, 0.25),
-            blood_texture: Waves::draw(d, 3, (2.0, 5.0), 0.06),
-            bias: Waves::draw(d, 3, (0.8, 2.0), config.knobs.bias),
+            blood_texture: Waves::draw(&mut d, 3, (2.0, 5.0), 0.06),
+            bias: Waves::draw(&mut d, 3, (0.8, 2.0), k.bias),
             gain: 100.0 * d.range(0.7, 1.4),
+            centre,
+            zoom,
         }
     }
 
-    /// The noiseless intensity at `p` and whether `p` is in the target.
+    /// The target's approximate signed distance at `p`: the union's, with the holes cut out.
+    fn target_distance(&self, p: V3) -> f64 {
+        let nearest = |shapes: &[Shape]| {
+            (shapes.iter())
+                .map(|s| s.distance(p))
+                .fold(f64::INFINITY, f64::min)
+        };
+        nearest(&self.target).max(-nearest(&self.holes))
+    }
+
+    /// The noiseless intensity at anatomy point `p` and whether `p` is in the target.
     fn clean(&self, p: V3) -> (f64, bool) {
         let blood = 1.0 + self.blood_texture.at(p);
-        let t = (self.target.iter())
-            .map(|s| s.distance(p))
-            .fold(f64::INFINITY, f64::min);
+        let t = self.target_distance(p);
         if t < 0.0 {
             return (blood, true);
         }
@@ -511,22 +632,23 @@ impl Anatomy {
         }
     }
 
-    /// The image (blurred, biased, noisy, scaled) and the label, [D, H, W].
-    fn render(
-        &self,
-        config: &SyntheticConfig,
-        scanner: Scanner,
-        noise_key: u64,
-    ) -> (Vec<f32>, Vec<f32>) {
-        let points = grid_points(config.size);
+    /// The anatomy point a grid point shows.
+    fn unzoomed(&self, p: V3) -> V3 {
+        add(self.centre, scale(sub(p, self.centre), 1.0 / self.zoom))
+    }
+
+    /// The image (contrast curve, blur, coarser grid, bias, noise, gain) and the label, [D, H, W].
+    fn render(&self, size: [usize; 3], scanner: Scanner, noise_key: u64) -> (Vec<f32>, Vec<f32>) {
+        let points = grid_points(size);
         let (mut clean, label): (Vec<f64>, Vec<f32>) = points
             .iter()
             .map(|&p| {
-                let (v, inside) = self.clean(p);
-                (v, if inside { 1.0 } else { 0.0 })
+                let (v, inside) = self.clean(self.unzoomed(p));
+                (v.powf(scanner.gamma), if inside { 1.0 } else { 0.0 })
             })
             .unzip();
-        gaussian_blur(&mut clean, config.size, scanner.blur);
+        gaussian_blur(&mut clean, size, scanner.blur);
+        coarsen(&mut clean, size, scanner.resolution);
         let sigma = scanner.noise;
         let image = (clean.iter().zip(&points).enumerate())
             .map(|(i, (&v, &p))| {
@@ -543,10 +665,10 @@ impl Anatomy {
     }
 }
 
-/// The target body: a deformed, rotated ellipsoid near the centre.
-fn draw_body(d: &mut Draws, (r0, r1): (f64, f64)) -> Shape {
+/// The target body: a deformed ellipsoid at `centre`, randomly rotated.
+fn draw_body(d: &mut Draws, centre: V3, (r0, r1): (f64, f64)) -> Shape {
     Shape::Blob {
-        centre: [0, 1, 2].map(|_| d.range(-0.12, 0.12)),
+        centre,
         rows: d.rotation(),
         radii: [0, 1, 2].map(|_| d.range(r0, r1)),
         surface: Waves::draw(d, 4, (1.5, 3.5), 0.2),
@@ -572,6 +694,50 @@ fn draw_tube(d: &mut Draws, body: &Shape) -> Shape {
     let r0 = d.range(0.07, 0.11);
     let r1 = r0 * d.range(0.55, 0.85);
     tapered_tube(bezier(start, control, end, 12), r0, r1)
+}
+
+/// A thinner side branch leaving a tube part-way along it, at 35-75 degrees to it.
+fn draw_branch(d: &mut Draws, tube: &Shape) -> Shape {
+    let Shape::Tube { points, radii } = tube else {
+        unreachable!("branches grow on tubes")
+    };
+    let i = (d.range(0.35, 0.75) * (points.len() - 1) as f64) as usize;
+    let along = sub(points[i + 1], points[i]);
+    let along = scale(along, 1.0 / norm(along).max(1e-12));
+    let angle = d.range(35.0f64, 75.0).to_radians();
+    let dir = add(
+        scale(along, angle.cos()),
+        scale(d.orthogonal(along), angle.sin()),
+    );
+    let start = points[i];
+    let end = add(start, scale(dir, d.range(0.2, 0.4)));
+    let bend = scale(d.orthogonal(dir), d.range(-0.08, 0.08));
+    let control = add(scale(add(start, end), 0.5), bend);
+    let r0 = radii[i] * d.range(0.6, 0.8);
+    let r1 = r0 * d.range(0.55, 0.85);
+    tapered_tube(bezier(start, control, end, 8), r0, r1)
+}
+
+/// A straight tunnel through the body near its centre (within 0.3 of its smallest semi-axis), of
+/// radius 0.3-0.45 of that semi-axis, long enough to leave it on both sides.
+fn draw_hole(d: &mut Draws, body: &Shape) -> Shape {
+    let Shape::Blob { centre, radii, .. } = body else {
+        unreachable!("holes go through the body")
+    };
+    let smallest = radii.iter().copied().fold(f64::INFINITY, f64::min);
+    let largest = radii.iter().copied().fold(0.0, f64::max);
+    let axis = d.direction();
+    let through = add(
+        *centre,
+        scale(d.orthogonal(axis), d.range(0.0, 0.3) * smallest),
+    );
+    let half = 2.0 * largest;
+    let radius = smallest * d.range(0.3, 0.45);
+    let ends = vec![
+        sub(through, scale(axis, half)),
+        add(through, scale(axis, half)),
+    ];
+    tapered_tube(ends, radius, radius)
 }
 
 /// An elongated blob against the body (overlapping it by up to 0.06, or up to 0.06 away), with a
@@ -614,9 +780,9 @@ fn draw_aorta(d: &mut Draws, body: &Shape) -> Part {
 }
 
 /// A small deformed blob anywhere in the volume.
-fn draw_blob(d: &mut Draws, size: [usize; 3]) -> Part {
+fn draw_blob(d: &mut Draws, size: [usize; 3], (r0, r1): (f64, f64)) -> Part {
     let half = half_extent(size);
-    let r = d.range(0.07, 0.14);
+    let r = d.range(r0, r1);
     Part {
         shape: Shape::Blob {
             centre: [0, 1, 2].map(|a| d.range(-half[a], half[a])),
@@ -629,16 +795,24 @@ fn draw_blob(d: &mut Draws, size: [usize; 3]) -> Part {
     }
 }
 
+/// Voxels per unit length: half the shortest axis of more than one voxel (a 2D case is the
+/// plane z = 0 through the 3D anatomy, on the scale of its H and W).
+fn voxels_per_unit([d, h, w]: [usize; 3]) -> f64 {
+    let shortest = if d == 1 { h.min(w) } else { d.min(h).min(w) };
+    shortest as f64 / 2.0
+}
+
 /// Half the extent of the volume along (x, y, z) in unit coordinates.
-fn half_extent([d, h, w]: [usize; 3]) -> V3 {
-    let m = d.min(h).min(w) as f64;
-    [w as f64 / m, h as f64 / m, d as f64 / m]
+fn half_extent(size: [usize; 3]) -> V3 {
+    let m = 2.0 * voxels_per_unit(size);
+    let [d, h, w] = size.map(|n| n as f64);
+    [w / m, h / m, d / m]
 }
 
 /// Unit coordinates (x, y, z) of every voxel centre, in [D, H, W] order.
 fn grid_points(size: [usize; 3]) -> Vec<V3> {
     let [d, h, w] = size;
-    let m = d.min(h).min(w) as f64 / 2.0;
+    let m = voxels_per_unit(size);
     let coordinate = |i: usize, n: usize| (i as f64 + 0.5 - n as f64 / 2.0) / m;
     let mut points = Vec::with_capacity(d * h * w);
     for z in 0..d {
@@ -649,6 +823,22 @@ fn grid_points(size: [usize; 3]) -> Vec<V3> {
         }
     }
     points
+}
+
+/// Calls `f` on every line of `values` ([D, H, W]) along `axis`, writing back what it leaves.
+fn for_each_line(values: &mut [f64], size: [usize; 3], axis: usize, mut f: impl FnMut(&mut [f64])) {
+    let n = size[axis];
+    let stride = [size[1] * size[2], size[2], 1][axis];
+    let mut line = vec![0.0; n];
+    for start in (0..values.len()).filter(|i| (i / stride).is_multiple_of(n)) {
+        for (j, v) in line.iter_mut().enumerate() {
+            *v = values[start + j * stride];
+        }
+        f(&mut line);
+        for (j, v) in line.iter().enumerate() {
+            values[start + j * stride] = *v;
+        }
+    }
 }
 
 /// Separable Gaussian blur with edge clamping, sigma in voxels.
@@ -662,24 +852,131 @@ fn gaussian_blur(values: &mut [f64], size: [usize; 3], sigma: f64) {
         .collect();
     let total: f64 = weights.iter().sum();
     let weights: Vec<f64> = weights.iter().map(|w| w / total).collect();
-    let [d, h, w] = size;
-    let strides = [h * w, w, 1];
     for axis in 0..3 {
-        let (n, stride) = (size[axis], strides[axis]);
-        let mut line = vec![0.0; n];
-        for start in (0..d * h * w).filter(|i| (i / stride) % n == 0) {
-            for (j, v) in line.iter_mut().enumerate() {
-                *v = values[start + j * stride];
+        for_each_line(values, size, axis, |line| {
+            let n = line.len() as isize;
+            let blurred: Vec<f64> = (0..n)
+                .map(|j| {
+                    (weights.iter().enumerate())
+                        .map(|(k, wk)| {
+                            wk * line[(j + k as isize - radius).clamp(0, n - 1) as usize]
+                        })
+                        .sum()
+                })
+                .collect();
+            line.copy_from_slice(&blurred);
+        });
+    }
+}
+
+/// The image as acquired on voxels `factor` times larger along every axis of more than one voxel:
+/// see [`coarsen_line`].
+fn coarsen(values: &mut [f64], size: [usize; 3], factor: f64) {
+    if factor <= 1.0 {
+        return;
+    }
+    for axis in (0..3).filter(|&a| size[a] > 1) {
+        for_each_line(values, size, axis, |line| {
+            let coarse = coarsen_line(line, factor);
+            line.copy_from_slice(&coarse);
+        });
+    }
+}
+
+/// A line as acquired on voxels `factor` (>= 1) times larger: each coarse voxel [k f, (k + 1) f)
+/// (the last cut at the line's end) holds the mean of the fine voxels it covers, by overlap; each
+/// fine voxel centre then interpolates linearly between the coarse voxels' centres, and takes the
+/// end value beyond the first or last. A linear ramp comes back unchanged between those centres
+/// for an integer factor, and within |slope| / (4 factor) for a fractional one.
+fn coarsen_line(line: &[f64], factor: f64) -> Vec<f64> {
+    let n = line.len() as f64;
+    let cells = (n / factor).ceil() as usize;
+    let (mut centres, mut means) = (Vec::with_capacity(cells), Vec::with_capacity(cells));
+    for k in 0..cells {
+        let (lo, hi) = (k as f64 * factor, ((k + 1) as f64 * factor).min(n));
+        let mut sum = 0.0;
+        for (i, v) in line.iter().enumerate().skip(lo.floor() as usize) {
+            let overlap = (hi.min(i as f64 + 1.0) - lo.max(i as f64)).max(0.0);
+            if overlap == 0.0 && i as f64 >= hi {
+                break;
             }
-            for j in 0..n {
-                let blurred = (weights.iter().enumerate())
-                    .map(|(k, wk)| {
-                        let at = (j as isize + k as isize - radius).clamp(0, n as isize - 1);
-                        wk * line[at as usize]
-                    })
-                    .sum();
-                values[start + j * stride] = blurred;
+            sum += overlap * v;
+        }
+        centres.push((lo + hi) / 2.0);
+        means.push(sum / (hi - lo));
+    }
+    (0..line.len())
+        .map(|i| {
+            let x = i as f64 + 0.5;
+            let k = centres.partition_point(|&c| c <= x);
+            match k {
+                0 => means[0],
+                k if k == cells => means[cells - 1],
+                k => {
+                    let t = (x - centres[k - 1]) / (centres[k] - centres[k - 1]);
+                    means[k - 1] + t * (means[k] - means[k - 1])
+                }
             }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value at each voxel centre of the line x -> a x + b.
+    fn ramp(n: usize, a: f64, b: f64) -> Vec<f64> {
+        (0..n).map(|i| a * (i as f64 + 0.5) + b).collect()
+    }
+
+    /// The fine voxels are boxes of their centre's value. Over whole voxels (an integer factor) a
+    /// coarse voxel's mean of a linear ramp is the ramp at the coarse centre, and linear
+    /// interpolation between those is exact wherever a voxel centre lies between the first and
+    /// the last coarse centre. A fractional factor cuts a fine voxel: over a part of width w its
+    /// box differs from the ramp (slope a) by an integral of at most |a| w (1 - w) / 2 <= |a| / 8,
+    /// two such parts per coarse voxel of width `factor`, hence an error of at most
+    /// |a| / (4 factor), which interpolation does not exceed (the 20 voxels are 8 whole coarse
+    /// voxels of 2.5, so none is cut short at the end).
+    #[test]
+    fn coarsening_a_linear_ramp_keeps_it_between_the_coarse_centres() {
+        let slope = 0.7;
+        for factor in [1.0, 2.0, 2.5, 3.0] {
+            let line = ramp(20, slope, -3.0);
+            let coarse = coarsen_line(&line, factor);
+            let cells = (20.0 / factor).ceil() as usize;
+            let last_centre = ((cells - 1) as f64 * factor + 20.0) / 2.0;
+            let tolerance = if factor.fract() == 0.0 {
+                1e-12
+            } else {
+                slope / (4.0 * factor)
+            };
+            for (i, (c, v)) in coarse.iter().zip(&line).enumerate() {
+                let x = i as f64 + 0.5;
+                if x >= factor / 2.0 && x <= last_centre {
+                    assert!(
+                        (c - v).abs() <= tolerance,
+                        "factor {factor}, voxel {i}: {c} vs {v}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Factor 1 is the identity; factor 3 turns a step into a ramp over about 3 voxels, keeping
+    /// the values within the step's, and keeps a constant line.
+    #[test]
+    fn coarsening_spreads_a_step_and_keeps_a_constant() {
+        let step: Vec<f64> = (0..12).map(|i| if i < 6 { 0.0 } else { 1.0 }).collect();
+        assert_eq!(coarsen_line(&step, 1.0), step);
+        let coarse = coarsen_line(&step, 3.0);
+        assert!(coarse.iter().all(|v| (0.0..=1.0).contains(v)));
+        let between = coarse.iter().filter(|v| **v > 0.0 && **v < 1.0).count();
+        assert!((2..=4).contains(&between), "{coarse:?}");
+        assert!(coarse.windows(2).all(|w| w[0] <= w[1]), "{coarse:?}");
+        let constant = vec![2.5; 11];
+        for v in coarsen_line(&constant, 2.5) {
+            assert!((v - 2.5).abs() < 1e-12);
         }
     }
 }

@@ -6,6 +6,9 @@
 //! DTML) and a 1x1 conv-BN-ReLU-1x1 conv projection for contrastive losses. Optional for IDEAL: a
 //! second decoder with its own head on the same encoder (parameters `b.*`), and a 1x1 conv
 //! projection of the bottleneck for dense contrastive pre-training of the encoder alone.
+//!
+//! In 2D (`two_d`) every kernel has depth 1: 1x3x3 convolutions and 1x2x2 stride-(1, 2, 2) down-
+//! and up-sampling, so the network runs on [N, C, 1, H, W] (each slice of a deeper input alone).
 
 use super::layers::{dropout, Activation, Conv, ConvNormAct, Forward};
 use super::params::Declarations;
@@ -30,6 +33,8 @@ pub struct VNetConfig {
     pub second_decoder: bool,
     /// A 1x1 conv of the bottleneck's features to this many channels ([`VNet::dense_embedding`]).
     pub encoder_projection: Option<usize>,
+    /// Kernels of depth 1, pooling H and W only: a 2D network on [N, C, 1, H, W].
+    pub two_d: bool,
 }
 
 impl Default for VNetConfig {
@@ -45,6 +50,7 @@ impl Default for VNetConfig {
             projection: None,
             second_decoder: false,
             encoder_projection: None,
+            two_d: false,
         }
     }
 }
@@ -77,21 +83,41 @@ fn units(level: usize) -> usize {
     (level + 1).min(3)
 }
 
-const CUBE3: ConvSpec = ConvSpec {
-    stride: [1; 3],
-    padding: [1; 3],
-    dilation: [1; 3],
-};
-const DOWN2: ConvSpec = ConvSpec {
-    stride: [2; 3],
-    padding: [0; 3],
-    dilation: [1; 3],
-};
-const POINT: ConvSpec = ConvSpec {
-    stride: [1; 3],
-    padding: [0; 3],
-    dilation: [1; 3],
-};
+/// A layer's kernel shape and its stride and padding.
+#[derive(Clone, Copy)]
+struct Kernel {
+    shape: [usize; 3],
+    spec: ConvSpec,
+}
+
+/// The three kernels of a V-Net: 3x3x3 same-size convolutions, k2 s2 down- and up-sampling and
+/// 1x1x1 heads; in 2D the first two have depth 1 and stride 1 along D.
+#[derive(Clone, Copy)]
+struct Kernels {
+    cube: Kernel,
+    down: Kernel,
+    point: Kernel,
+}
+
+impl Kernels {
+    fn new(two_d: bool) -> Kernels {
+        let depth = |k: usize| if two_d { [1, k, k] } else { [k; 3] };
+        Kernels {
+            cube: Kernel {
+                shape: depth(3),
+                spec: ConvSpec::new([1; 3], depth(3).map(|k| k / 2)),
+            },
+            down: Kernel {
+                shape: depth(2),
+                spec: ConvSpec::new(depth(2), [0; 3]),
+            },
+            point: Kernel {
+                shape: [1; 3],
+                spec: ConvSpec::default(),
+            },
+        }
+    }
+}
 
 impl VNet {
     pub fn new(config: VNetConfig) -> Result<VNet> {
@@ -110,9 +136,9 @@ impl VNet {
         }
         let (mut params, mut stats) = (Declarations::default(), Declarations::default());
         let width = |l: usize| config.base_width << l;
-        let relu = Activation::Relu;
-        let mut unit = |name: String, c: [usize; 2], k: usize, spec: ConvSpec, transposed: bool| {
-            conv_unit(&mut params, &mut stats, &name, c, k, spec, transposed)
+        let k = Kernels::new(config.two_d);
+        let mut unit = |name: String, c: [usize; 2], kernel: Kernel, transposed: bool| {
+            conv_unit(&mut params, &mut stats, &name, c, kernel, transposed)
         };
         let mut encoder = Vec::new();
         let mut down = Vec::new();
@@ -121,46 +147,31 @@ impl VNet {
             let level = (0..units(l))
                 .map(|u| {
                     let c_in = if u == 0 { input } else { width(l) };
-                    unit(
-                        format!("encoder.{l}.{u}"),
-                        [c_in, width(l)],
-                        3,
-                        CUBE3,
-                        false,
-                    )
+                    unit(format!("encoder.{l}.{u}"), [c_in, width(l)], k.cube, false)
                 })
                 .collect();
             encoder.push(level);
             if l + 1 < config.levels {
-                down.push(unit(
-                    format!("down.{l}"),
-                    [width(l), width(l + 1)],
-                    2,
-                    DOWN2,
-                    false,
-                ));
+                let c = [width(l), width(l + 1)];
+                down.push(unit(format!("down.{l}"), c, k.down, false));
             }
         }
         let decoder = build_decoder(&mut params, &mut stats, &config, "");
-        let sdf = config.sdf_head.then(|| {
-            Conv::new(
-                &mut params,
-                "sdf_head",
-                [width(0), config.classes],
-                [1; 3],
-                POINT,
-            )
-        });
+        let point = |d: &mut Declarations, name: &str, c: [usize; 2]| {
+            Conv::new(d, name, c, k.point.shape, k.point.spec)
+        };
+        let sdf =
+            (config.sdf_head).then(|| point(&mut params, "sdf_head", [width(0), config.classes]));
         let projection = config.projection.map(|e| {
             let hidden = ConvNormAct::new(
                 &mut params,
                 &mut stats,
                 "projection.0",
-                |d, n| Conv::new(d, n, [width(0), width(0)], [1; 3], POINT),
+                |d, n| point(d, n, [width(0), width(0)]),
                 width(0),
-                relu,
+                Activation::Relu,
             );
-            let out = Conv::new(&mut params, "projection.1", [width(0), e], [1; 3], POINT);
+            let out = point(&mut params, "projection.1", [width(0), e]);
             (hidden, out)
         });
         // Declared after every tensor of the one-decoder network, so adding them leaves the
@@ -169,15 +180,8 @@ impl VNet {
             .second_decoder
             .then(|| build_decoder(&mut params, &mut stats, &config, "b."));
         let bottleneck = width(config.levels - 1);
-        let encoder_projection = config.encoder_projection.map(|e| {
-            Conv::new(
-                &mut params,
-                "encoder_projection",
-                [bottleneck, e],
-                [1; 3],
-                POINT,
-            )
-        });
+        let encoder_projection = (config.encoder_projection)
+            .map(|e| point(&mut params, "encoder_projection", [bottleneck, e]));
         Ok(VNet {
             config,
             params,
@@ -196,27 +200,27 @@ impl VNet {
         &self.config
     }
 
-    /// The factor every patch axis must divide by.
-    pub fn patch_multiple(&self) -> usize {
-        1 << (self.config.levels - 1)
+    /// The factor each patch axis (D, H, W) must divide by: the down-sampling of the levels.
+    pub fn patch_multiple(&self) -> [usize; 3] {
+        let m = 1 << (self.config.levels - 1);
+        [if self.config.two_d { 1 } else { m }, m, m]
     }
 }
 
-/// A conv(k, spec)-BN-ReLU unit from c[0] to c[1] channels, transposed or not.
+/// A conv-BN-ReLU unit from c[0] to c[1] channels, transposed or not.
 fn conv_unit(
     params: &mut Declarations,
     stats: &mut Declarations,
     name: &str,
     c: [usize; 2],
-    k: usize,
-    spec: ConvSpec,
+    kernel: Kernel,
     transposed: bool,
 ) -> ConvNormAct {
     let conv = move |d: &mut Declarations, n: &str| {
         if transposed {
-            Conv::transposed(d, n, c, [k; 3], spec)
+            Conv::transposed(d, n, c, kernel.shape, kernel.spec)
         } else {
-            Conv::new(d, n, c, [k; 3], spec)
+            Conv::new(d, n, c, kernel.shape, kernel.spec)
         }
     };
     ConvNormAct::new(params, stats, name, conv, c[1], Activation::Relu)
@@ -230,30 +234,25 @@ fn build_decoder(
     prefix: &str,
 ) -> Decoder {
     let width = |l: usize| config.base_width << l;
+    let k = Kernels::new(config.two_d);
     let mut up = Vec::new();
     let mut levels = Vec::new();
     for l in (0..config.levels - 1).rev() {
         let name = format!("{prefix}up.{l}");
-        up.push(conv_unit(
-            params,
-            stats,
-            &name,
-            [width(l + 1), width(l)],
-            2,
-            DOWN2,
-            true,
-        ));
+        let c = [width(l + 1), width(l)];
+        up.push(conv_unit(params, stats, &name, c, k.down, true));
         levels.push(
             (0..units(l))
                 .map(|u| {
                     let name = format!("{prefix}decoder.{l}.{u}");
-                    conv_unit(params, stats, &name, [width(l); 2], 3, CUBE3, false)
+                    conv_unit(params, stats, &name, [width(l); 2], k.cube, false)
                 })
                 .collect(),
         );
     }
     let name = format!("{prefix}head");
-    let head = Conv::new(params, &name, [width(0), config.classes], [1; 3], POINT);
+    let c = [width(0), config.classes];
+    let head = Conv::new(params, &name, c, k.point.shape, k.point.spec);
     Decoder { up, levels, head }
 }
 
@@ -303,7 +302,7 @@ impl VNet {
     /// The encoder: the bottleneck's features and the skip connections (level 0 first).
     fn encode<B: NetBackend>(&self, f: &Forward<B>, x: &Var<B>) -> Result<(Var<B>, Vec<Var<B>>)> {
         let m = self.patch_multiple();
-        check_input("vnet", x.shape(), self.config.in_channels, [m; 3])?;
+        check_input("vnet", x.shape(), self.config.in_channels, m)?;
         let levels = self.config.levels;
         let mut skips = Vec::with_capacity(levels);
         let mut h = x.clone();

@@ -41,8 +41,9 @@ pub struct Layout {
     pub scale: usize,
     /// The voxel the three slices pass through.
     pub centre: [usize; 3],
-    /// Axial (D fixed), coronal (H fixed), sagittal (W fixed).
-    pub panels: [Panel; 3],
+    /// Axial (D fixed), coronal (H fixed), sagittal (W fixed); of a 2D image (depth 1) the
+    /// axial one alone.
+    pub panels: Vec<Panel>,
 }
 
 impl Layout {
@@ -75,19 +76,23 @@ pub fn layout(dims: [usize; 3], centre: [usize; 3]) -> Layout {
         .min(MAX_PANEL / sorted[2])
         .max(1);
     let axes = [(1, 2), (0, 2), (0, 1)];
+    let shown = if dims[0] == 1 { 1 } else { 3 };
     let mut x = 0;
-    let panels = axes.map(|(row_axis, col_axis)| {
-        let p = Panel {
-            x,
-            y: TITLE_HEIGHT,
-            rows: dims[row_axis],
-            cols: dims[col_axis],
-            row_axis,
-            col_axis,
-        };
-        x += p.cols * scale + GAP;
-        p
-    });
+    let panels: Vec<Panel> = axes[..shown]
+        .iter()
+        .map(|&(row_axis, col_axis)| {
+            let p = Panel {
+                x,
+                y: TITLE_HEIGHT,
+                rows: dims[row_axis],
+                cols: dims[col_axis],
+                row_axis,
+                col_axis,
+            };
+            x += p.cols * scale + GAP;
+            p
+        })
+        .collect();
     let height = TITLE_HEIGHT + panels.iter().map(|p| p.rows).max().unwrap_or(0) * scale;
     Layout {
         width: x - GAP,
@@ -247,10 +252,11 @@ fn draw_text(
     let style = |c: [u8; 3]| (FAMILY, 17).into_font().color(&RGBColor(c[0], c[1], c[2]));
     root.draw(&Text::new(title.to_string(), (6, 4), style([255; 3])))?;
     let [d, h, w] = layout.centre;
-    let mut line = vec![(
-        format!("slices at d={d}, h={h}, w={w} (axial, coronal, sagittal)   "),
-        [200; 3],
-    )];
+    let slices = match layout.panels.len() {
+        1 => "the 2D image   ".to_string(),
+        _ => format!("slices at d={d}, h={h}, w={w} (axial, coronal, sagittal)   "),
+    };
+    let mut line = vec![(slices, [200; 3])];
     if has_reference {
         line.push(("reference  ".into(), REFERENCE));
     }

@@ -249,8 +249,8 @@ impl TrainConfig {
             &["constant", "step", "poly", "lambda"],
         )?;
         let multiple = 1usize << self.network.levels.saturating_sub(1);
-        // A U-Net with a depth-1 patch is 2D: it pools H and W only.
-        let two_d = self.network.kind == "unet" && self.batch.patch[0] == 1;
+        // A network on a depth-1 patch is 2D: it pools H and W only.
+        let two_d = self.batch.patch[0] == 1;
         let pooled = if two_d {
             &self.batch.patch[1..]
         } else {

@@ -56,6 +56,7 @@ impl Net {
                 projection: heads.projection,
                 second_decoder: heads.second_decoder,
                 encoder_projection: heads.encoder_projection,
+                two_d: config.batch.patch[0] == 1,
             })?)),
         })
     }
