@@ -1209,5 +1209,88 @@ fn train_on_a_folder_with_a_mismatched_label_names_the_file_and_writes_no_checkp
     // Progress lines come first; the error is the last line.
     let last = stderr.lines().last().unwrap();
     assert!(last.contains("labelsTr/synth_000.nii.gz"), "{stderr}");
-    assert!(!out.join("checkpoint.safetensors").exists());
+    // Issue 25, item 5: no empty run directory is left behind, but one the user made stays.
+    assert!(!out.exists(), "the failed train left {}", out.display());
+    std::fs::create_dir(&out).unwrap();
+    let output = metaseg(&train_args(
+        out_s,
+        &["--method", "supervised", "--data", data_s],
+    ));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(out.is_dir(), "a directory the train did not create is kept");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}
+
+/// Issue 25, item 5: a run that fails in its first step (a patch too large for the device) takes
+/// back the configuration and empty log it wrote, and the directory the train created.
+#[test]
+fn train_failing_in_its_first_step_leaves_nothing_behind() {
+    let dir = Dir::new();
+    let out = dir.path("run");
+    let output = metaseg(&train_args(
+        out.to_str().unwrap(),
+        &[
+            "--method",
+            "supervised",
+            "--set",
+            "batch.patch=[512, 512, 512]",
+        ],
+    ));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("binds at most"), "{stderr}");
+    assert!(!out.exists(), "left {:?}", files_under(&out));
+}
+
+/// Issue 25, item 5 and 7: `iterations=0` and `--stop-after 0` are refused, naming the setting,
+/// before anything is written.
+#[test]
+fn train_refuses_zero_iterations_and_stop_after_zero() {
+    let dir = Dir::new();
+    let out = dir.path("run");
+    let out_s = out.to_str().unwrap();
+    metaseg_fails(
+        &train_args(out_s, &["--method", "supervised", "--set", "iterations=0"]),
+        &["iterations must be at least 1"],
+    );
+    metaseg_fails(
+        &train_args(out_s, &["--method", "supervised", "--stop-after", "0"]),
+        &["--stop-after"],
+    );
+    assert!(!out.exists(), "nothing is written");
+}
+
+/// Issue 25, item 7: `--stop-after N` counts a first stage's iterations first, as `--help` says:
+/// an N inside online-pl's 2-iteration first stage stops there (the test Dice is then not
+/// measured, though there is a test case), and an N beyond the run's 2 + 3 iterations resumes it
+/// to its end.
+#[test]
+fn train_stop_after_counts_the_first_stage_and_runs_to_the_end_beyond_it() {
+    let dir = Dir::new();
+    let out = dir.path("run");
+    let out_s = out.to_str().unwrap();
+    let sets = [
+        "--method",
+        "online-pl",
+        "--set",
+        "iterations=3",
+        "online_pl.stage1_iterations=2",
+        "data.cases=6",
+        "data.labeled=2",
+        "network.base_width=4",
+    ];
+    let stdout = metaseg_ok(&[train_args(out_s, &sets), vec!["--stop-after", "1"]].concat());
+    assert!(stdout.contains("test Dice not measured"), "{stdout}");
+    assert!(out.join("stage1/checkpoint.json").is_file());
+    assert!(!out.join("checkpoint.json").exists());
+    metaseg_ok(
+        &[
+            train_args(out_s, &sets),
+            vec!["--resume", "--stop-after", "100"],
+        ]
+        .concat(),
+    );
+    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3, "{log}");
+    assert!(out.join("checkpoint.json").is_file());
 }

@@ -43,7 +43,10 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-    /// Stop after this many iterations with a checkpoint (continue later with --resume).
+    /// Stop after this many iterations (at least 1) with a checkpoint, and continue later with
+    /// --resume. N counts from the start of the run, a method's first stage (mlb-seg's stage 0,
+    /// online-pl's teacher...) first: an N within the first stage stops there. An N at or beyond
+    /// the run's iterations runs it to its end.
     #[arg(long, value_name = "N")]
     pub stop_after: Option<u64>,
     /// After one warm-up step, profile N steps and print every kernel's share of their time.
@@ -52,8 +55,35 @@ pub struct TrainArgs {
 }
 
 /// `metaseg train`: every run of the plan (methods x seeds), its test figures and, for several
-/// runs, the comparison table and plot.
+/// runs, the comparison table and plot. A train that fails leaves none of the directories it
+/// created empty behind (a run's own files are removed by the run when it fails before its
+/// first step; what remains then is worth keeping).
 pub fn run(args: &TrainArgs) -> AnyResult<()> {
+    let created = missing_dirs(&args.out);
+    let result = run_plan(args);
+    if result.is_err() {
+        // Deepest first; remove_dir leaves a directory that holds anything.
+        for dir in &created {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
+    }
+    result
+}
+
+/// `dir` and those of its ancestors that do not exist yet, deepest first.
+fn missing_dirs(dir: &std::path::Path) -> Vec<PathBuf> {
+    dir.ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(PathBuf::from)
+        .collect()
+}
+
+fn run_plan(args: &TrainArgs) -> AnyResult<()> {
+    if args.stop_after == Some(0) {
+        return Err("--stop-after 0 would stop before the first iteration: give N >= 1".into());
+    }
     let mut overrides = args.overrides.clone();
     if overrides
         .iter()
@@ -141,7 +171,7 @@ pub fn run(args: &TrainArgs) -> AnyResult<()> {
         } else {
             let dice = summary
                 .validation_dice
-                .map_or("no test cases".to_string(), |d| format!("{d:.4}"));
+                .map_or_else(|| not_validated(&data), |d| format!("{d:.4}"));
             println!(
                 "{}, seed {}: done in {:.1} s, final loss {:.4}, test Dice {dice}; log in {}",
                 config.method,
@@ -187,6 +217,16 @@ pub fn run(args: &TrainArgs) -> AnyResult<()> {
         ));
     }
     Ok(())
+}
+
+/// Why a finished call has no test Dice: no test cases, or none validated at its last iteration
+/// (a run stopped with --stop-after between validations).
+fn not_validated(data: &run::RunData) -> String {
+    if data.test.is_empty() {
+        "none (no test cases)".into()
+    } else {
+        "not measured at this iteration".into()
+    }
 }
 
 /// Pictures are extras: failing to draw one is reported, but never throws away a finished

@@ -263,6 +263,11 @@ impl TrainConfig {
                 if two_d { " along H and W" } else { "" }
             ));
         }
+        if self.iterations == 0 {
+            return bad(
+                "iterations must be at least 1: a run of 0 iterations trains nothing".into(),
+            );
+        }
         if self.batch.labeled == 0 || self.data.labeled == 0 {
             return bad("a run needs at least one labeled case and patch per batch".into());
         }

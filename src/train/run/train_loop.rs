@@ -65,7 +65,8 @@ fn save_checked<B: NetBackend>(trainer: &Trainer<B>, done: u64, stem: &Path) -> 
 }
 
 /// Trains `trainer` (its configuration's run) from its state, or from the run's checkpoint with
-/// `options.resume`, on `data` (which the method's hooks may replace as the run goes).
+/// `options.resume`, on `data` (which the method's hooks may replace as the run goes). A new run
+/// that fails before its first step takes back what it wrote (its directory too, if it made it).
 pub fn train_from<B: NetBackend>(
     backend: &B,
     mut trainer: Trainer<B>,
@@ -73,30 +74,53 @@ pub fn train_from<B: NetBackend>(
     paths: &RunPaths,
     options: RunOptions,
 ) -> Result<Summary> {
+    let created = !paths.dir.exists();
+    let (start, log) = prepare(backend, &mut trainer, paths, options)?;
+    let bar = progress_bar(options.progress, trainer.config.iterations, start);
+    let run = RunContext::new(backend, data, paths, options, bar);
+    let mut summary = Summary::empty();
+    let result = iterate(&run, &mut trainer, start, log, &mut summary);
+    if result.is_err() && summary.iterations == 0 && !options.resume {
+        // Failed before its first step: the configuration and empty log it wrote say nothing.
+        let _ = std::fs::remove_file(paths.config());
+        let _ = std::fs::remove_file(paths.log());
+        if created {
+            let _ = std::fs::remove_dir(&paths.dir);
+        }
+    }
+    result.map(|()| summary)
+}
+
+/// The iterations of `run` from `start` on, counted and timed in `summary` as they finish.
+fn iterate<B: NetBackend>(
+    run: &RunContext<'_, B>,
+    trainer: &mut Trainer<B>,
+    start: u64,
+    mut log: std::fs::File,
+    summary: &mut Summary,
+) -> Result<()> {
+    let (backend, data, paths, options) = (run.backend, run.data, run.paths, run.options);
     let config = trainer.config.clone();
-    let (start, mut log) = prepare(backend, &mut trainer, paths, options)?;
     let log_path = paths.log();
-    let bar = progress_bar(options.progress, config.iterations, start);
-    let run = RunContext::new(backend, data, paths, options, bar.clone());
+    let bar = run.bar.clone();
     let mut current = Cow::Borrowed(data);
     let began = Instant::now();
-    let mut summary = Summary::empty();
     for t in start..config.iterations {
         if let Some(next) = trainer
             .method
-            .before_iteration(&trainer, &run, t, t == start)?
+            .before_iteration(trainer, run, t, t == start)?
         {
             current = Cow::Owned(next);
         }
         let step_began = Instant::now();
-        let batch = device_batch(backend, &trainer, &current, t)?;
+        let batch = device_batch(backend, trainer, &current, t)?;
         let terms = trainer.step(&batch, t)?;
         summary.step_seconds += step_began.elapsed().as_secs_f64();
         summary.iterations += 1;
         let finished = Iteration {
             t,
             terms: &terms,
-            trainer: &trainer,
+            trainer,
             checkpoint: paths.checkpoint(),
         };
         if let Err(e) = finished.check() {
@@ -108,20 +132,20 @@ pub fn train_from<B: NetBackend>(
         let last = done == config.iterations;
         if done % config.log.validate_every.max(1) == 0 || last {
             if trainer.method.validates() && !current.test.is_empty() {
-                let (dice, predictions) = validation_dice(backend, &trainer, &current.test)?;
+                let (dice, predictions) = validation_dice(backend, trainer, &current.test)?;
                 line.insert("validation_dice".into(), dice.into());
                 summary.validation_dice = Some(dice);
                 summary.final_predictions = last.then_some(predictions);
             }
             trainer
                 .method
-                .at_validation(&trainer, &run, &current, &batch, done)?;
+                .at_validation(trainer, run, &current, &batch, done)?;
         }
         writeln!(log, "{}", serde_json::Value::Object(line)).map_err(io(&log_path))?;
         let stop = options.stop_after == Some(done);
         let due = done % config.log.checkpoint_every.max(1) == 0 || last || stop;
         if due || trainer.method.checkpoint_at(&config, done) {
-            if let Err(e) = save_checked(&trainer, done, &paths.checkpoint()) {
+            if let Err(e) = save_checked(trainer, done, &paths.checkpoint()) {
                 bar.abandon();
                 return Err(e);
             }
@@ -136,7 +160,7 @@ pub fn train_from<B: NetBackend>(
     }
     bar.finish();
     summary.seconds = began.elapsed().as_secs_f64();
-    Ok(summary)
+    Ok(())
 }
 
 /// The run's directory with its configuration, the trainer restored from the checkpoint when
