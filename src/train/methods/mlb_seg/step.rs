@@ -400,20 +400,22 @@ pub fn step_in<B: NetBackend>(
     let g = meta_gradient(cx, student, &u, meta, lr, t)?;
     let w = normalised(config, &g)?;
     let c = costs(&u.student.logits, &u.y_init, &u.y_ple)?;
-    for (name, v) in [
-        ("views_x_u", &u.x),
-        ("views_y_init", &u.y_init),
-        ("p_student", &u.student.logits.softmax_channels()?),
-        ("y_ple", &u.y_ple),
-        ("l_cons", &u.cons),
-        ("l_mt", &u.mt),
-        ("costs", &c),
-        ("g", &g),
-        ("w", &w),
-        ("views_x_m", &x_mv),
-        ("views_y_m", &y_mv),
-    ] {
-        trace.add(name, v);
+    if trace.keep {
+        for (name, v) in [
+            ("views_x_u", &u.x),
+            ("views_y_init", &u.y_init),
+            ("p_student", &u.student.logits.softmax_channels()?),
+            ("y_ple", &u.y_ple),
+            ("l_cons", &u.cons),
+            ("l_mt", &u.mt),
+            ("costs", &c),
+            ("g", &g),
+            ("w", &w),
+            ("views_x_m", &x_mv),
+            ("views_y_m", &y_mv),
+        ] {
+            trace.add(name, v);
+        }
     }
 
     // 3: the real update at theta, then the teacher's EMA.
