@@ -11,12 +11,14 @@ use metaseg::gpu::Gpu;
 use metaseg::nn::Mode;
 use metaseg::train::config::TrainConfig;
 use metaseg::train::methods::mlb_seg::start::{self, stage0};
-use metaseg::train::methods::mlb_seg::step::{meta_batch_loss, meta_weights, unlabeled_terms};
+use metaseg::train::methods::mlb_seg::step::{
+    meta_batch_loss, meta_weights, step_in, unlabeled_terms, Trace,
+};
 use metaseg::train::methods::mlb_seg::views::{Average, Views, VIEWS};
 use metaseg::train::methods::mlb_seg::MlbSeg;
 use metaseg::train::methods::Method;
 use metaseg::train::run::{self, RunError, RunOptions, RunPaths};
-use metaseg::train::trainer::{slice_batch, supervised_loss, Trainer};
+use metaseg::train::trainer::{slice_batch, supervised_loss, Context, Trainer};
 use metaseg_autograd::{Backend, Cpu64, Shape, Tolerance, Var};
 
 /// 16^3 volumes, 8^3 patches, a 2-level V-Net of width 4; 2 labeled, 3 unlabeled, 1 test case;
@@ -500,6 +502,16 @@ fn mlb_seg_configuration_mistakes_name_the_key() {
     std::fs::write(&path, old).unwrap();
     let config = TrainConfig::load(path.to_str().unwrap(), &[]).unwrap();
     assert_eq!(config.mlb_seg.ple_mode, "train");
+    // And one written before mlb_seg.lr existed as the optimizer.lr it ran at.
+    let old: String = text
+        .lines()
+        .filter(|l| *l != "lr = 0.0")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(old, text);
+    std::fs::write(&path, old).unwrap();
+    let config = TrainConfig::load(path.to_str().unwrap(), &[]).unwrap();
+    assert_eq!(config, TrainConfig::load("mlb-seg", &[]).unwrap());
 }
 
 /// Issue 23's guard: a stage 0 whose network predicts no foreground stops the run before the main
@@ -552,4 +564,85 @@ fn a_stage_0_that_predicts_no_foreground_stops_the_run() {
         "no initial labels"
     );
     assert!(!paths.log().exists(), "the main stage did not start");
+}
+
+/// `mlb_seg.lr` sets the main stage's learning rate and nothing else: the first weighted update
+/// scales with it while `optimizer.lr` (stage 0's) stays, a configuration naming it with
+/// `optimizer.lr`'s value steps bit for bit as one without it, and stage 0's configuration (what
+/// its checkpoint is compared with on resuming) leaves it out.
+#[test]
+fn the_main_stage_learning_rate_key_moves_the_main_stage_only() {
+    let g = gpu();
+    // No look-ahead movement at the first step (no momentum yet, no weight decay, no L_cons or
+    // L_mt), so the weights do not depend on the rate and the first update is -lr clip(grad).
+    let sets = ["optimizer.weight_decay=0", "mlb_seg.consistency=0"];
+    let config = |extra: &[&str]| tiny(&[&sets[..], extra].concat());
+    let data = run::load_data(&config(&[])).unwrap();
+    let channels = data.labeled[0].image.channels;
+    let flat = |store: &metaseg::nn::ParamStore<Gpu>| g.to_f64(&store.flat().unwrap()).unwrap();
+    // theta before, theta after the weighted update, after the whole step, and the logged rate.
+    let step = |config: &TrainConfig| {
+        let mut trainer = Trainer::new(&g, config, channels).unwrap();
+        let batch = run::device_batch(&g, &trainer, &data, 0).unwrap();
+        let (l, u) = (config.batch.labeled, config.batch.unlabeled);
+        let views = (Views::draw(config, 0, l, u), Views::draw(config, 0, 0, l));
+        let mut teacher = trainer.student.weights.clone();
+        let before = flat(&trainer.student.weights.params);
+        let cx = Context {
+            config: &trainer.config,
+            net: &trainer.net,
+        };
+        let mut trace = Trace::new(true);
+        let log = step_in(
+            &cx,
+            (&mut trainer.student, &mut teacher),
+            &batch,
+            views,
+            0,
+            &mut trace,
+        )
+        .unwrap();
+        let theta_1 = trace.items.iter().find(|(n, _)| *n == "theta_1").unwrap();
+        let theta_1 = theta_1.1.to_f64().unwrap();
+        let after = flat(&trainer.student.weights.params);
+        let lr = log.iter().find(|(n, _)| *n == "lr").unwrap().1;
+        (before, theta_1, after, lr)
+    };
+    let plain = step(&config(&["optimizer.lr=0.01"]));
+    let keyed = step(&config(&["optimizer.lr=0.05", "mlb_seg.lr=0.01"]));
+    assert_eq!(
+        plain.3, 0.01,
+        "without the key the main stage runs at optimizer.lr"
+    );
+    assert_eq!((&plain.1, &plain.2, plain.3), (&keyed.1, &keyed.2, keyed.3));
+    let slow = step(&config(&["optimizer.lr=0.01", "mlb_seg.lr=0.002"]));
+    assert_eq!(slow.3, 0.002);
+    assert_ne!(slow.2, plain.2);
+    // The first update at a fifth of the rate is a fifth of the size, voxel for voxel.
+    let moved = |s: &(Vec<f64>, Vec<f64>, Vec<f64>, f64)| -> Vec<f64> {
+        s.0.iter().zip(&s.1).map(|(a, b)| b - a).collect()
+    };
+    let expected: Vec<f64> = moved(&plain).iter().map(|d| d / 5.0).collect();
+    let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0, "the first update moved nothing");
+    // Each difference of two f32 parameters carries up to one rounding of theta's magnitude.
+    let theta = plain.0.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let rounding = 2.0 * f64::from(f32::EPSILON) * theta;
+    assert!(
+        rounding < 1e-2 * scale,
+        "{rounding} against updates of {scale}"
+    );
+    let tolerance = Tolerance::new(rounding + 1e-4 * scale, 1e-4);
+    tolerance.assert("first update at lr / 5", &moved(&slow), &expected);
+
+    // Stage 0 takes optimizer.lr whatever the key says, and its configuration is the same.
+    let keyed = config(&["optimizer.lr=0.05", "mlb_seg.lr=0.01"]);
+    let first = stage0(&keyed).config;
+    assert_eq!(first, stage0(&config(&["optimizer.lr=0.05"])).config);
+    assert_eq!((first.optimizer.lr, first.mlb_seg.lr), (0.05, 0.0));
+    let err = TrainConfig::load(
+        "default",
+        &["method=mlb-seg".into(), "mlb_seg.lr=-1".into()],
+    );
+    assert!(err.unwrap_err().to_string().contains("mlb_seg.lr"));
 }

@@ -70,6 +70,13 @@ pub struct MlbSegConfig {
     pub rampup: bool,
     /// Global L2 norm both updates clip their gradients to (0: none).
     pub clip: f64,
+    /// The main stage's learning rate in place of `optimizer.lr` (its schedule still applies),
+    /// in the look-ahead and both updates; stage 0 keeps `optimizer.lr`. 0: `optimizer.lr` for
+    /// both stages, as before the key existed (configurations written then read as 0). Stage 0's
+    /// configuration leaves it at 0, so runs that differ only here can share one stage 0
+    /// (`--stop-after`, a copy of the run directory, `--resume`).
+    #[serde(default)]
+    pub lr: f64,
     /// An unlabeled case whose weight maps are written as NIfTI at every validation (empty:
     /// none).
     pub save_weights: String,
@@ -97,6 +104,7 @@ impl Default for MlbSegConfig {
             meta_batch_dice: false,
             rampup: false,
             clip: 0.2,
+            lr: 0.0,
             save_weights: String::new(),
         }
     }
@@ -155,7 +163,21 @@ impl MlbSegConfig {
         if !nonnegative(m.consistency) || !nonnegative(m.clip) {
             return bad("mlb_seg.consistency and mlb_seg.clip must be >= 0".into());
         }
+        if !(m.lr >= 0.0 && m.lr.is_finite()) {
+            return bad("mlb_seg.lr must be >= 0 (0: optimizer.lr)".into());
+        }
         Ok(())
+    }
+
+    /// The main stage's learning rate at iteration `t`: `lr` (0: `optimizer.lr`) on the
+    /// optimiser's schedule.
+    pub fn lr_at(&self, cx: &Context<'_>, t: u64) -> f64 {
+        let base = if self.lr > 0.0 {
+            self.lr
+        } else {
+            cx.config.optimizer.lr
+        };
+        cx.schedule().lr(base, t)
     }
 }
 

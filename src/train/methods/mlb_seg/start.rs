@@ -12,7 +12,7 @@
 //! [`crate::train::run`]).
 
 use super::step::{meta_weights, unlabeled_terms};
-use super::MlbSeg;
+use super::{MlbSeg, MlbSegConfig};
 use crate::data::{self, nifti, Dtype, Volume};
 use crate::nn::NetBackend;
 use crate::train::config::TrainConfig;
@@ -31,6 +31,11 @@ pub fn stage0(config: &TrainConfig) -> FirstStage {
         config: TrainConfig {
             method: Method::Supervised,
             iterations: config.mlb_seg.stage0_iterations,
+            // The main stage's own rate is no part of stage 0 (runs varying it share one).
+            mlb_seg: MlbSegConfig {
+                lr: 0.0,
+                ..config.mlb_seg.clone()
+            },
             ..config.clone()
         },
         stage: Stage::Main,
@@ -136,7 +141,7 @@ pub fn save_weight_maps<B: NetBackend>(
     let x_m = slice_batch(&batch.x, 0, batch.labeled)?;
     let y_m = slice_batch(&batch.y, 0, batch.labeled)?;
     let cx = trainer.context();
-    let lr = cx.lr(step);
+    let lr = cx.config.mlb_seg.lr_at(&cx, step);
     let student = &trainer.student;
     let (u, _) = unlabeled_terms(&cx, &student.weights, &mlb_seg.teacher, &x_u, &y_u, 0, step)?;
     let weights = meta_weights(&cx, student, &u, (&x_m, &y_m), lr, step)?.to_f64()?;

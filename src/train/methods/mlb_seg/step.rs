@@ -384,7 +384,7 @@ pub fn step_in<B: NetBackend>(
     );
     let x_u = slice_batch(&batch.x, labeled, unlabeled)?;
     let y_u = slice_batch(&batch.y, labeled, unlabeled)?;
-    let lr = cx.lr(t);
+    let lr = m.lr_at(cx, t);
     let weight = consistency_weight(config, t);
 
     // 1-2: the unlabeled terms at theta, and the weights of their costs.
