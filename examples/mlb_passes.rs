@@ -22,6 +22,9 @@ type AnyResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 /// Milliseconds per kernel (entry point and constants) of one call.
 type ByKernel = BTreeMap<String, f64>;
 
+/// A row: its label, (kernel ms, wall ms) per call, and the kernels' ms.
+type Row = (&'static str, ((f64, f64), ByKernel));
+
 /// Kernel and wall milliseconds of one call of `f`, the mean over `repeats` after a warm-up, and
 /// the kernels' milliseconds by kernel.
 fn time(
@@ -117,7 +120,7 @@ fn main() -> AnyResult<()> {
         logits.cross_entropy(&y_v, None, Reduction::None)
     };
 
-    let mut rows: Vec<(&str, ((f64, f64), ByKernel))> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let r = repeats;
     rows.push((
         "F(L): forward, meta batch",
