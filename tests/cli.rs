@@ -1294,3 +1294,101 @@ fn train_stop_after_counts_the_first_stage_and_runs_to_the_end_beyond_it() {
     assert_eq!(log.lines().count(), 3, "{log}");
     assert!(out.join("checkpoint.json").is_file());
 }
+
+/// Issue 25, item 2: the NaN guard's advice can be followed. A run at optimizer.lr=1e30 stops at
+/// some iteration k, keeping the checkpoint of k - 1; a resume that would change anything but
+/// the run's length, learning rates or clipping is refused naming the key, and one whose
+/// checkpoint is already at --stop-after says so; `--resume --set optimizer.lr=0.01` (its other
+/// settings from the run's own config.toml) continues with finite losses, recording the change
+/// in log.jsonl and config.toml, whose values are the new ones, so a later `--resume` without
+/// flags keeps them to the end.
+#[test]
+fn a_diverged_run_resumes_with_a_lower_learning_rate_to_its_end() {
+    let dir = Dir::new();
+    let out = dir.path("run");
+    let out_s = out.to_str().unwrap();
+    let sets = [
+        "iterations=8",
+        "log.checkpoint_every=1",
+        "optimizer.lr=1e30",
+    ];
+    let diverging = [
+        train_args(out_s, &["--method", "supervised", "--set"]),
+        sets.to_vec(),
+    ]
+    .concat();
+    let output = metaseg(&diverging);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let sidecar: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("checkpoint.json")).unwrap()).unwrap();
+    let kept = sidecar["step"].as_u64().unwrap();
+    let said = format!("at iteration {}; stopped", kept + 1);
+    assert!(stderr.contains(&said), "{stderr}");
+    assert!(
+        stderr.contains(&format!("step {kept}) is kept")),
+        "{stderr}"
+    );
+
+    let resume = |extra: &[&str]| {
+        let base = [
+            "train",
+            "--quiet",
+            "--out",
+            out_s,
+            "--method",
+            "supervised",
+            "--resume",
+        ];
+        [base.as_slice(), extra].concat()
+    };
+    metaseg_fails(
+        &resume(&["--set", "optimizer.lr=0.01", "optimizer.momentum=0.5"]),
+        &[
+            "optimizer.momentum (0.9 there, 0.5 now)",
+            "may change on resume",
+        ],
+    );
+    let at = kept.to_string();
+    metaseg_fails(
+        &resume(&["--stop-after", &at]),
+        &[&format!("already at iteration {kept}")],
+    );
+    let two_more = (kept + 2).to_string();
+    metaseg_ok(&resume(&[
+        "--set",
+        "optimizer.lr=0.01",
+        "--stop-after",
+        &two_more,
+    ]));
+    metaseg_ok(&resume(&[]));
+
+    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let events: Vec<&serde_json::Value> = lines.iter().filter(|l| l["event"].is_string()).collect();
+    let expected = serde_json::json!({
+        "event": "resume",
+        "step": kept,
+        "changed": {"optimizer.lr": {"old": 1e30, "new": 0.01}},
+    });
+    assert_eq!(events, [&expected], "{log}");
+    let steps: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["event"].is_null())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "{log}");
+    for line in lines.iter().filter(|l| l["step"].as_u64() > Some(kept)) {
+        assert!(line["event"].is_string() || line["loss"].is_f64(), "{log}");
+        assert!(line["loss"].as_f64().is_none_or(f64::is_finite), "{log}");
+    }
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    let history = format!("# resumed at step {kept} with optimizer.lr 1e30 -> 0.01\n");
+    assert!(config.starts_with(&history), "{config}");
+    let now =
+        metaseg::train::config::TrainConfig::load(out.join("config.toml").to_str().unwrap(), &[]);
+    assert_eq!(now.unwrap().optimizer.lr, 0.01);
+}

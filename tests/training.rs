@@ -5,11 +5,16 @@
 mod common;
 
 use common::gpu;
+use metaseg::nn::NetBackend;
 use metaseg::train::augment::{warp_batch, RotateScale};
+use metaseg::train::checkpoint::Parts;
 use metaseg::train::config::TrainConfig;
+use metaseg::train::methods::{Method, Stage, Training};
+use metaseg::train::network::{Guarded, Learner, Weights};
 use metaseg::train::run::{self, RunError, RunOptions, RunPaths};
-use metaseg::train::trainer::{DeviceBatch, Trainer};
-use metaseg_autograd::{Cpu64, Tolerance, Var};
+use metaseg::train::trainer::{step_log, supervised_loss, Context, DeviceBatch, StepLog, Trainer};
+use metaseg_autograd::{grad, Cpu64, Tolerance, Var};
+use std::collections::BTreeSet;
 
 /// The default preset shrunk to seconds: 16^3 volumes, 8^3 patches, a 2-level V-Net of width 2.
 fn tiny(method: &str, extra: &[&str]) -> TrainConfig {
@@ -141,6 +146,153 @@ fn a_non_finite_loss_or_parameter_stops_the_run_and_keeps_a_finite_checkpoint() 
             })
             .count();
         assert_eq!(tmp, 0, "a temporary file is left");
+    }
+}
+
+/// Where [`Poisoned`] puts a NaN at its iteration.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// One element of the student's gradient, the loss staying finite.
+    Gradient,
+    /// One parameter of a network kept beside the student (a teacher that follows it).
+    Teacher,
+}
+
+/// A supervised step with a teacher beside the student (saved and guarded as a method's
+/// network), with a fault injected at iteration `at` (from 0).
+struct Poisoned<B: NetBackend> {
+    at: u64,
+    fault: Fault,
+    teacher: Weights<B>,
+}
+
+/// `v` with element 0 replaced by NaN (added on the device, so the rest is untouched).
+fn with_nan<B: NetBackend>(v: &Var<B>) -> metaseg_autograd::Result<Var<B>> {
+    let backend = v.backend();
+    let mut nan = vec![0.0; v.shape().numel()];
+    nan[0] = f64::NAN;
+    v.add(&Var::constant(backend, backend.tensor(&nan, v.shape())?))
+}
+
+impl<B: NetBackend> Training<B> for Poisoned<B> {
+    fn step(
+        &mut self,
+        cx: &Context<'_>,
+        student: &mut Learner<B>,
+        batch: &DeviceBatch<B>,
+        t: u64,
+    ) -> metaseg_autograd::Result<StepLog> {
+        let out = student.weights.run(cx.net, &batch.x, cx.train_mode(t))?;
+        let (ce, dice) = supervised_loss(&out.logits, &batch.y)?;
+        let total = ce.add(&dice)?.scale(0.5)?;
+        let wrt: Vec<&Var<B>> = student.weights.params.values().iter().collect();
+        let mut grads = grad(&total, &wrt, None, false)?;
+        if t == self.at && self.fault == Fault::Gradient {
+            grads[0] = with_nan(&grads[0])?;
+        }
+        student.weights.keep_stats(&out.batch_stats)?;
+        let lr = cx.lr(t);
+        student.update(grads, cx.config.optimizer.clip, lr)?;
+        self.teacher.follow_params(&student.weights, 0.9)?;
+        if t == self.at && self.fault == Fault::Teacher {
+            let mut values: Vec<_> = self
+                .teacher
+                .params
+                .values()
+                .iter()
+                .map(|v| v.value().clone())
+                .collect();
+            values[1] = with_nan(&self.teacher.params.values()[1])?.value().clone();
+            self.teacher.params = self.teacher.params.with_values(values)?;
+        }
+        step_log(&[("loss", total)], lr)
+    }
+
+    fn save(&self, parts: &mut Parts) -> run::Result<()> {
+        parts.put_weights("teacher", &self.teacher)
+    }
+
+    fn networks(&mut self) -> Vec<(&'static str, Guarded<'_, B>)> {
+        vec![("teacher", Guarded::Weights(&self.teacher))]
+    }
+}
+
+/// Issue 25: the guard after every update. A NaN in one gradient element (the loss finite) or in
+/// a teacher's parameter stops the run at that very iteration, naming the gradient norm or the
+/// tensor, with the checkpoint of the iteration before kept; before the guard checked the
+/// updates, the first was found one iteration later (a NaN loss) and the second only at the
+/// next checkpoint save.
+#[test]
+fn a_non_finite_gradient_or_teacher_stops_the_run_at_that_iteration() {
+    let g = gpu();
+    let config = tiny("supervised", &["iterations=8", "log.checkpoint_every=2"]);
+    let data = run::load_data(&config).unwrap();
+    let channels = data.labeled[0].image.channels;
+    for fault in [Fault::Gradient, Fault::Teacher] {
+        let mut trainer = Trainer::new(&g, &config, channels).unwrap();
+        let expected = match fault {
+            Fault::Gradient => "the gradient norm of the student's update became NaN".to_string(),
+            Fault::Teacher => format!(
+                "the tensor 'teacher/params/{}' (element 0) of the teacher network became NaN",
+                trainer.student.weights.params.specs()[1].name
+            ),
+        };
+        let teacher = trainer.student.weights.clone();
+        trainer.method = Box::new(Poisoned {
+            at: 2,
+            fault,
+            teacher,
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let paths = RunPaths {
+            dir: dir.path().to_path_buf(),
+        };
+        let err = run::train_from(&g, trainer, &data, &paths, RunOptions::default()).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            matches!(err, RunError::NonFinite { step: 3, .. }),
+            "{message}"
+        );
+        assert!(message.contains(&expected), "{message}");
+        assert!(message.contains("at iteration 3"), "{message}");
+        assert!(message.contains("step 2) is kept"), "{message}");
+        let (_, sidecar) = metaseg::train::checkpoint::load(&paths.checkpoint()).unwrap();
+        assert_eq!(sidecar.step, 2);
+        assert_eq!(log_lines(dir.path()).len(), 2, "{message}");
+    }
+}
+
+/// The guard sees every network a method keeps: the networks it lists are the ones its
+/// checkpoint holds beside the student, for every method and stage.
+#[test]
+fn every_network_a_method_saves_is_guarded() {
+    let g = gpu();
+    for &method in Method::ALL {
+        let config = tiny(method.name(), &[]);
+        let mut stages = vec![(config.clone(), Stage::Main)];
+        stages.extend(
+            method
+                .kind()
+                .first_stage(&config)
+                .map(|f| (f.config, f.stage)),
+        );
+        for (config, stage) in stages {
+            let mut trainer = Trainer::at(&g, &config, stage, 1).unwrap();
+            let mut parts = Parts::default();
+            trainer.method.save(&mut parts).unwrap();
+            let saved: BTreeSet<String> = parts
+                .tensors
+                .keys()
+                .map(|k| k.split('/').next().unwrap().to_string())
+                .collect();
+            let guarded: BTreeSet<String> = trainer
+                .method
+                .networks()
+                .into_iter()
+                .map(|(name, _)| name.to_string())
+                .collect();
+            assert_eq!(saved, guarded, "{method} ({stage:?})");
+        }
     }
 }
 

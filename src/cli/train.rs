@@ -11,7 +11,21 @@ use std::time::Duration;
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// What `train --help` says after the options: the guard and how to resume after it.
+const AFTER_HELP: &str = "\
+The guard: after every iteration the loss, the global norm of the gradients of every update and
+the parameters and running statistics of every network (the student, a teacher, DTML's net B...)
+must be finite. Otherwise the run stops, naming the iteration, what became non-finite and the
+last good checkpoint (no checkpoint is ever written with a non-finite tensor). Continue from it
+with a lower learning rate or with clipping, e.g.
+  metaseg train --out RUN --method supervised --resume --set optimizer.lr=0.005 optimizer.clip=1
+--resume reads the run's own config.toml; --set may change only iterations, the learning rates
+(optimizer.lr, dtml.lr) and the clipping (optimizer.clip, mlb_seg.clip). A change is recorded in
+log.jsonl (an event line with the old and new values and the step) and config.toml (a comment
+line; its values are the new ones, so a later --resume keeps them).";
+
 #[derive(clap::Args)]
+#[command(after_help = AFTER_HELP)]
 pub struct TrainArgs {
     /// The method, or several separated by commas to compare them on the same split. Without it,
     /// the baselines are compared: supervised, mean-teacher and full.
@@ -31,13 +45,15 @@ pub struct TrainArgs {
     pub overrides: Vec<String>,
     /// Run every method with this many seeds (the preset's and the next ones): a comparison then
     /// reports mean ± standard deviation over them.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub seeds: u64,
     /// Directory for config.toml, log.jsonl and the checkpoint (one directory per method and
     /// seed inside it when there are several runs, with results.md and results.csv).
     #[arg(long, default_value = "runs/default")]
     pub out: PathBuf,
-    /// Continue from the checkpoints in --out.
+    /// Continue from the checkpoints in --out, with each run's own config.toml and the --set
+    /// changes allowed on resume (see below); a resumed run repeats an uninterrupted one exactly
+    /// when nothing changes.
     #[arg(long)]
     pub resume: bool,
     /// No progress bar.
@@ -46,12 +62,23 @@ pub struct TrainArgs {
     /// Stop after this many iterations (at least 1) with a checkpoint, and continue later with
     /// --resume. N counts from the start of the run, a method's first stage (mlb-seg's stage 0,
     /// online-pl's teacher...) first: an N within the first stage stops there. An N at or beyond
-    /// the run's iterations runs it to its end.
+    /// the run's iterations runs it to its end; with --resume, an N the checkpoint has already
+    /// reached is an error.
     #[arg(long, value_name = "N")]
     pub stop_after: Option<u64>,
     /// After one warm-up step, profile N steps and print every kernel's share of their time.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub profile: Option<u64>,
+}
+
+/// A count of at least 1 (clap's own range message would show the range's end, u64::MAX).
+fn at_least_one(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "'{text}' is not a whole number of at least 1 (1, 2, ...)"
+        )),
+    }
 }
 
 /// `metaseg train`: every run of the plan (methods x seeds), its test figures and, for several
@@ -124,7 +151,7 @@ fn run_plan(args: &TrainArgs) -> AnyResult<()> {
     eprintln!("{} ({:?})", info.name, info.backend);
     let mut results = Vec::new();
     for (i, spec) in runs.iter().enumerate() {
-        let config = TrainConfig::load(&args.preset, &for_run(spec.method, Some(spec.seed)))?;
+        let config = run_config(args, &spec.dir, &for_run(spec.method, Some(spec.seed)))?;
         eprintln!(
             "[{}/{}] {}, seed {}: {} iterations, writing to {}",
             i + 1,
@@ -217,6 +244,23 @@ fn run_plan(args: &TrainArgs) -> AnyResult<()> {
         ));
     }
     Ok(())
+}
+
+/// A run's configuration: the preset with the overrides, or when resuming the run's own
+/// config.toml (what it last ran with) with the overrides, so that a resume changes only what
+/// its --set flags change. A run stopped in its method's first stage has no config.toml of its
+/// own yet: it resumes from the preset.
+fn run_config(
+    args: &TrainArgs,
+    dir: &std::path::Path,
+    overrides: &[String],
+) -> Result<TrainConfig, crate::train::config::ConfigError> {
+    let saved = dir.join("config.toml");
+    if args.resume && saved.is_file() {
+        TrainConfig::load(&saved.display().to_string(), overrides)
+    } else {
+        TrainConfig::load(&args.preset, overrides)
+    }
 }
 
 /// Why a finished call has no test Dice: no test cases, or none validated at its last iteration

@@ -115,8 +115,29 @@ impl<B: Backend> Optimizer<B> {
                 })?;
         let parts: Vec<&B::Tensor> = grads.iter().map(Var::value).collect();
         let g = Var::constant(&backend, backend.concat_flat(&parts)?);
-        let theta = Var::constant(&backend, params.flat()?);
-        let next = no_grad(|| self.update(&theta, &g, lr))?;
+        self.step_flat(params, &g, lr)
+    }
+
+    /// [`Optimizer::step`] with the gradients already in flat form (store order, one [numel]
+    /// tensor).
+    pub fn step_flat(
+        &mut self,
+        params: &ParamStore<B>,
+        g: &Var<B>,
+        lr: f64,
+    ) -> Result<ParamStore<B>> {
+        if g.shape().numel() != params.numel() {
+            return Err(Error::InvalidArgument {
+                op: "optimizer",
+                message: format!(
+                    "a flat gradient of {} elements for {} parameters",
+                    g.shape().numel(),
+                    params.numel()
+                ),
+            });
+        }
+        let theta = Var::constant(g.backend(), params.flat()?);
+        let next = no_grad(|| self.update(&theta, g, lr))?;
         self.steps += 1;
         params.from_flat(next.value())
     }
@@ -172,11 +193,19 @@ pub fn clip_grad_norm<B: Backend>(grads: &[Var<B>], max_norm: f64) -> Result<Vec
         for g in grads {
             squares = squares.add(&g.square()?.sum()?)?;
         }
-        let limit = Var::full(backend, &Shape::scalar(), max_norm)?;
-        let factor = limit
-            .div(&squares.sqrt()?.add_scalar(1e-6)?)?
-            .clamp(0.0, 1.0)?;
+        let factor = clip_factor(&squares, max_norm)?;
         grads.iter().map(|g| g.mul(&factor)).collect()
+    })
+}
+
+/// The factor of [`clip_grad_norm`], min(1, max_norm / (norm + 1e-6)), from the gradients'
+/// squared global norm `squares` (a scalar on the device).
+pub fn clip_factor<B: Backend>(squares: &Var<B>, max_norm: f64) -> Result<Var<B>> {
+    no_grad(|| {
+        let limit = Var::full(squares.backend(), &Shape::scalar(), max_norm)?;
+        limit
+            .div(&squares.sqrt()?.add_scalar(1e-6)?)?
+            .clamp(0.0, 1.0)
     })
 }
 

@@ -70,6 +70,10 @@ pub fn read_log(path: &Path) -> Result<Log> {
         let object = value
             .as_object()
             .ok_or_else(|| bad("not an object".into()))?;
+        if object.contains_key("event") {
+            // Not an iteration: a resume that changed settings, say.
+            continue;
+        }
         let step = object
             .get("step")
             .and_then(|s| s.as_f64())

@@ -9,8 +9,8 @@ use crate::nn::{
     Declarations, Forward, Mode, NetBackend, Network, Outputs, ParamStore, UNet, UNetConfig, VNet,
     VNetConfig,
 };
-use crate::optim::{clip_grad_norm, Adam, Optimizer, Rule, Sgd};
-use metaseg_autograd::{grad, BatchStats, Result, Upsample, Var};
+use crate::optim::{clip_factor, Adam, Optimizer, Rule, Sgd};
+use metaseg_autograd::{grad, no_grad, BatchStats, Result, Upsample, Var};
 
 /// The heads and extra parts a method asks of the V-Net beyond segmentation (all off: the plain
 /// network).
@@ -133,6 +133,16 @@ impl<B: NetBackend> Weights<B> {
 pub struct Learner<B: NetBackend> {
     pub weights: Weights<B>,
     pub optimizer: Optimizer<B>,
+    /// The squared global norm of the gradients of each update since the guard after a step last
+    /// took them (scalars on the device; see `run::guard`).
+    pub grad_norms: Vec<Var<B>>,
+}
+
+/// A network a method keeps beside the student, as the guard after every step checks it: one
+/// that learns (its gradients' norms and its weights) or one that follows (its weights).
+pub enum Guarded<'a, B: NetBackend> {
+    Learner(&'a mut Learner<B>),
+    Weights(&'a Weights<B>),
 }
 
 impl<B: NetBackend> Learner<B> {
@@ -140,6 +150,7 @@ impl<B: NetBackend> Learner<B> {
         Learner {
             weights,
             optimizer: Optimizer::new(rule),
+            grad_norms: Vec::new(),
         }
     }
 
@@ -159,12 +170,29 @@ impl<B: NetBackend> Learner<B> {
     }
 
     /// One optimiser update with `grads` (in parameter order) clipped to global norm `clip` (0:
-    /// none), at learning rate `lr`. Every method's gradients reach its networks here.
-    pub fn update(&mut self, mut grads: Vec<Var<B>>, clip: f64, lr: f64) -> Result<()> {
-        if clip > 0.0 {
-            grads = clip_grad_norm(&grads, clip)?;
+    /// none), at learning rate `lr`. Every method's gradients reach its networks here. The
+    /// gradients' squared norm, computed once in flat form for clipping and the guard, stays on
+    /// the device in `grad_norms`.
+    pub fn update(&mut self, grads: Vec<Var<B>>, clip: f64, lr: f64) -> Result<()> {
+        if grads.len() != self.weights.params.len() || grads.is_empty() {
+            return Err(metaseg_autograd::Error::InvalidArgument {
+                op: "optimizer",
+                message: format!(
+                    "{} gradients for {} parameters",
+                    grads.len(),
+                    self.weights.params.len()
+                ),
+            });
         }
-        self.weights.params = self.optimizer.step(&self.weights.params, &grads, lr)?;
+        let backend = grads[0].backend().clone();
+        let parts: Vec<&B::Tensor> = grads.iter().map(Var::value).collect();
+        let mut g = Var::constant(&backend, backend.concat_flat(&parts)?);
+        let squares = no_grad(|| g.square()?.sum())?;
+        if clip > 0.0 {
+            g = no_grad(|| g.mul(&clip_factor(&squares, clip)?))?;
+        }
+        self.grad_norms.push(squares);
+        self.weights.params = self.optimizer.step_flat(&self.weights.params, &g, lr)?;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 
 use super::config::TrainConfig;
 use super::methods::{Setup, Stage, Training};
-use super::network::{optimizer_rule, Learner, Net, Weights};
+use super::network::{optimizer_rule, Guarded, Learner, Net, Weights};
 use crate::nn::{Mode, NetBackend};
 use crate::optim::Schedule;
 use metaseg_autograd::{DiceOptions, Reduction, Result, Shape, Var};
@@ -111,8 +111,15 @@ impl<B: NetBackend> Trainer<B> {
         }
     }
 
-    /// One step of the method at iteration `t` (from 0).
+    /// One step of the method at iteration `t` (from 0). The gradient norms its updates leave
+    /// for the guard are this step's alone.
     pub fn step(&mut self, batch: &DeviceBatch<B>, t: u64) -> Result<StepLog> {
+        self.student.grad_norms.clear();
+        for (_, network) in self.method.networks() {
+            if let Guarded::Learner(l) = network {
+                l.grad_norms.clear();
+            }
+        }
         let cx = Context {
             config: &self.config,
             net: &self.net,

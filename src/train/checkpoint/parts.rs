@@ -170,12 +170,73 @@ pub fn save_checkpoint<B: NetBackend>(
     Ok(super::save(stem, &parts.tensors, &sidecar)?)
 }
 
-/// Restores a trainer saved by [`save_checkpoint`] at `stem`; returns the step to continue from.
+/// A checkpoint restored: the step it was saved at, and the settings the trainer's configuration
+/// changes from the checkpoint's (see [`may_change_on_resume`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Restored {
+    pub step: u64,
+    pub changes: Vec<Change>,
+}
+
+/// A setting changed on resume: its dotted key, the checkpoint's value and the new one (null
+/// when absent).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    pub key: String,
+    pub old: serde_json::Value,
+    pub new: serde_json::Value,
+}
+
+/// Whether a run may continue with `key` changed: its length, and the learning rates and
+/// gradient clipping (`optimizer.lr`, `optimizer.clip`, a method's own `lr`, `*_lr` or `clip`),
+/// which the guard's advice after a divergence asks to lower. Everything else would make the
+/// checkpoint's state mean something else.
+pub fn may_change_on_resume(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    key == "iterations"
+        || (key.contains('.') && matches!(last, "lr" | "clip"))
+        || (key.contains('.') && last.ends_with("_lr"))
+}
+
+/// The dotted keys whose values differ between two configurations as JSON, in key order.
+pub fn config_changes(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Change> {
+    fn walk(prefix: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<Change>) {
+        use serde_json::Value;
+        if let (Value::Object(a), Value::Object(b)) = (old, new) {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                let (x, y) = (a.get(k), b.get(k));
+                walk(
+                    &key,
+                    x.unwrap_or(&Value::Null),
+                    y.unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        } else if old != new {
+            out.push(Change {
+                key: prefix.to_string(),
+                old: old.clone(),
+                new: new.clone(),
+            });
+        }
+    }
+    let mut out = Vec::new();
+    walk("", old, new, &mut out);
+    out
+}
+
+/// Restores a trainer saved by [`save_checkpoint`] at `stem`.
 pub fn load_checkpoint<B: NetBackend>(
     backend: &B,
     trainer: &mut Trainer<B>,
     stem: &Path,
-) -> run::Result<u64> {
+) -> run::Result<Restored> {
     let (tensors, sidecar) = super::load(stem)?;
     let parts = Parts {
         tensors,
@@ -184,27 +245,43 @@ pub fn load_checkpoint<B: NetBackend>(
     restore(backend, trainer, &parts, &sidecar)
 }
 
-/// Restores a trainer from a checkpoint's parts and sidecar: its configuration must be the
-/// trainer's but for `iterations`, and its stage the same. Returns the step it was saved at.
+/// Restores a trainer from a checkpoint's parts and sidecar: its stage must be the trainer's,
+/// and its configuration too but for the settings that may change on resume (which it returns).
 pub fn restore<B: NetBackend>(
     backend: &B,
     trainer: &mut Trainer<B>,
     parts: &Parts,
     sidecar: &Sidecar,
-) -> run::Result<u64> {
+) -> run::Result<Restored> {
     let (saved, stage) = saved_config(sidecar)
         .map_err(|e| RunError::Resume(format!("its configuration does not read: {e}")))?;
-    let mut now = trainer.config.clone();
-    now.iterations = saved.iterations;
-    if saved != now || stage != trainer.stage {
-        return Err(RunError::Resume(
-            "the checkpoint was written with another configuration (only iterations may change)"
-                .into(),
-        ));
+    let json = |c: &TrainConfig| serde_json::to_value(c).expect("a configuration serialises");
+    let changes = config_changes(&json(&saved), &json(&trainer.config));
+    let refused: Vec<String> = changes
+        .iter()
+        .filter(|c| !may_change_on_resume(&c.key))
+        .map(|c| format!("{} ({} there, {} now)", c.key, c.old, c.new))
+        .collect();
+    if !refused.is_empty() {
+        return Err(RunError::Resume(format!(
+            "the checkpoint was written with another configuration: {}. Only iterations, the \
+             learning rates (optimizer.lr, a method's lr) and the clipping (optimizer.clip, a \
+             method's clip) may change on resume",
+            refused.join(", ")
+        )));
+    }
+    if stage != trainer.stage {
+        return Err(RunError::Resume(format!(
+            "the checkpoint is of the {stage:?} stage, the run of the {:?} stage",
+            trainer.stage
+        )));
     }
     parts.learner("", &mut trainer.student, backend)?;
     trainer.method.load(backend, parts)?;
-    Ok(sidecar.step)
+    Ok(Restored {
+        step: sidecar.step,
+        changes,
+    })
 }
 
 /// The configuration and stage a sidecar records, from any format this version reads (see

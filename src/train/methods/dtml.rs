@@ -28,7 +28,7 @@ use crate::nn::NetBackend;
 use crate::optim::Rampup;
 use crate::train::checkpoint::Parts;
 use crate::train::config::{ConfigError, TrainConfig};
-use crate::train::network::{optimizer_rule, Heads, Learner, Weights};
+use crate::train::network::{optimizer_rule, Guarded, Heads, Learner, Weights};
 use crate::train::run;
 use crate::train::trainer::{slice_batch, step_log, Context, DeviceBatch, StepLog};
 use metaseg_autograd::{grad, DiceOptions, Error, Reduction, Result, Var};
@@ -276,6 +276,10 @@ impl<B: NetBackend> Training<B> for Dtml<B> {
 
     fn save(&self, parts: &mut Parts) -> run::Result<()> {
         parts.put_learner(Method::Dtml.name(), &self.net_b)
+    }
+
+    fn networks(&mut self) -> Vec<(&'static str, Guarded<'_, B>)> {
+        vec![(Method::Dtml.name(), Guarded::Learner(&mut self.net_b))]
     }
 
     fn load(&mut self, backend: &B, parts: &Parts) -> run::Result<()> {

@@ -26,7 +26,7 @@ use crate::nn::{Forward, NetBackend, ParamStore};
 use crate::optim::Rampup;
 use crate::train::checkpoint::{self, HostTensor, Parts, Sidecar, FORMAT};
 use crate::train::config::{ConfigError, TrainConfig};
-use crate::train::network::{Heads, Learner, Net, Weights};
+use crate::train::network::{Guarded, Heads, Learner, Net, Weights};
 use crate::train::run::{self, RunContext, RunData, RunError, RunPaths};
 use crate::train::trainer::{
     slice_batch, step_log, supervised_loss, Context, DeviceBatch, StepLog, Trainer,
@@ -389,6 +389,10 @@ impl<B: NetBackend> Training<B> for Pretraining<B> {
 
     fn save(&self, parts: &mut Parts) -> run::Result<()> {
         parts.put_weights("teacher", &self.key_encoder)
+    }
+
+    fn networks(&mut self) -> Vec<(&'static str, Guarded<'_, B>)> {
+        vec![("teacher", Guarded::Weights(&self.key_encoder))]
     }
 
     fn load(&mut self, backend: &B, parts: &Parts) -> run::Result<()> {

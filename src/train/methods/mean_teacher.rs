@@ -9,7 +9,7 @@ use super::{MethodKind, Setup, Stage, Streams, Training};
 use crate::nn::NetBackend;
 use crate::optim::teacher_decay;
 use crate::train::checkpoint::Parts;
-use crate::train::network::{Learner, Weights};
+use crate::train::network::{Guarded, Learner, Weights};
 use crate::train::run;
 use crate::train::trainer::{slice_batch, step_log, Context, DeviceBatch, StepLog};
 use metaseg_autograd::{no_grad, Distribution, Result, Var};
@@ -99,6 +99,10 @@ impl<B: NetBackend> Training<B> for MeanTeacher<B> {
 
     fn save(&self, parts: &mut Parts) -> run::Result<()> {
         parts.put_weights("teacher", &self.teacher)
+    }
+
+    fn networks(&mut self) -> Vec<(&'static str, Guarded<'_, B>)> {
+        vec![("teacher", Guarded::Weights(&self.teacher))]
     }
 
     fn load(&mut self, backend: &B, parts: &Parts) -> run::Result<()> {

@@ -21,7 +21,7 @@ pub mod supervised;
 
 use super::checkpoint::Parts;
 use super::config::{ConfigError, TrainConfig};
-use super::network::{Heads, Learner, Net, Weights};
+use super::network::{Guarded, Heads, Learner, Net, Weights};
 use super::run::{self, RunContext, RunData, RunPaths};
 use super::trainer::{Context, DeviceBatch, StepLog, Trainer};
 use crate::data::DataError;
@@ -186,6 +186,12 @@ pub trait Training<B: NetBackend>: Any {
     /// Restores what [`Training::save`] wrote.
     fn load(&mut self, _backend: &B, _parts: &Parts) -> run::Result<()> {
         Ok(())
+    }
+
+    /// The networks it keeps beside the student, under the names [`Training::save`] gives them,
+    /// for the guard after every step: every one it saves.
+    fn networks(&mut self) -> Vec<(&'static str, Guarded<'_, B>)> {
+        Vec::new()
     }
 
     /// Before the first iteration of the main stage (with `resuming`, the checkpoint replaces the

@@ -20,7 +20,7 @@ use super::{FirstStage, MethodKind, Setup, Stage, Streams, Training};
 use crate::nn::{Mode, NetBackend, ParamStore};
 use crate::train::checkpoint::Parts;
 use crate::train::config::{ConfigError, TrainConfig};
-use crate::train::network::{Learner, Weights};
+use crate::train::network::{Guarded, Learner, Weights};
 use crate::train::run::{self, RunContext, RunData};
 use crate::train::trainer::{slice_batch, step_log, Context, DeviceBatch, StepLog};
 use metaseg_autograd::{no_grad, DiceOptions, Result, Var};
@@ -221,6 +221,14 @@ impl<B: NetBackend> Training<B> for OnlinePl<B> {
             parts.put_weights("teacher", teacher)?;
         }
         parts.put_weights("momentum", &self.momentum)
+    }
+
+    fn networks(&mut self) -> Vec<(&'static str, Guarded<'_, B>)> {
+        let mut networks = vec![("momentum", Guarded::Weights(&self.momentum))];
+        if let Some(teacher) = &self.teacher {
+            networks.insert(0, ("teacher", Guarded::Weights(teacher)));
+        }
+        networks
     }
 
     fn load(&mut self, backend: &B, parts: &Parts) -> run::Result<()> {

@@ -11,17 +11,18 @@
 
 mod data;
 pub mod first_stage;
+pub mod guard;
 mod score;
 mod train_loop;
 
 pub use data::{device_batch, load_data, normalised, RunData};
 pub use score::{predict_case, score, test_results, validation_dice};
-pub use train_loop::{train_from, Iteration};
+pub use train_loop::train_from;
 
 pub use super::checkpoint::parts::{load_checkpoint, save_checkpoint};
 use super::checkpoint::{self, CheckpointError};
 use super::config::TrainConfig;
-use super::methods::{require_unlabeled, Stage};
+use super::methods::{require_unlabeled, FirstStage, Stage};
 use super::trainer::{Context, Trainer};
 use crate::nn::NetBackend;
 use indicatif::ProgressBar;
@@ -217,7 +218,17 @@ pub fn train<B: NetBackend>(
     if kind.needs_unlabeled_cases() {
         require_unlabeled(data, config.method)?;
     }
-    let Some(first) = kind.first_stage(config) else {
+    let first = kind.first_stage(config);
+    if let (true, Some(n)) = (options.resume, options.stop_after) {
+        let done = iterations_done(paths, first.as_ref());
+        if n <= done {
+            return Err(RunError::Resume(format!(
+                "--stop-after {n}: the run's checkpoint is already at iteration {done}, so there \
+                 is nothing to do; give a larger N, or none to train to the end"
+            )));
+        }
+    }
+    let Some(first) = first else {
         return train_stage(backend, config, Stage::Main, data, paths, options);
     };
     let main_started = options.resume && checkpoint::paths(&paths.checkpoint()).1.exists();
@@ -256,6 +267,23 @@ pub fn train<B: NetBackend>(
         Some(first) => main.after(first),
         None => main,
     })
+}
+
+/// The iterations a run's checkpoints have done, counted as `--stop-after` counts them: the first
+/// stage's, then the main stage's.
+fn iterations_done(paths: &RunPaths, first: Option<&FirstStage>) -> u64 {
+    let step = |stem: &Path| {
+        let json = std::fs::read(checkpoint::paths(stem).1).ok()?;
+        serde_json::from_slice::<checkpoint::Sidecar>(&json)
+            .ok()
+            .map(|s| s.step)
+    };
+    match (step(&paths.checkpoint()), first) {
+        (Some(main), Some(first)) => first.config.iterations + main,
+        (Some(main), None) => main,
+        (None, Some(first)) => step(&first.paths(paths).checkpoint()).unwrap_or(0),
+        (None, None) => 0,
+    }
 }
 
 /// One stage's run: its trainer, started by the method when it is the main stage, through the

@@ -1,49 +1,23 @@
 //! The loop over iterations, written once for every method: per iteration the method's
-//! `before_iteration` hook, the batch, the method's step, the checks of the finished iteration
-//! ([`Iteration`]), a line of the JSON-lines log, validation (with the method's `at_validation`
+//! `before_iteration` hook, the batch, the method's step, the guard over the finished iteration
+//! ([`super::guard`]), a line of the JSON-lines log, validation (with the method's `at_validation`
 //! hook) and checkpoints (atomic; a resumed run continues exactly as an uninterrupted one would).
 //! A failed check stops the run before anything of its iteration is written, so the last
 //! checkpoint is the last good one.
 
 use super::{
-    device_batch, io, kept_checkpoint, load_checkpoint, save_checkpoint, validation_dice, Result,
-    RunContext, RunData, RunError, RunOptions, RunPaths, Summary,
+    device_batch, guard, io, kept_checkpoint, load_checkpoint, save_checkpoint, validation_dice,
+    Result, RunContext, RunData, RunError, RunOptions, RunPaths, Summary,
 };
 use crate::nn::NetBackend;
+use crate::train::checkpoint::parts::Change;
 use crate::train::checkpoint::CheckpointError;
 use crate::train::trainer::{StepLog, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::borrow::Cow;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
-
-/// A finished iteration, as the checks after every step see it: the trainer after the update (its
-/// parameters, running statistics, the method's networks) and the step's log (the loss first).
-pub struct Iteration<'a, B: NetBackend> {
-    /// The iteration, from 0.
-    pub t: u64,
-    pub terms: &'a StepLog,
-    pub trainer: &'a Trainer<B>,
-    /// The checkpoint a failed check leaves as the last good one.
-    pub checkpoint: PathBuf,
-}
-
-impl<B: NetBackend> Iteration<'_, B> {
-    /// The checks every iteration passes: the loss is finite.
-    pub fn check(&self) -> Result<()> {
-        let loss = self.terms[0].1;
-        if !loss.is_finite() {
-            return Err(RunError::NonFinite {
-                step: self.t + 1,
-                quantity: "loss".into(),
-                value: loss,
-                kept: kept_checkpoint(&self.checkpoint),
-            });
-        }
-        Ok(())
-    }
-}
 
 /// Saves the checkpoint of iteration `done`; a non-finite parameter (or other tensor) stops the
 /// run as a non-finite loss does, with the earlier checkpoint kept (the save refuses it).
@@ -115,15 +89,10 @@ fn iterate<B: NetBackend>(
         let step_began = Instant::now();
         let batch = device_batch(backend, trainer, &current, t)?;
         let terms = trainer.step(&batch, t)?;
+        let checked = guard::check(trainer, t, &terms, &paths.checkpoint());
         summary.step_seconds += step_began.elapsed().as_secs_f64();
         summary.iterations += 1;
-        let finished = Iteration {
-            t,
-            terms: &terms,
-            trainer,
-            checkpoint: paths.checkpoint(),
-        };
-        if let Err(e) = finished.check() {
+        if let Err(e) = checked {
             bar.abandon();
             return Err(e);
         }
@@ -165,7 +134,8 @@ fn iterate<B: NetBackend>(
 
 /// The run's directory with its configuration, the trainer restored from the checkpoint when
 /// resuming, and the log opened for appending (truncated to the checkpoint's step, or new):
-/// the step to start from and the log.
+/// the step to start from and the log. Settings changed on resume are recorded in both: an
+/// event line in the log, a comment line in config.toml (whose values are the new ones).
 fn prepare<B: NetBackend>(
     backend: &B,
     trainer: &mut Trainer<B>,
@@ -173,23 +143,65 @@ fn prepare<B: NetBackend>(
     options: RunOptions,
 ) -> Result<(u64, std::fs::File)> {
     std::fs::create_dir_all(&paths.dir).map_err(io(&paths.dir))?;
-    let start = if options.resume {
-        let step = load_checkpoint(backend, trainer, &paths.checkpoint())?;
-        truncate_log(&paths.log(), step)?;
-        step
+    let (start, changes, mut history) = if options.resume {
+        let restored = load_checkpoint(backend, trainer, &paths.checkpoint())?;
+        truncate_log(&paths.log(), restored.step)?;
+        let history = config_history(&paths.config());
+        (restored.step, restored.changes, history)
     } else {
         let _ = std::fs::remove_file(paths.log());
-        0
+        (0, Vec::new(), String::new())
     };
+    if !changes.is_empty() {
+        let said: Vec<String> = changes
+            .iter()
+            .map(|c| format!("{} {} -> {}", c.key, c.old, c.new))
+            .collect();
+        history.push_str(&format!(
+            "# resumed at step {start} with {}\n",
+            said.join(", ")
+        ));
+    }
     let config_text = toml::to_string_pretty(&trainer.config).expect("a configuration serialises");
-    std::fs::write(paths.config(), config_text).map_err(io(&paths.config()))?;
+    let config_path = paths.config();
+    let text = format!("{history}{config_text}");
+    let failed = |source| RunError::Io {
+        path: config_path.clone(),
+        source,
+    };
+    crate::atomic::write_with(&config_path, |f| f.write_all(text.as_bytes()), failed)?;
     let log_path = paths.log();
-    let log = std::fs::OpenOptions::new()
+    let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .map_err(io(&log_path))?;
+    if !changes.is_empty() {
+        writeln!(log, "{}", resume_event(start, &changes)).map_err(io(&log_path))?;
+    }
     Ok((start, log))
+}
+
+/// The comment lines at the top of a run's config.toml: the changes of earlier resumes.
+fn config_history(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The log's line for a resume at `step` that changed settings:
+/// `{"event": "resume", "step": N, "changed": {"optimizer.lr": {"old": .., "new": ..}}}`.
+fn resume_event(step: u64, changes: &[Change]) -> serde_json::Value {
+    let changed: serde_json::Map<String, serde_json::Value> = changes
+        .iter()
+        .map(|c| {
+            let values = serde_json::json!({ "old": c.old, "new": c.new });
+            (c.key.clone(), values)
+        })
+        .collect();
+    serde_json::json!({ "event": "resume", "step": step, "changed": changed })
 }
 
 /// The log's line of iteration `done` (counted from 1): its terms and the wall time so far.

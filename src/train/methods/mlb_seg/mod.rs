@@ -18,7 +18,7 @@ use super::{FirstStage, MethodKind, Setup, Stage, Streams, Training};
 use crate::nn::NetBackend;
 use crate::train::checkpoint::Parts;
 use crate::train::config::{ConfigError, TrainConfig};
-use crate::train::network::{Learner, Weights};
+use crate::train::network::{Guarded, Learner, Weights};
 use crate::train::run::{self, RunContext, RunData};
 use crate::train::trainer::{Context, DeviceBatch, StepLog, Trainer};
 use metaseg_autograd::{Normalization, Result};
@@ -229,6 +229,10 @@ impl<B: NetBackend> Training<B> for MlbSeg<B> {
 
     fn save(&self, parts: &mut Parts) -> run::Result<()> {
         parts.put_weights("teacher", &self.teacher)
+    }
+
+    fn networks(&mut self) -> Vec<(&'static str, Guarded<'_, B>)> {
+        vec![("teacher", Guarded::Weights(&self.teacher))]
     }
 
     fn load(&mut self, backend: &B, parts: &Parts) -> run::Result<()> {
