@@ -23,7 +23,7 @@ use metaseg_autograd::{
 /// One layer: x [N, C, D, H, W], w [K, C, k, k, k] and its spec; `transposed` benches
 /// conv_transpose3d with the same weight (x is then the convolution's output).
 struct Layer {
-    label: &'static str,
+    label: String,
     x: [usize; 5],
     w: [usize; 5],
     spec: ConvSpec,
@@ -33,8 +33,8 @@ struct Layer {
 fn layers() -> Vec<Layer> {
     let pad1 = ConvSpec::new([1; 3], [1; 3]);
     let down = ConvSpec::new([2; 3], [0; 3]);
-    let layer = |label, x, w, spec, transposed| Layer {
-        label,
+    let layer = |label: &str, x, w, spec, transposed| Layer {
+        label: label.into(),
         x,
         w,
         spec,
@@ -77,6 +77,53 @@ fn layers() -> Vec<Layer> {
             true,
         ),
     ]
+    .into_iter()
+    .chain(flat_layers())
+    .collect()
+}
+
+/// The 2D V-Net's layers (the default preset: width 8, 4 levels, 64 x 64 images): depth-1 1x3x3
+/// convolutions at each level's width and size, at batch 4 (the default's) and 8, the input layer,
+/// and the 1x2x2 stride-(1, 2, 2) down/up convolutions between the first two levels.
+fn flat_layers() -> Vec<Layer> {
+    let pad1 = ConvSpec::new([1; 3], [0, 1, 1]);
+    let down = ConvSpec::new([1, 2, 2], [0; 3]);
+    let mut layers = Vec::new();
+    for batch in [4, 8] {
+        for (width, size) in [(8, 64), (16, 32), (32, 16), (64, 8)] {
+            layers.push(Layer {
+                label: format!("1x3x3 {width}-{width} {batch}x{size}^2"),
+                x: [batch, width, 1, size, size],
+                w: [width, width, 1, 3, 3],
+                spec: pad1,
+                transposed: false,
+            });
+        }
+    }
+    layers.extend([
+        Layer {
+            label: "1x3x3 1-8 4x64^2".into(),
+            x: [4, 1, 1, 64, 64],
+            w: [8, 1, 1, 3, 3],
+            spec: pad1,
+            transposed: false,
+        },
+        Layer {
+            label: "1x2x2 down 8-16 4x64^2".into(),
+            x: [4, 8, 1, 64, 64],
+            w: [16, 8, 1, 2, 2],
+            spec: down,
+            transposed: false,
+        },
+        Layer {
+            label: "1x2x2 up 16-8 4x32^2 (transposed)".into(),
+            x: [4, 16, 1, 32, 32],
+            w: [16, 8, 1, 2, 2],
+            spec: down,
+            transposed: true,
+        },
+    ]);
+    layers
 }
 
 /// A tensor on both sides: the device's and the reference's.
@@ -151,7 +198,7 @@ fn passes(bench: &Bench, c: &mut Criterion, layer: &Layer, variant: ConvVariant,
             continue; // measured as that variant already
         }
         let name = format!("conv3d {pass} v{run}");
-        bench.op(c, &name, layer.label, work, expected, tol, &mut launch);
+        bench.op(c, &name, &layer.label, work, expected, tol, &mut launch);
     }
 }
 
@@ -162,7 +209,7 @@ fn conv(c: &mut Criterion) {
     }
     // Every variant at a size variant 1 finishes in about a second.
     let small = Layer {
-        label: "3x3x3 16-16 1x32^3",
+        label: "3x3x3 16-16 1x32^3".into(),
         x: [1, 16, 32, 32, 32],
         w: [16, 16, 3, 3, 3],
         spec: ConvSpec::new([1; 3], [1; 3]),

@@ -15,8 +15,8 @@
 //! shown beside this run's, marked as another session's.
 //!
 //! `cargo bench --bench training_step` (add `-- no-la` to skip the LA-size network, `-- small` to
-//! keep only the smallest configuration, `-- xla` to measure the comparator first, `-- profile`
-//! to print each step's kernels by time).
+//! keep only the smallest configuration, `-- default` only the default preset's 2D network, `--
+//! xla` to measure the comparator first, `-- profile` to print each step's kernels by time).
 
 use metaseg::gpu::Gpu;
 use metaseg::meta::{MetaPath, MetaStep};
@@ -32,18 +32,69 @@ use std::time::Instant;
 
 const STEPS: u32 = 3;
 
-fn vnet(width: usize, levels: usize) -> VNet {
-    VNet::new(VNetConfig {
-        base_width: width,
-        levels,
-        ..VNetConfig::default()
-    })
-    .expect("a valid V-Net")
+/// One network and batch: a V-Net of `width` and `levels` on `batch` patches of `patch` voxels;
+/// with a patch of depth 1, the 2D V-Net (depth-1 kernels) without dropout, as the default preset.
+#[derive(Clone, Copy)]
+struct Config {
+    width: usize,
+    levels: usize,
+    batch: usize,
+    patch: [usize; 3],
 }
 
-fn batch<B: Backend>(b: &B, patch: usize, seed: u64) -> (Var<B>, Var<B>) {
-    let x = Shape::from([2, 1, patch, patch, patch]);
-    let y = Shape::from([2, 2, patch, patch, patch]);
+impl Config {
+    /// A 3D V-Net on 2 cubes of `side` voxels.
+    fn cube(width: usize, levels: usize, side: usize) -> Config {
+        Config {
+            width,
+            levels,
+            batch: 2,
+            patch: [side; 3],
+        }
+    }
+
+    /// The default preset's step: the 2D V-Net of width 8 and 4 levels on 4 images of 64 x 64.
+    fn default_2d() -> Config {
+        Config {
+            width: 8,
+            levels: 4,
+            batch: 4,
+            patch: [1, 64, 64],
+        }
+    }
+
+    fn two_d(&self) -> bool {
+        self.patch[0] == 1
+    }
+
+    fn vnet(&self) -> VNet {
+        let two_d = self.two_d();
+        VNet::new(VNetConfig {
+            base_width: self.width,
+            levels: self.levels,
+            two_d,
+            dropout: if two_d { None } else { Some(0.5) },
+            ..VNetConfig::default()
+        })
+        .expect("a valid V-Net")
+    }
+
+    /// The rows' label: the same in benches/xla/steps.py.
+    fn label(&self, kind: &str) -> String {
+        let (width, levels, batch) = (self.width, self.levels, self.batch);
+        let size = if self.two_d() {
+            format!("{}^2", self.patch[1])
+        } else {
+            format!("{}^3", self.patch[0])
+        };
+        format!("{kind}, width {width}, {levels} levels, {batch} x {size}")
+    }
+}
+
+fn batch<B: Backend>(b: &B, config: &Config, seed: u64) -> (Var<B>, Var<B>) {
+    let [d, h, w] = config.patch;
+    let x = Shape::from([config.batch, 1, d, h, w]);
+    let y = Shape::from([config.batch, 2, d, h, w]);
     let xs = check::seeded(x.numel(), seed, -1.0, 1.0);
     let ys = check::one_hot(&y, seed + 1, None);
     (
@@ -153,33 +204,28 @@ fn report(gpu: &Gpu, label: String, parameters: usize, mut step: impl FnMut()) -
     }
 }
 
-/// The rows' label: the same in benches/xla/steps.py.
-fn label(kind: &str, width: usize, levels: usize, patch: usize) -> String {
-    format!("{kind}, width {width}, {levels} levels, 2 x {patch}^3")
-}
-
 fn parameters(store: &ParamStore<Gpu>) -> usize {
     store.values().iter().map(|v| v.shape().numel()).sum()
 }
 
-fn training(gpu: &Gpu, width: usize, levels: usize, patch: usize) -> Row {
-    let net = vnet(width, levels);
+fn training(gpu: &Gpu, config: &Config) -> Row {
+    let net = config.vnet();
     let mut params = net.init_params(gpu, 7).unwrap();
     let stats = net.init_stats(gpu).unwrap();
-    let data = batch(gpu, patch, 3);
-    let label = label("V-Net training step", width, levels, patch);
+    let data = batch(gpu, config, 3);
+    let label = config.label("V-Net training step");
     let mut optimizer = sgd();
     report(gpu, label, parameters(&params), || {
         params = train_step(&net, &params, &stats, &mut optimizer, &data).1;
     })
 }
 
-fn meta(gpu: &Gpu, width: usize, levels: usize, patch: usize) -> Vec<Row> {
-    let net = vnet(width, levels);
+fn meta(gpu: &Gpu, config: &Config) -> Vec<Row> {
+    let net = config.vnet();
     let params = net.init_params(gpu, 7).unwrap();
     let stats = net.init_stats(gpu).unwrap();
-    let (x_u, y_u) = batch(gpu, patch, 3);
-    let (x_m, y_m) = batch(gpu, patch, 5);
+    let (x_u, y_u) = batch(gpu, config, 3);
+    let (x_m, y_m) = batch(gpu, config, 5);
     let mode = Mode::Train { seed: 2, step: 0 };
     let logits = |t: &[Var<Gpu>], x: &Var<Gpu>| {
         net.forward(&Forward::new(t, stats.values(), mode), x)
@@ -202,7 +248,7 @@ fn meta(gpu: &Gpu, width: usize, levels: usize, patch: usize) -> Vec<Row> {
     [MetaPath::Reverse, MetaPath::Fast]
         .into_iter()
         .map(|path| {
-            let label = label(&format!("meta step ({path:?})"), width, levels, patch);
+            let label = config.label(&format!("meta step ({path:?})"));
             report(gpu, label, parameters(&params), || {
                 let _ = step.meta_gradient(path).unwrap().to_f64().unwrap();
             })
@@ -212,14 +258,15 @@ fn meta(gpu: &Gpu, width: usize, levels: usize, patch: usize) -> Vec<Row> {
 
 /// The smallest configuration's first loss on the GPU against Cpu64, before anything is timed.
 fn verify(gpu: &Gpu) {
-    let net = vnet(4, 3);
+    let config = Config::cube(4, 3, 16);
+    let net = config.vnet();
     let cpu_params = net.init_params(&Cpu64, 7).unwrap();
     let cpu_stats = net.init_stats(&Cpu64).unwrap();
-    let cpu_data = batch(&Cpu64, 16, 3);
+    let cpu_data = batch(&Cpu64, &config, 3);
     let (cpu_loss, _) = train_step(&net, &cpu_params, &cpu_stats, &mut sgd(), &cpu_data);
     let params = cpu_params.transfer(gpu).unwrap();
     let stats = cpu_stats.transfer(gpu).unwrap();
-    let (gpu_loss, _) = train_step(&net, &params, &stats, &mut sgd(), &batch(gpu, 16, 3));
+    let (gpu_loss, _) = train_step(&net, &params, &stats, &mut sgd(), &batch(gpu, &config, 3));
     Tolerance::F32_ACCUMULATED.assert("training step loss", &[gpu_loss], &[cpu_loss]);
 }
 
@@ -229,7 +276,7 @@ fn xla_results_path() -> PathBuf {
 }
 
 /// Runs the comparator (JAX, XLA on the CPU) over the same configurations.
-fn run_xla(small_only: bool, skip_la: bool) {
+fn run_xla(small_only: bool, default_only: bool, skip_la: bool) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut command = Command::new("python3");
     command
@@ -238,6 +285,8 @@ fn run_xla(small_only: bool, skip_la: bool) {
         .arg(xla_results_path());
     if small_only {
         command.arg("--small");
+    } else if default_only {
+        command.arg("--default");
     } else if skip_la {
         command.arg("--no-la");
     }
@@ -294,28 +343,37 @@ fn compare(rows: &[Row], this_session: bool) {
 
 fn main() {
     let arg = |name: &str| std::env::args().any(|a| a == name);
-    let (small_only, skip_la) = (arg("small"), arg("small") || arg("no-la"));
+    let default_only = arg("default");
+    let small_only = arg("small");
+    let skip_la = small_only || default_only || arg("no-la");
     if arg("xla") {
-        run_xla(small_only, skip_la);
+        run_xla(small_only, default_only, skip_la);
     }
     let gpu = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
     let info = &gpu.context().adapter.info;
     println!("adapter: {} ({:?})", info.name, info.backend);
     verify(&gpu);
-    let mut configs = vec![(4, 3, 16)];
-    if !small_only {
-        // The default preset's network, and one level deeper (the figures on issue 5).
-        configs.extend([(8, 3, 32), (8, 4, 32)]);
+    let mut configs = vec![Config::cube(4, 3, 16)];
+    if default_only {
+        configs = vec![Config::default_2d()];
+    } else if !small_only {
+        // The default preset's 2D network, the earlier 3D default, and one level deeper (the
+        // figures on issue 5).
+        configs.extend([
+            Config::default_2d(),
+            Config::cube(8, 3, 32),
+            Config::cube(8, 4, 32),
+        ]);
     }
     let mut rows = Vec::new();
-    for &(width, levels, patch) in &configs {
-        rows.push(training(&gpu, width, levels, patch));
+    for config in &configs {
+        rows.push(training(&gpu, config));
     }
     if !skip_la {
-        rows.push(training(&gpu, 16, 5, 64));
+        rows.push(training(&gpu, &Config::cube(16, 5, 64)));
     }
-    for &(width, levels, patch) in &configs {
-        rows.extend(meta(&gpu, width, levels, patch));
+    for config in &configs {
+        rows.extend(meta(&gpu, config));
     }
     compare(&rows, arg("xla"));
 }

@@ -4,7 +4,7 @@ mod common;
 
 use common::{gpu, seeded};
 use metaseg::gpu::Clock;
-use metaseg_autograd::{Backend, Shape, UnaryOp};
+use metaseg_autograd::{Backend, Shape, Tolerance, UnaryOp};
 
 #[test]
 fn the_pool_reuses_buffers_across_iterations() {
@@ -27,6 +27,30 @@ fn the_pool_reuses_buffers_across_iterations() {
         stats.created - created < 15,
         "every iteration allocated: {stats:?}"
     );
+}
+
+/// Launches are recorded into a command buffer and submitted in batches: an upload into a pooled
+/// buffer that a recorded launch still reads must wait for that launch, and a chain of launches
+/// longer than a batch must run in order.
+#[test]
+fn uploads_and_chains_longer_than_a_batch_keep_the_order_of_launches() {
+    let g = gpu();
+    let shape = Shape::from([4096]);
+    let values = seeded(4096, 9, -1.0, 1.0);
+    let expected: Vec<f64> = values.iter().map(|v| v.exp()).collect();
+    for _ in 0..8 {
+        let x = g.tensor(&values, &shape).unwrap();
+        let y = g.unary(UnaryOp::Exp, &x).unwrap();
+        drop(x); // back to the pool while the launch reading it may not have run yet
+        let _other = g.tensor(&vec![100.0; 4096], &shape).unwrap(); // the same size: its buffer
+        Tolerance::F32.assert("exp after an upload", &g.to_f64(&y).unwrap(), &expected);
+    }
+    let mut y = g.tensor(&values, &shape).unwrap();
+    for _ in 0..100 {
+        y = g.unary(UnaryOp::AddScalar { value: 0.5 }, &y).unwrap();
+    }
+    let chained: Vec<f64> = values.iter().map(|v| v + 50.0).collect();
+    Tolerance::F32.assert("100 additions", &g.to_f64(&y).unwrap(), &chained);
 }
 
 #[test]

@@ -12,10 +12,12 @@ for the CPU, timed after a warm-up with the result waited for.
 The network is src/nn/vnet.rs: encoder levels of 1, 2, 3, 3, 3 conv(3x3x3)-BN-ReLU units at widths
 base * 2^level, k2 s2 conv-BN-ReLU down, k2 s2 transposed conv-BN-ReLU up added to the encoder's
 output, decoder levels as deep as the encoder's, Dropout3d(0.5) after the bottleneck and before the
-1x1x1 head; 1 input channel, 2 classes, batch 2.
+1x1x1 head; 1 input channel, 2 classes, batch 2. The default preset's 2D network (two_d) has kernels
+of depth 1 (1x3x3 convolutions, 1x2x2 stride-(1, 2, 2) down and up) and no dropout, on 4 images of
+64 x 64 (the row "width 8, 4 levels, 4 x 64^2").
 
     pip install -r benches/xla/requirements.txt
-    python3 benches/xla/steps.py --out target/xla-steps.json [--small | --no-la]
+    python3 benches/xla/steps.py --out target/xla-steps.json [--small | --no-la | --default]
 
 `cargo bench --bench training_step -- xla` runs this first and prints both sides and their ratio.
 """
@@ -64,11 +66,17 @@ def units(level):
     return min(level + 1, 3)
 
 
+def kernel(k, two_d):
+    """The kernel's (kd, kh, kw): depth 1 in 2D."""
+    return (1 if two_d else k, k, k)
+
+
 def conv_params(key, c_in, c_out, k, transposed=False):
-    """Kaiming-normal weight ([c_out, c_in, k^3], or [c_in, c_out, k^3] transposed), zero bias."""
+    """Kaiming-normal weight ([c_out, c_in, kd, kh, kw], or [c_in, c_out, ...] transposed), zero
+    bias; k is the kernel's (kd, kh, kw)."""
     shape = (c_in, c_out) if transposed else (c_out, c_in)
-    fan_in = shape[1] * k**3
-    w = jax.random.normal(key, shape + (k, k, k), jnp.float32) * (2.0 / fan_in) ** 0.5
+    fan_in = shape[1] * k[0] * k[1] * k[2]
+    w = jax.random.normal(key, shape + k, jnp.float32) * (2.0 / fan_in) ** 0.5
     return {"w": w, "b": jnp.zeros((c_out,), jnp.float32)}
 
 
@@ -79,36 +87,45 @@ def unit_params(key, c_in, c_out, k, transposed=False):
     return p
 
 
-def vnet_params(key, width, levels, in_channels=1, classes=2):
+def vnet_params(key, width, levels, two_d=False, in_channels=1, classes=2):
     keys = iter(jax.random.split(key, 64))
     w = lambda l: width << l
+    k3, k2 = kernel(3, two_d), kernel(2, two_d)
     p = {"encoder": [], "down": [], "up": [], "decoder": []}
     for l in range(levels):
         c0 = in_channels if l == 0 else w(l)
         p["encoder"].append(
-            [unit_params(next(keys), c0 if u == 0 else w(l), w(l), 3) for u in range(units(l))]
+            [unit_params(next(keys), c0 if u == 0 else w(l), w(l), k3) for u in range(units(l))]
         )
         if l + 1 < levels:
-            p["down"].append(unit_params(next(keys), w(l), w(l + 1), 2))
+            p["down"].append(unit_params(next(keys), w(l), w(l + 1), k2))
     for l in reversed(range(levels - 1)):
-        p["up"].append(unit_params(next(keys), w(l + 1), w(l), 2, transposed=True))
-        p["decoder"].append([unit_params(next(keys), w(l), w(l), 3) for _ in range(units(l))])
-    p["head"] = conv_params(next(keys), w(0), classes, 1)
+        p["up"].append(unit_params(next(keys), w(l + 1), w(l), k2, transposed=True))
+        p["decoder"].append([unit_params(next(keys), w(l), w(l), k3) for _ in range(units(l))])
+    p["head"] = conv_params(next(keys), w(0), classes, (1, 1, 1))
     return p
 
 
+def along(p, stride, padding):
+    """Per spatial axis the stride and padding: 1 and 0 along an axis the kernel has size 1 on
+    (the depth of a 2D network's kernels)."""
+    ks = p["w"].shape[2:]
+    strides = tuple(stride if k > 1 else 1 for k in ks)
+    return strides, [(padding, padding) if k > 1 else (0, 0) for k in ks]
+
+
 def conv(x, p, stride, padding):
-    y = lax.conv_general_dilated(
-        x, p["w"], (stride,) * 3, [(padding, padding)] * 3, dimension_numbers=DIMS
-    )
+    strides, pads = along(p, stride, padding)
+    y = lax.conv_general_dilated(x, p["w"], strides, pads, dimension_numbers=DIMS)
     return y + per_channel(p["b"])
 
 
 def conv_transpose(x, p):
-    # PyTorch's ConvTranspose3d(k 2, s 2) with weight [c_in, c_out, k^3]: the gradient of the
-    # convolution whose (OIDHW) weight that is.
+    # PyTorch's ConvTranspose3d(k 2, s 2) with weight [c_in, c_out, kd, kh, kw]: the gradient of
+    # the convolution whose (OIDHW) weight that is.
+    strides, _ = along(p, 2, 0)
     y = lax.conv_transpose(
-        x, p["w"], (2, 2, 2), "VALID", dimension_numbers=DIMS, transpose_kernel=True
+        x, p["w"], strides, "VALID", dimension_numbers=DIMS, transpose_kernel=True
     )
     return y + per_channel(p["b"])
 
@@ -120,7 +137,9 @@ def batch_norm_relu(x, p, eps=1e-5):
     return jax.nn.relu(y)
 
 
-def dropout3d(x, key, p=0.5):
+def dropout3d(x, key, p):
+    if p == 0.0:
+        return x
     c = x.shape[channel_axis()]
     shape = (x.shape[0], 1, 1, 1, c) if channels_last() else (x.shape[0], c, 1, 1, 1)
     keep = jax.random.bernoulli(key, 1.0 - p, shape)
@@ -128,7 +147,8 @@ def dropout3d(x, key, p=0.5):
 
 
 def vnet(params, x, key):
-    """The logits of a training-mode forward."""
+    """The logits of a training-mode forward; no dropout in 2D (depth-1 kernels)."""
+    rate = 0.0 if params["down"][0]["w"].shape[2] == 1 else 0.5
     levels = len(params["encoder"])
     k0, k1 = jax.random.split(key)
     skips = []
@@ -140,13 +160,13 @@ def vnet(params, x, key):
             skips.append(h)
             d = params["down"][l]
             h = batch_norm_relu(conv(h, d, 2, 0), d)
-    h = dropout3d(h, k0)
+    h = dropout3d(h, k0, rate)
     for i, skip in enumerate(reversed(skips)):
         up = params["up"][i]
         h = batch_norm_relu(conv_transpose(h, up), up) + skip
         for u in params["decoder"][i]:
             h = batch_norm_relu(conv(h, u, 1, 1), u)
-    h = dropout3d(h, k1)
+    h = dropout3d(h, k1, rate)
     return conv(h, params["head"], 1, 0)
 
 
@@ -212,10 +232,11 @@ def meta_fast(params, x_u, y_u, x_m, y_m, key):
     return -LR * jv
 
 
-def batch(key, patch):
+def batch(key, config):
     kx, ky = jax.random.split(key)
-    x = jax.random.uniform(kx, (2, patch, patch, patch, 1), jnp.float32, -1.0, 1.0)
-    labels = jax.random.randint(ky, (2, patch, patch, patch), 0, 2)
+    spatial = config.spatial()
+    x = jax.random.uniform(kx, (config.batch,) + spatial + (1,), jnp.float32, -1.0, 1.0)
+    labels = jax.random.randint(ky, (config.batch,) + spatial, 0, 2)
     y = jax.nn.one_hot(labels, 2, dtype=jnp.float32)
     if not channels_last():
         x, y = jnp.moveaxis(x, -1, 1), jnp.moveaxis(y, -1, 1)
@@ -246,9 +267,26 @@ def timed_training(params, x, y, key):
     return runs
 
 
-def key(kind, width, levels, patch):
-    """The row's name, as benches/training_step.rs writes it."""
-    return f"{kind}, width {width}, {levels} levels, 2 x {patch}^3"
+class Config:
+    """A V-Net of width and levels on batch patches: cubes of `side`, or 2D images of side^2."""
+
+    def __init__(self, width, levels, side, two_d=False, batch=2):
+        self.width, self.levels, self.side = width, levels, side
+        self.two_d, self.batch = two_d, batch
+
+    def spatial(self):
+        return (1, self.side, self.side) if self.two_d else (self.side,) * 3
+
+    def params(self):
+        return vnet_params(jax.random.PRNGKey(7), self.width, self.levels, self.two_d)
+
+    def key(self, kind):
+        """The row's name, as benches/training_step.rs writes it."""
+        size = f"{self.side}^2" if self.two_d else f"{self.side}^3"
+        return f"{kind}, width {self.width}, {self.levels} levels, {self.batch} x {size}"
+
+
+DEFAULT_2D = Config(8, 4, 64, two_d=True, batch=4)
 
 
 def main():
@@ -257,6 +295,9 @@ def main():
     parser.add_argument("--small", action="store_true", help="only the smallest configuration")
     parser.add_argument("--no-la", action="store_true", help="skip the LA-size network")
     parser.add_argument(
+        "--default", action="store_true", help="only the default preset's 2D network"
+    )
+    parser.add_argument(
         "--layout", choices=sorted(LAYOUTS), default="ncdhw", help="the activations' layout"
     )
     parser.add_argument("--no-meta", action="store_true", help="only the training steps")
@@ -264,28 +305,31 @@ def main():
     global DIMS
     DIMS = LAYOUTS[args.layout]
 
-    configs = [(4, 3, 16)]
-    if not args.small:
-        configs += [(8, 3, 32), (8, 4, 32)]
-    train_configs = configs + ([] if args.small or args.no_la else [(16, 5, 64)])
+    configs = [Config(4, 3, 16)]
+    if args.default:
+        configs = [DEFAULT_2D]
+    elif not args.small:
+        configs += [DEFAULT_2D, Config(8, 3, 32), Config(8, 4, 32)]
+    skip_la = args.small or args.default or args.no_la
+    train_configs = configs + ([] if skip_la else [Config(16, 5, 64)])
     rows, parameters = {}, {}
-    for width, levels, patch in train_configs:
-        params = vnet_params(jax.random.PRNGKey(7), width, levels)
-        x, y = batch(jax.random.PRNGKey(3), patch)
+    for config in train_configs:
+        params = config.params()
+        x, y = batch(jax.random.PRNGKey(3), config)
         runs = timed_training(params, x, y, jax.random.PRNGKey(1))
-        name = key("V-Net training step", width, levels, patch)
+        name = config.key("V-Net training step")
         rows[name] = runs
         parameters[name] = sum(leaf.size for leaf in jax.tree.leaves(params))
-        print(f"training step, width {width}, {levels} levels, 2 x {patch}^3: {runs}", flush=True)
-    for width, levels, patch in [] if args.no_meta else configs:
-        params = vnet_params(jax.random.PRNGKey(7), width, levels)
-        data = batch(jax.random.PRNGKey(3), patch) + batch(jax.random.PRNGKey(5), patch)
+        print(f"{name}: {runs}", flush=True)
+    for config in [] if args.no_meta else configs:
+        params = config.params()
+        data = batch(jax.random.PRNGKey(3), config) + batch(jax.random.PRNGKey(5), config)
         for path, step in [("Reverse", meta_reverse), ("Fast", meta_fast)]:
             runs = timed(jax.jit(step), params, *data, jax.random.PRNGKey(2))
-            name = key(f"meta step ({path})", width, levels, patch)
+            name = config.key(f"meta step ({path})")
             rows[name] = runs
             parameters[name] = sum(leaf.size for leaf in jax.tree.leaves(params))
-            print(f"meta step ({path}), width {width}, {levels} levels: {runs}", flush=True)
+            print(f"{name}: {runs}", flush=True)
     results = {
         "jax": jax.__version__,
         "device": str(jax.devices()[0]),

@@ -397,7 +397,9 @@ impl Backend for Gpu {
         let t = self.empty(shape)?;
         let mut data: Vec<f32> = values.iter().map(|&v| v as f32).collect();
         data.resize(values.len().max(1).next_multiple_of(4), 0.0);
-        self.ctx.write(t.buffer(), bytemuck::cast_slice(&data));
+        self.ctx
+            .write(t.buffer(), bytemuck::cast_slice(&data))
+            .map_err(backend_error)?;
         Ok(t)
     }
 

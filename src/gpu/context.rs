@@ -1,5 +1,6 @@
 //! The device: adapter selection, limits, and the one path every kernel launch takes
-//! (pipeline from the registry, bind group, compute pass, submit without waiting).
+//! (pipeline from the registry, bind group, compute pass recorded into the batch's command
+//! buffer, submitted without waiting every BATCH launches or before anything else uses the queue).
 
 use super::kernels::{Access, Kernel, Registry};
 use super::pool::{BufferPool, PoolStats};
@@ -8,6 +9,21 @@ use parking_lot::{ReentrantMutex, ReentrantMutexGuard};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Dispatches recorded per command buffer at most. On lavapipe each submission costs a wake-up of
+/// the driver's queue thread and a fence, more than a small kernel of the 2D network runs; a
+/// batch still lets the device start on the first launches while later ones are recorded.
+const BATCH: usize = 32;
+
+/// Dispatches recorded but not yet submitted, with what must outlive their submission.
+#[derive(Default)]
+struct Batch {
+    encoder: Option<wgpu::CommandEncoder>,
+    /// The kernels recorded, for the message of an error the submission reports.
+    kernels: Vec<String>,
+    /// Their parameter uniforms, back to the pool once submitted.
+    uniforms: Vec<wgpu::Buffer>,
+}
 
 /// Why no device could be opened.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +54,7 @@ pub struct Context {
     pub storage: BufferPool,
     pub uniforms: BufferPool,
     profiler: Mutex<Option<Profiler>>,
+    batch: Mutex<Batch>,
     /// Kernel launches since the device opened (a step's count is the difference).
     dispatches: AtomicU64,
     /// OpenGL has one context per device, which wgpu locks with a 6 s timeout and panics after it;
@@ -108,6 +125,7 @@ impl Context {
             storage: BufferPool::new(storage),
             uniforms: BufferPool::new(wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST),
             profiler: Mutex::new(None),
+            batch: Mutex::new(Batch::default()),
             dispatches: AtomicU64::new(0),
             gl_lock: is_gl.then(|| ReentrantMutex::new(())),
         })
@@ -152,8 +170,9 @@ impl Context {
         }
     }
 
-    /// Records one dispatch of `kernel` and submits it without waiting. `params`, if any, become the
-    /// uniform at binding 0. Validation errors are reported with the kernel's name.
+    /// Records one dispatch of `kernel` into the batch (submitted without waiting when the batch
+    /// is full, see BATCH). `params`, if any, become the uniform at binding 0. Validation errors
+    /// are reported with the kernel's name (those found at submission, with the batch's kernels).
     pub fn dispatch(
         &self,
         kernel: &Kernel,
@@ -203,7 +222,16 @@ impl Context {
             }
             _ => None,
         };
-        let mut encoder = self.device.create_command_encoder(&Default::default());
+        let wall_clock = profiler
+            .as_ref()
+            .is_some_and(|p| p.clock == Clock::WallClock);
+        if wall_clock {
+            self.flush()?; // the earlier launches' time is not this kernel's
+        }
+        let mut batch = self.batch.lock().unwrap();
+        let encoder = batch
+            .encoder
+            .get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
         {
             let timestamp_writes = slot.map(|s| wgpu::ComputePassTimestampWrites {
                 query_set: profiler.as_ref().unwrap().query_set.as_ref().unwrap(),
@@ -218,25 +246,49 @@ impl Context {
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
         }
-        let start = Instant::now();
-        let submission = self.queue.submit([encoder.finish()]);
+        batch.kernels.push(kernel.label());
+        batch.uniforms.extend(uniform);
+        let full = batch.kernels.len() >= BATCH;
+        drop(batch);
         self.dispatches.fetch_add(1, Ordering::Relaxed);
-        if let Some(p) = profiler.as_mut().filter(|p| p.clock == Clock::WallClock) {
-            self.wait_for(submission)?;
-            p.done.push(KernelTime {
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(format!("dispatching {}: {err}", kernel.label()));
+        }
+        if wall_clock {
+            let start = Instant::now();
+            if let Some(submission) = self.flush()? {
+                self.wait_for(submission)?;
+            }
+            profiler.as_mut().unwrap().done.push(KernelTime {
                 kernel: kernel.label(),
                 time: start.elapsed(),
                 bytes: traffic,
             });
-        }
-        drop(profiler);
-        if let Some(err) = pollster::block_on(scope.pop()) {
-            return Err(format!("dispatching {}: {err}", kernel.label()));
-        }
-        if let Some(u) = uniform {
-            self.uniforms.release(u);
+        } else if full {
+            self.flush()?;
         }
         Ok(())
+    }
+
+    /// Submits the dispatches recorded so far, if any: before anything else goes to the queue
+    /// (uploads, copies, readbacks), which would otherwise run ahead of them.
+    fn flush(&self) -> Result<Option<wgpu::SubmissionIndex>, String> {
+        let _device = self.exclusive();
+        let mut batch = self.batch.lock().unwrap();
+        let Some(encoder) = batch.encoder.take() else {
+            return Ok(None);
+        };
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let submission = self.queue.submit([encoder.finish()]);
+        let kernels = std::mem::take(&mut batch.kernels);
+        for u in batch.uniforms.drain(..) {
+            self.uniforms.release(u);
+        }
+        drop(batch);
+        match pollster::block_on(scope.pop()) {
+            Some(err) => Err(format!("dispatching {}: {err}", kernels.join(", "))),
+            None => Ok(Some(submission)),
+        }
     }
 
     /// Records buffer-to-buffer copies (source, source offset, destination, destination offset,
@@ -244,6 +296,7 @@ impl Context {
     /// waiting: a DMA-style copy, no kernel.
     pub fn copy_regions(&self, copies: &[BufferCopy]) -> Result<(), String> {
         let _device = self.exclusive();
+        self.flush()?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut encoder = self.device.create_command_encoder(&Default::default());
         for c in copies {
@@ -272,6 +325,7 @@ impl Context {
     /// Blocks until all submitted work has finished.
     pub fn synchronize(&self) -> Result<(), String> {
         let _device = self.exclusive();
+        self.flush()?;
         let submission = self.queue.submit([]);
         self.wait_for(submission)
     }
@@ -279,6 +333,7 @@ impl Context {
     /// Copies `bytes` bytes of `buffer` to the host (waits for the device).
     pub fn read(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, String> {
         let _device = self.exclusive();
+        self.flush()?;
         let size = bytes.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT).max(4);
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("metaseg readback"),
@@ -327,6 +382,7 @@ impl Context {
         };
         let count = 2 * p.pending.len() as u32;
         debug_assert!(count <= CAPACITY);
+        self.flush()?;
         let resolved = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("metaseg timestamps"),
             size: 8 * count as u64,
@@ -362,10 +418,13 @@ impl Context {
         self.storage.release(buffer);
     }
 
-    /// Copies host data into the start of `buffer` (ordered before work submitted later).
-    pub fn write(&self, buffer: &wgpu::Buffer, data: &[u8]) {
+    /// Copies host data into the start of `buffer`, after the launches recorded so far (a pooled
+    /// buffer may still be read by one of them) and before those recorded later.
+    pub fn write(&self, buffer: &wgpu::Buffer, data: &[u8]) -> Result<(), String> {
         let _device = self.exclusive();
+        self.flush()?;
         self.queue.write_buffer(buffer, 0, data);
+        Ok(())
     }
 
     pub fn pool_stats(&self) -> PoolStats {
