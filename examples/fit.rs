@@ -4,10 +4,12 @@
 //! A run whose training Dice is far above its test Dice has fitted its labeled cases; one whose
 //! training Dice is no higher has not yet run out of what they teach.
 //!
-//! Usage: cargo run --release --example fit -- [--cases] RUN_DIR [RUN_DIR ...]
+//! Usage: cargo run --release --example fit -- [--cases] [--test N] RUN_DIR [RUN_DIR ...]
 //! (a run directory of `metaseg train`, e.g. runs/default/supervised/seed-1337). Prints one line
 //! per run: method, seed, training cases, training Dice, test Dice; with `--cases`, then every
-//! test case's Dice, lowest first.
+//! test case's Dice, lowest first. `--test N` (embedded data set only) scores the run on N test
+//! cases in place of its own: a case depends only on the seed and its index, and the test cases
+//! are the last ones, so the training cases stay the same and the first test cases too.
 
 use metaseg::eval::inference::HostVolume;
 use metaseg::eval::trained::SavedRun;
@@ -30,15 +32,29 @@ fn fit_all() -> Result<(), Box<dyn std::error::Error>> {
     if per_case {
         dirs.remove(0);
     }
+    let mut test_cases = None;
+    if dirs.first().is_some_and(|a| a == "--test") {
+        let n = dirs.get(1).ok_or("--test needs a number")?;
+        test_cases = Some(n.parse::<usize>().map_err(|e| format!("--test {n}: {e}"))?);
+        dirs.drain(..2);
+    }
     if dirs.is_empty() {
-        return Err("usage: fit [--cases] RUN_DIR [RUN_DIR ...]".into());
+        return Err("usage: fit [--cases] [--test N] RUN_DIR [RUN_DIR ...]".into());
     }
     let gpu = Gpu::new()?;
     println!("| run | method | seed | training cases | training Dice | test Dice |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for dir in &dirs {
         let saved = SavedRun::read(Path::new(dir))?;
-        let config = &saved.config;
+        let mut config = saved.config.clone();
+        if let Some(n) = test_cases {
+            if config.data.source != "default" {
+                return Err(format!("--test: {dir} is not on the embedded data set").into());
+            }
+            config.data.cases = config.data.cases - config.data.test + n;
+            config.data.test = n;
+        }
+        let config = &config;
         let data = run::load_data(config)?;
         let channels = data.labeled[0].image.channels;
         let trained = saved.network(&gpu, channels)?;

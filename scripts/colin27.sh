@@ -11,11 +11,25 @@
 # lengths (3 levels, batch 2 + 2, intensity 0.1, first stages of 60), as the default preset has
 # since become the 2D task of docs/default-data.md.
 #
-#   scripts/colin27.sh [WORK_DIR]        (default runs/colin27)
+# With --2d, whole axial slices instead (examples/colin27.rs, `slices`): the T1 at 2 mm in plane,
+# padded to 112 x 96, the slices with at least 100 mm^2 of nuclei; the 10 highest are the test
+# slab, the training slices are the others at least 10 mm from every test slice (the example
+# checks it and prints the smallest distance): 4 labeled, 15 unlabeled, 10 test. Then the
+# default preset (the 2D V-Net, lr 0.05, no dropout) on the whole slice, batch 2 (+ 2 unlabeled)
+# and 200 iterations, the ramp-ups scaled to them (40 units of 5), first stages of 50.
+# It is one brain either way: the test cases are other parts of the same head, and the seeds
+# change the initialisation and the sampling, not the split.
+#
+#   scripts/colin27.sh [--2d] [WORK_DIR]        (default runs/colin27, or runs/colin27-2d)
 #   METHODS=supervised,full SEEDS=1 scripts/colin27.sh   (a subset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-work="${1:-runs/colin27}"
+two_d=false
+if [[ "${1:-}" == "--2d" ]]; then
+    two_d=true
+    shift
+fi
+work="${1:-runs/colin27$($two_d && echo -2d)}"
 methods="${METHODS:-supervised,mean-teacher,full,mlb-seg,online-pl,dtml,local-contrastive,ideal}"
 seeds="${SEEDS:-3}"
 templates="$work/download/usr/share/mricron/templates"
@@ -24,6 +38,16 @@ if [[ ! -f "$templates/aal.nii.gz" ]]; then
     mkdir -p "$work/download"
     # apt-get download needs no root; dpkg -x unpacks without installing.
     (cd "$work/download" && apt-get download mricron-data && dpkg -x mricron-data_*.deb .)
+fi
+if $two_d; then
+    cargo run --release --quiet --example colin27 -- --2d "$templates" "$work/data" 4 10 10
+    cargo run --release --quiet -- train --data "$work/data" --seeds "$seeds" --method "$methods" \
+        --set "data.split=\"$work/data/split.json\"" 'batch.patch=[1, 112, 96]' iterations=200 \
+        batch.labeled=2 batch.unlabeled=2 mean_teacher.rampup_unit=5 dtml.rampup_unit=5 \
+        ideal.rampup_unit=5 log.validate_every=50 log.checkpoint_every=50 \
+        mlb_seg.stage0_iterations=50 online_pl.stage1_iterations=50 \
+        local_contrastive.stage1_iterations=50 ideal.pretrain_iterations=50 --out "$work/runs"
+    exit 0
 fi
 cargo run --release --quiet --example colin27 -- "$templates" "$work/data" 16 4 8 0.02
 cargo run --release --quiet -- train --data "$work/data" --seeds "$seeds" --method "$methods" \

@@ -1153,6 +1153,26 @@ fn train_without_a_method_compares_the_baselines_in_one_table() {
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4, "{csv}");
     assert!(out.join("comparison.png").is_file());
+    // Each method's paired difference to supervised, printed and in results.json, is its Dice
+    // minus supervised's as results.csv has them.
+    let dice: Vec<f64> = (csv.lines().skip(1))
+        .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
+        .collect();
+    let text = std::fs::read_to_string(out.join("results.json")).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (i, method) in [(1, "mean-teacher"), (2, "full")] {
+        let entry = &summary["methods"][i];
+        assert_eq!(entry["method"], method);
+        let difference = dice[i] - dice[0];
+        let got = entry["paired_to_supervised"]["mean"].as_f64().unwrap();
+        assert!((got - difference).abs() < 1e-12, "{text}");
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {method} |")));
+        let ahead = usize::from(difference > 0.0);
+        let cell = format!("| {difference:+.3} | {ahead} of 1 |");
+        assert!(row.unwrap().ends_with(&cell), "{cell} in\n{table}");
+    }
 }
 
 #[test]

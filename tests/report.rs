@@ -344,8 +344,25 @@ fn result(method: &str, seed: u64, dice: f64) -> RunResult {
     }
 }
 
+/// Pixels of `colour` in the left and the right half of a picture.
+fn count_by_half(picture: &Rgb, colour: [u8; 3]) -> (usize, usize) {
+    let pixels = picture.data.chunks(3).enumerate();
+    let matching = pixels
+        .filter(|(_, p)| *p == colour)
+        .map(|(i, _)| i % picture.width);
+    matching.fold((0, 0), |(l, r), x| {
+        if x < picture.width / 2 {
+            (l + 1, r)
+        } else {
+            (l, r + 1)
+        }
+    })
+}
+
+/// Left the Dice of every method, right the paired differences to supervised: with supervised
+/// among the runs both panels have points; without it, the right one has none.
 #[test]
-fn comparison_plot_shows_every_seed_and_the_means() {
+fn comparison_plot_shows_every_seed_the_means_and_the_paired_differences() {
     let dir = Dir::new();
     let results = [
         result("supervised", 1, 0.5),
@@ -358,10 +375,15 @@ fn comparison_plot_shows_every_seed_and_the_means() {
     let out = dir.path("comparison.png");
     report::comparison_plot(&results, &out).unwrap();
     let picture = decode(&out);
-    assert_eq!((picture.width, picture.height), (720, 480));
-    assert_eq!(report::COMPARISON_SIZE, (720, 480));
-    assert!(count(&picture, rgb(DICE_COLOUR)) > 100);
-    // No runs: an empty chart rather than an error.
+    assert_eq!((picture.width, picture.height), (1200, 480));
+    assert_eq!(report::COMPARISON_SIZE, (1200, 480));
+    let (left, right) = count_by_half(&picture, rgb(DICE_COLOUR));
+    assert!(left > 100 && right > 100, "{left} {right}");
+    // Without supervised: the Dice as before, no differences.
+    report::comparison_plot(&results[2..], &out).unwrap();
+    let (left, right) = count_by_half(&decode(&out), rgb(DICE_COLOUR));
+    assert!(left > 100 && right == 0, "{left} {right}");
+    // No runs: empty charts rather than an error.
     report::comparison_plot(&[], &out).unwrap();
     assert_eq!(count(&decode(&out), rgb(DICE_COLOUR)), 0);
 }

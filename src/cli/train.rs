@@ -222,7 +222,10 @@ fn run_plan(args: &TrainArgs) -> AnyResult<()> {
         }
     }
     if runs.len() > 1 && !results.is_empty() {
-        let table = compare::markdown(&results);
+        let mut table = compare::markdown(&results);
+        if let Some(note) = compare::missing_reference(&results) {
+            table.push_str(&format!("\n{note}\n"));
+        }
         println!(
             "\nTest cases, means over cases{}:\n{table}",
             if args.seeds > 1 {
@@ -238,6 +241,9 @@ fn run_plan(args: &TrainArgs) -> AnyResult<()> {
         };
         write("results.md", &table)?;
         write("results.csv", &compare::csv(&results))?;
+        let json = serde_json::to_string_pretty(&compare::json(&results))
+            .map_err(|e| format!("results.json: {e}"))?;
+        write("results.json", &json)?;
         warn_on(report::comparison_plot(
             &results,
             &args.out.join("comparison.png"),

@@ -2,8 +2,9 @@
 //! the test Dice of every method in a comparison.
 
 use super::{draw_error, font, io, write_png, ReportError, Result, Rgb, FAMILY};
-use crate::train::compare::{mean_std, RunResult};
-use plotters::coord::ranged1d::SegmentValue;
+use crate::train::compare::{mean_std, paired_differences, RunResult, REFERENCE};
+use plotters::coord::ranged1d::{SegmentValue, SegmentedCoord};
+use plotters::coord::types::{RangedCoordf64, RangedCoordi32};
 use plotters::prelude::*;
 use std::ops::Range;
 use std::path::Path;
@@ -11,7 +12,7 @@ use std::path::Path;
 /// Width and height of `loss.png`.
 pub const LOSS_SIZE: (u32, u32) = (960, 720);
 /// Width and height of `comparison.png`.
-pub const COMPARISON_SIZE: (u32, u32) = (720, 480);
+pub const COMPARISON_SIZE: (u32, u32) = (1200, 480);
 /// The loss terms' colours, in the order of [`Log::terms`] (repeating past the sixth).
 pub const TERM_COLOURS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
@@ -265,9 +266,12 @@ fn dice_panel(
     legend(&mut chart)
 }
 
-/// Draws `comparison.png`: for each method (in the order first run), the test Dice of every seed
-/// as a hollow dot, beside their mean as a filled one with an error bar of ± one standard
-/// deviation. Non-finite Dice values are left out.
+/// Draws `comparison.png`, two panels. Left: for each method (in the order first run), the test
+/// Dice of every seed as a hollow dot, beside their mean as a filled one with an error bar of ±
+/// one standard deviation. Right, the same for each other method's paired difference to
+/// supervised (its Dice minus supervised's on the same seed), around a line at zero; without
+/// supervised among the runs, that panel says so and is otherwise empty. Non-finite Dice values
+/// are left out.
 pub fn comparison_plot(results: &[RunResult], out: &Path) -> Result<()> {
     font().map_err(draw_error(out))?;
     let (w, h) = COMPARISON_SIZE;
@@ -295,18 +299,77 @@ fn dice_by_method(results: &[RunResult]) -> Vec<(String, Vec<f64>)> {
 }
 
 fn draw_comparison(buffer: &mut [u8], results: &[RunResult]) -> std::result::Result<(), Error> {
-    let groups = dice_by_method(results);
-    let names: Vec<String> = groups.iter().map(|g| g.0.clone()).collect();
     let root = BitMapBackend::with_buffer(buffer, COMPARISON_SIZE).into_drawing_area();
     root.fill(&WHITE)?;
-    // An integer range holds its end too: 0..=n-1 gives one segment per method.
+    let (left, right) = root.split_horizontally(COMPARISON_SIZE.0 / 2);
+    let groups = dice_by_method(results);
+    let axes = Axes {
+        caption: "Test Dice by method".into(),
+        y_desc: "Dice (test cases)".into(),
+        y: 0.0..1.0,
+    };
+    draw_points(&left, &axes, &groups)?;
+    let y_desc = format!("Dice - {} (same seed)", REFERENCE.name());
+    match paired_differences(results) {
+        Some(paired) => {
+            let groups: Vec<(String, Vec<f64>)> = (paired.into_iter())
+                .map(|p| (p.method, p.per_seed.into_iter().map(|(_, d)| d).collect()))
+                .collect();
+            let caption = format!("Paired difference to {}", REFERENCE.name());
+            let y = symmetric_range(&groups);
+            let chart = draw_points(&right, &Axes { caption, y_desc, y }, &groups)?;
+            draw_zero_line(chart)?;
+        }
+        None => {
+            let caption = format!(
+                "Paired differences need {} among the methods",
+                REFERENCE.name()
+            );
+            draw_points(
+                &right,
+                &Axes {
+                    caption,
+                    y_desc,
+                    y: -1.0..1.0,
+                },
+                &[],
+            )?;
+        }
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// A panel's caption, y-axis title and y range.
+struct Axes {
+    caption: String,
+    y_desc: String,
+    y: Range<f64>,
+}
+
+type PointChart<'a> = ChartContext<
+    'a,
+    BitMapBackend<'a>,
+    Cartesian2d<SegmentedCoord<RangedCoordi32>, RangedCoordf64>,
+>;
+
+/// One panel: per named group, its values as hollow dots beside their mean ± std (a filled dot
+/// and an error bar), clipped to the y range.
+fn draw_points<'a>(
+    area: &DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
+    axes: &Axes,
+    groups: &[(String, Vec<f64>)],
+) -> std::result::Result<PointChart<'a>, Error> {
+    let names: Vec<String> = groups.iter().map(|g| g.0.clone()).collect();
+    // An integer range holds its end too: 0..=n-1 gives one segment per group.
     let last = groups.len().max(1) as i32 - 1;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("Test Dice by method", (FAMILY, 22))
+    let (low, high) = (axes.y.start, axes.y.end);
+    let mut chart = ChartBuilder::on(area)
+        .caption(&axes.caption, (FAMILY, 22))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(64)
-        .build_cartesian_2d((0..last).into_segmented(), 0.0..1.0)?;
+        .build_cartesian_2d((0..last).into_segmented(), axes.y.clone())?;
     let label = |v: &SegmentValue<i32>| match v {
         SegmentValue::CenterOf(i) => names.get(*i as usize).cloned().unwrap_or_default(),
         _ => String::new(),
@@ -316,23 +379,23 @@ fn draw_comparison(buffer: &mut [u8], results: &[RunResult]) -> std::result::Res
         .disable_x_mesh()
         .x_labels(groups.len().max(1))
         .x_label_formatter(&label)
-        .y_desc("Dice (test cases)")
+        .y_desc(&axes.y_desc)
         .label_style((FAMILY, 15))
         .draw()?;
-    for (i, (_, dice)) in groups.iter().enumerate() {
+    for (i, (_, values)) in groups.iter().enumerate() {
         let at = SegmentValue::CenterOf(i as i32);
         // Seeds beside the error bar rather than under it.
-        let seeds = dice.iter().map(|&d| {
+        let seeds = values.iter().map(|&d| {
             EmptyElement::at((at.clone(), d))
                 + Circle::new((-22, 0), 5, DICE_COLOUR.stroke_width(2))
         });
         chart.draw_series(seeds)?;
-        if let Some((mean, std, _)) = mean_std(dice.iter().map(|&d| Some(d))) {
+        if let Some((mean, std, _)) = mean_std(values.iter().map(|&d| Some(d))) {
             let bar = ErrorBar::new_vertical(
                 at.clone(),
-                (mean - std).max(0.0),
+                (mean - std).max(low),
                 mean,
-                (mean + std).min(1.0),
+                (mean + std).min(high),
                 BLACK.stroke_width(2),
                 16,
             );
@@ -340,6 +403,26 @@ fn draw_comparison(buffer: &mut [u8], results: &[RunResult]) -> std::result::Res
             chart.draw_series([Circle::new((at, mean), 6, DICE_COLOUR.filled())])?;
         }
     }
-    root.present()?;
+    Ok(chart)
+}
+
+/// A y range symmetric about zero that holds every value and every mean ± std, with a margin,
+/// at least ± 0.1.
+fn symmetric_range(groups: &[(String, Vec<f64>)]) -> Range<f64> {
+    let extent = groups.iter().fold(0.1f64, |e, (_, values)| {
+        let spread = mean_std(values.iter().map(|&d| Some(d))).map_or(0.0, |(m, s, _)| m.abs() + s);
+        values.iter().fold(e.max(spread), |e, d| e.max(d.abs()))
+    });
+    let extent = (extent * 1.1).min(1.0);
+    -extent..extent
+}
+
+/// The line of no difference across the panel.
+fn draw_zero_line(mut chart: PointChart) -> std::result::Result<(), Error> {
+    let ends = [SegmentValue::Exact(0), SegmentValue::Last];
+    chart.draw_series([PathElement::new(
+        ends.map(|x| (x, 0.0)).to_vec(),
+        BLACK.mix(0.6).stroke_width(1),
+    )])?;
     Ok(())
 }
