@@ -146,7 +146,7 @@ fn prepare<B: NetBackend>(
     let (start, changes, mut history) = if options.resume {
         let restored = load_checkpoint(backend, trainer, &paths.checkpoint())?;
         truncate_log(&paths.log(), restored.step)?;
-        let history = config_history(&paths.config());
+        let history = config_history(&paths.config(), restored.step);
         (restored.step, restored.changes, history)
     } else {
         let _ = std::fs::remove_file(paths.log());
@@ -182,11 +182,18 @@ fn prepare<B: NetBackend>(
     Ok((start, log))
 }
 
-/// The comment lines at the top of a run's config.toml: the changes of earlier resumes.
-fn config_history(path: &Path) -> String {
+/// The comment lines at the top of a run's config.toml: the changes of earlier resumes from
+/// before `step` (a resume from `step` or later was abandoned when this one went back to `step`).
+fn config_history(path: &Path, step: u64) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
         .take_while(|l| l.starts_with('#'))
+        .filter(|l| {
+            let at = l
+                .strip_prefix("# resumed at step ")
+                .and_then(|rest| rest.split(' ').next().and_then(|n| n.parse::<u64>().ok()));
+            at.is_none_or(|at| at < step)
+        })
         .map(|l| format!("{l}\n"))
         .collect()
 }
@@ -235,7 +242,8 @@ fn progress_bar(show: bool, iterations: u64, start: u64) -> ProgressBar {
     bar
 }
 
-/// Keeps the log's lines of steps up to `step` (a resumed run rewrites what came after).
+/// Keeps the log's lines of steps up to `step` (a resumed run rewrites what came after), and the
+/// resume events from before `step` (one at `step` or later belongs to an abandoned attempt).
 fn truncate_log(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
@@ -243,10 +251,13 @@ fn truncate_log(path: &Path, step: u64) -> Result<()> {
     let kept: Vec<&str> = text
         .lines()
         .filter(|line| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= step)
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                return false;
+            };
+            let is_event = v["event"].is_string();
+            v["step"]
+                .as_u64()
+                .is_some_and(|s| s < step || (s == step && !is_event))
         })
         .collect();
     let mut out = kept.join("\n");
