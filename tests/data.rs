@@ -876,3 +876,78 @@ fn synthetic_folder_reads_back_through_the_msd_reader() {
             .unwrap();
     assert_eq!(file.test, ["synth_005"]);
 }
+
+/// The labeled draw: "random" keeps the first `labeled` training cases (the split every earlier
+/// run had); "stratified" takes one case from each quarter of the training cases ordered by the
+/// contrast key, the same ones for the same seed, and leaves the pool, the test set and `full`'s
+/// training set as they were.
+#[test]
+fn the_labeled_draw_random_keeps_the_first_cases_stratified_covers_the_strata() {
+    let load = |draw: &str, method: &str| {
+        let sets = [
+            "data.cases=20",
+            "data.size=[1, 16, 16]",
+            "batch.patch=[1, 16, 16]",
+            "data.labeled=4",
+            "data.test=4",
+            &format!("data.labeled_draw={draw}"),
+            &format!("method={method}"),
+        ]
+        .map(String::from);
+        run::load_data(&TrainConfig::load("default", &sets).unwrap()).unwrap()
+    };
+    let names = |cases: &[metaseg::train::batch::LoadedCase]| -> Vec<String> {
+        cases.iter().map(|c| c.name.clone()).collect()
+    };
+    let range =
+        |r: std::ops::Range<usize>| -> Vec<String> { r.map(synthetic::case_name).collect() };
+    let random = load("random", "supervised");
+    assert_eq!(names(&random.labeled), range(0..4));
+    assert_eq!(names(&random.unlabeled), range(4..16));
+    assert_eq!(names(&random.test), range(16..20));
+
+    let stratified = load("stratified", "supervised");
+    assert_eq!(names(&stratified.test), names(&random.test));
+    let training: Vec<_> = random.labeled.iter().chain(&random.unlabeled).collect();
+    let keys: Vec<f64> = training
+        .iter()
+        .map(|c| metaseg::data::draw::contrast_key(&c.image))
+        .collect();
+    let mut ranks: Vec<usize> = (0..16).collect();
+    ranks.sort_by(|&a, &b| keys[a].total_cmp(&keys[b]));
+    let stratum_of = |name: &str| {
+        let i = training.iter().position(|c| c.name == name).unwrap();
+        ranks.iter().position(|&r| r == i).unwrap() / 4
+    };
+    let mut strata: Vec<usize> = stratified
+        .labeled
+        .iter()
+        .map(|c| stratum_of(&c.name))
+        .collect();
+    strata.sort_unstable();
+    assert_eq!(strata, vec![0, 1, 2, 3]);
+    let mut all = names(&stratified.labeled);
+    all.extend(names(&stratified.unlabeled));
+    all.sort();
+    assert_eq!(all, range(0..16));
+    for c in stratified.labeled.iter().chain(&stratified.unlabeled) {
+        let same = training.iter().find(|r| r.name == c.name).unwrap();
+        assert_eq!(c.image.data, same.image.data, "{}", c.name);
+    }
+    assert_eq!(
+        names(&load("stratified", "supervised").labeled),
+        names(&stratified.labeled)
+    );
+    assert_eq!(
+        names(&load("stratified", "full").labeled),
+        names(&load("random", "full").labeled)
+    );
+
+    let sets = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert!(TrainConfig::load("default", &sets(&["data.labeled_draw=sorted"])).is_err());
+    let folder = sets(&[
+        "data.labeled_draw=stratified",
+        "data.source=/no/such/folder",
+    ]);
+    assert!(TrainConfig::load("default", &folder).is_err());
+}

@@ -57,11 +57,20 @@ pub struct DataConfig {
     pub test: usize,
     /// A JSON split file with lists `labeled`, `unlabeled`, `test` (empty: use the counts).
     pub split: String,
+    /// How the embedded set's labeled cases are chosen among its training cases: "random" (the
+    /// first `labeled`; the cases are a seeded random draw) or "stratified" (one per stratum of
+    /// a label-free contrast key, `data::draw`).
+    #[serde(default = "random_draw")]
+    pub labeled_draw: String,
     pub classes: usize,
     /// The embedded data set's generator knobs (defaults when the preset has no
     /// `[data.synthetic]`); unused for a folder.
     #[serde(default)]
     pub synthetic: crate::data::synthetic::SyntheticKnobs,
+}
+
+fn random_draw() -> String {
+    "random".into()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -242,6 +251,18 @@ impl TrainConfig {
             }
         };
         one_of("network.kind", &self.network.kind, &["vnet", "unet"])?;
+        one_of(
+            "data.labeled_draw",
+            &self.data.labeled_draw,
+            &crate::data::LabeledDraw::NAMES,
+        )?;
+        if self.data.labeled_draw == "stratified" && self.data.source != "default" {
+            return bad(
+                "data.labeled_draw = \"stratified\" draws from the embedded set only; a \
+                 folder's labeled cases are the first ones or those its split file names"
+                    .into(),
+            );
+        }
         one_of("optimizer.kind", &self.optimizer.kind, &["sgd", "adam"])?;
         one_of(
             "optimizer.schedule",

@@ -2,7 +2,7 @@
 //! each iteration on the device.
 
 use super::{Result, RunError};
-use crate::data::{self, preprocess, synthetic, Msd, SplitSpec, SyntheticConfig, Volume};
+use crate::data::{self, draw, preprocess, synthetic, Msd, SplitSpec, SyntheticConfig, Volume};
 use crate::nn::NetBackend;
 use crate::train::augment::{warp_batch, RotateScale};
 use crate::train::batch::{sample, LoadedCase, Sampling};
@@ -59,11 +59,26 @@ pub fn load_data(config: &TrainConfig) -> Result<RunData> {
             )));
         }
         let test = all.split_off(d.cases - d.test);
-        let unlabeled = all.split_off(d.labeled);
-        RunData {
-            labeled: all,
-            unlabeled,
-            test,
+        let draw = data::LabeledDraw::parse(&d.labeled_draw)?;
+        // `full` labels every training case: which are "labeled" changes nothing but its order.
+        if draw == data::LabeledDraw::Random || full {
+            let unlabeled = all.split_off(d.labeled);
+            RunData {
+                labeled: all,
+                unlabeled,
+                test,
+            }
+        } else {
+            let keys: Vec<f64> = all.iter().map(|c| draw::contrast_key(&c.image)).collect();
+            let picks = draw::stratified(&keys, d.labeled, config.seed)?;
+            let (labeled, unlabeled) =
+                (all.into_iter().enumerate()).partition::<Vec<_>, _>(|(i, _)| picks.contains(i));
+            let cases = |v: Vec<(usize, LoadedCase)>| v.into_iter().map(|(_, c)| c).collect();
+            RunData {
+                labeled: cases(labeled),
+                unlabeled: cases(unlabeled),
+                test,
+            }
         }
     } else {
         // Labels must fit the classes trained on, not only those dataset.json declares.
