@@ -12,7 +12,8 @@ use metaseg::nn::Mode;
 use metaseg::train::config::TrainConfig;
 use metaseg::train::methods::mlb_seg::start::{self, stage0};
 use metaseg::train::methods::mlb_seg::step::{
-    meta_batch_loss, meta_weights, step_in, unlabeled_terms, Trace,
+    class_balance, meta_batch_loss, meta_weights, normalised, step_in, unlabeled_terms,
+    weighted_meta_batch_loss, Trace,
 };
 use metaseg::train::methods::mlb_seg::views::{Average, Views, VIEWS};
 use metaseg::train::methods::mlb_seg::MlbSeg;
@@ -645,4 +646,157 @@ fn the_main_stage_learning_rate_key_moves_the_main_stage_only() {
         &["method=mlb-seg".into(), "mlb_seg.lr=-1".into()],
     );
     assert!(err.unwrap_err().to_string().contains("mlb_seg.lr"));
+}
+
+/// A [N, 2, 2, 2, 2] tensor of values in [-1, 1) from stream `seed`.
+fn random_maps(samples: usize, seed: u64) -> Var<Cpu64> {
+    let n = samples * 2 * 8;
+    let values: Vec<f64> = (0..n as u64)
+        .map(|i| 2.0 * metaseg_autograd::random::uniform(seed, i) - 1.0)
+        .collect();
+    Var::from_f64(&Cpu64, &values, &Shape::from([samples, 2, 2, 2, 2]), false).unwrap()
+}
+
+#[test]
+fn each_map_normalisation_gives_each_map_half_the_weight() {
+    let (samples, voxels) = (3, 8);
+    let g = random_maps(samples, 41);
+    let values = g.to_f64().unwrap();
+    // max(-g, 0) over the voxels selected by `keep`, divided by their total (+ clip's 1e-10).
+    let clip = |keep: &dyn Fn(usize) -> bool, share: f64| -> Vec<f64> {
+        let raw: Vec<f64> = (0..values.len())
+            .map(|i| if keep(i) { (-values[i]).max(0.0) } else { 0.0 })
+            .collect();
+        let total: f64 = raw.iter().sum::<f64>() + 1e-10;
+        raw.iter().map(|r| share * r / total).collect()
+    };
+    let map_of = |i: usize| (i / voxels) % 2;
+    let both = normalised(&tiny(&[]), &g).unwrap().to_f64().unwrap();
+    Tolerance::F64.assert("both maps", &both, &clip(&|_| true, 1.0));
+    let each = tiny(&["mlb_seg.normalise_over=\"each_map\""]);
+    let each = normalised(&each, &g).unwrap().to_f64().unwrap();
+    let expected: Vec<f64> = (0..values.len())
+        .map(|i| clip(&|j| map_of(j) == map_of(i), 0.5)[i])
+        .collect();
+    Tolerance::F64.assert("each map", &each, &expected);
+    let init: f64 = (0..each.len())
+        .filter(|&i| map_of(i) == 0)
+        .map(|i| each[i])
+        .sum();
+    let split: f64 = (0..both.len())
+        .filter(|&i| map_of(i) == 0)
+        .map(|i| both[i])
+        .sum();
+    assert!(
+        (init - 0.5).abs() < 1e-9,
+        "the initial labels' map holds {init}"
+    );
+    assert!(
+        (split - 0.5).abs() > 1e-3,
+        "the test needs an uneven split, got {split}"
+    );
+}
+
+#[test]
+fn the_balanced_meta_loss_is_the_mean_of_each_classes_mean_ce() {
+    // Random logits against labels with one voxel in eight foreground.
+    let (samples, voxels) = (2, 8);
+    let logits = random_maps(samples, 43);
+    let z = logits.to_f64().unwrap();
+    let fg = |s: usize, v: usize| (s * voxels + v) % 8 == 3;
+    let mut labels = Vec::new();
+    for s in 0..samples {
+        labels.extend((0..voxels).map(|v| f64::from(u8::from(!fg(s, v)))));
+        labels.extend((0..voxels).map(|v| f64::from(u8::from(fg(s, v)))));
+    }
+    let y = Var::from_f64(&Cpu64, &labels, &Shape::from([samples, 2, 2, 2, 2]), false).unwrap();
+    // CE of one voxel: log(e^z0 + e^z1) - z_label.
+    let (mut sums, mut counts) = ([0.0; 2], [0.0; 2]);
+    for s in 0..samples {
+        for v in 0..voxels {
+            let (z0, z1) = (z[2 * s * voxels + v], z[(2 * s + 1) * voxels + v]);
+            let c = usize::from(fg(s, v));
+            sums[c] += (z0.exp() + z1.exp()).ln() - [z0, z1][c];
+            counts[c] += 1.0;
+        }
+    }
+    let balanced = 0.5 * (sums[0] / counts[0] + sums[1] / counts[1]);
+    let mean = (sums[0] + sums[1]) / (counts[0] + counts[1]);
+    let config = tiny(&["mlb_seg.meta_loss=\"balanced\""]);
+    let weights = class_balance(&y).unwrap();
+    let value = |v: Var<Cpu64>| v.value().data[0];
+    let got = weighted_meta_batch_loss(&config, &logits, &y, Some(&weights)).unwrap();
+    Tolerance::F64.assert("balanced CE", &[value(got)], &[balanced]);
+    let plain = meta_batch_loss(&config, &logits, &y).unwrap();
+    Tolerance::F64.assert("mean CE", &[value(plain)], &[mean]);
+    assert!((balanced - mean).abs() > 1e-3, "{balanced} vs {mean}");
+    // One class only: every voxel weighs 1, the plain mean.
+    let background: Vec<f64> = (0..2 * samples * voxels)
+        .map(|i| f64::from(u8::from((i / voxels) % 2 == 0)))
+        .collect();
+    let y = Var::from_f64(&Cpu64, &background, y.shape(), false).unwrap();
+    let ones = class_balance(&y).unwrap().to_f64().unwrap();
+    assert!(ones.iter().all(|&w| w == 1.0), "{ones:?}");
+}
+
+#[test]
+fn the_ple_threshold_key_sets_where_the_enhanced_labels_turn_foreground() {
+    let config = view_config();
+    let patch = config.batch.patch;
+    let voxels: usize = patch.iter().product();
+    let views = Views::draw(&config, 3, 0, 2);
+    // Every view predicts 0.4: the average by coverage is 0.4 wherever a view covers.
+    let p = constant_prediction(2, patch, 0.4);
+    let labels = |threshold| {
+        let y = views.enhanced_labels_at(&p, Average::Coverage, threshold);
+        y.unwrap().to_f64().unwrap()
+    };
+    let (paper, low) = (labels(0.5), labels(0.3));
+    assert_eq!(
+        paper,
+        views
+            .enhanced_labels(&p, Average::Coverage)
+            .unwrap()
+            .to_f64()
+            .unwrap()
+    );
+    for s in 0..2 {
+        assert_eq!(foreground(&paper, s, voxels), 0);
+        assert_eq!(
+            foreground(&low, s, voxels),
+            voxels,
+            "identity view of sample {s}"
+        );
+    }
+    let err = TrainConfig::load(
+        "default",
+        &["method=mlb-seg".into(), "mlb_seg.ple_threshold=1".into()],
+    );
+    assert!(err
+        .unwrap_err()
+        .to_string()
+        .contains("mlb_seg.ple_threshold"));
+    for key in ["mlb_seg.meta_loss=\"x\"", "mlb_seg.normalise_over=\"x\""] {
+        let err = TrainConfig::load("default", &["method=mlb-seg".into(), key.into()]);
+        let name = key.split('=').next().unwrap();
+        assert!(err.unwrap_err().to_string().contains(name), "{key}");
+    }
+}
+
+/// Runs that differ only in the main stage's keys share one stage 0: its configuration holds
+/// none of them (so `--resume --set` may change them at the stage boundary).
+#[test]
+fn stage_0_holds_no_main_stage_key() {
+    let main = tiny(&[
+        "mlb_seg.weights=\"softmax\"",
+        "mlb_seg.meta_loss=\"balanced\"",
+        "mlb_seg.normalise_over=\"each_map\"",
+        "mlb_seg.ple_threshold=0.3",
+        "mlb_seg.ple_mode=\"eval\"",
+        "mlb_seg.clip=0",
+        "mlb_seg.consistency=0",
+    ]);
+    assert_eq!(stage0(&main).config, stage0(&tiny(&[])).config);
+    let longer = tiny(&["mlb_seg.stage0_iterations=5"]);
+    assert_ne!(stage0(&longer).config, stage0(&tiny(&[])).config);
 }

@@ -80,6 +80,37 @@ pub struct MlbSegConfig {
     /// An unlabeled case whose weight maps are written as NIfTI at every validation (empty:
     /// none).
     pub save_weights: String,
+    /// The meta loss of the look-ahead: "ce" (mean CE over the meta batch's voxels: the paper and
+    /// the released code) or "balanced" (the mean over the classes present of each class's mean
+    /// CE, so a small foreground counts as much as the background; ours, issue 23). The
+    /// supervised step on the meta batch keeps mean CE either way.
+    #[serde(default = "mean_ce")]
+    pub meta_loss: String,
+    /// Over what the weights are normalised: "both_maps" (one normalisation over the initial
+    /// labels' and the PLE labels' maps together: the paper and the released code) or "each_map"
+    /// (each map on its own, to half the total each: the meta step then only chooses voxels
+    /// within a map, never between the maps; ours, issue 23).
+    #[serde(default = "both_maps")]
+    pub normalise_over: String,
+    /// The PLE labels are foreground where the views' average exceeds this (0.5: the paper and
+    /// the released code).
+    #[serde(default = "half")]
+    pub ple_threshold: f64,
+}
+
+/// `meta_loss`'s default: the paper's mean CE.
+fn mean_ce() -> String {
+    "ce".into()
+}
+
+/// `normalise_over`'s default: the paper's one normalisation.
+fn both_maps() -> String {
+    "both_maps".into()
+}
+
+/// `ple_threshold`'s default.
+fn half() -> f64 {
+    0.5
 }
 
 /// `ple_mode`'s default: the paper's training-mode pass.
@@ -106,6 +137,9 @@ impl Default for MlbSegConfig {
             clip: 0.2,
             lr: 0.0,
             save_weights: String::new(),
+            meta_loss: mean_ce(),
+            normalise_over: both_maps(),
+            ple_threshold: half(),
         }
     }
 }
@@ -130,6 +164,18 @@ impl MlbSegConfig {
         one_of("ple_mode", &m.ple_mode, &["train", "eval"])?;
         one_of("meta_path", &m.meta_path, &["fast", "reverse"])?;
         one_of("weights", &m.weights, &Normalization::NAMES)?;
+        one_of("meta_loss", &m.meta_loss, &["ce", "balanced"])?;
+        one_of(
+            "normalise_over",
+            &m.normalise_over,
+            &["both_maps", "each_map"],
+        )?;
+        if !(m.ple_threshold > 0.0 && m.ple_threshold < 1.0) {
+            return bad(format!(
+                "mlb_seg.ple_threshold {} must lie strictly between 0 and 1",
+                m.ple_threshold
+            ));
+        }
         if config.optimizer.kind != "sgd" {
             return bad("mlb-seg's look-ahead step is SGD: set optimizer.kind = \"sgd\"".into());
         }

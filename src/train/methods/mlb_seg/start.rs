@@ -31,10 +31,11 @@ pub fn stage0(config: &TrainConfig) -> FirstStage {
         config: TrainConfig {
             method: Method::Supervised,
             iterations: config.mlb_seg.stage0_iterations,
-            // The main stage's own rate is no part of stage 0 (runs varying it share one).
+            // Stage 0 is supervised: no main-stage key is part of it, so runs that differ only
+            // in those share one stage 0 (`--stop-after` at its end, a copy, `--resume --set`).
             mlb_seg: MlbSegConfig {
-                lr: 0.0,
-                ..config.mlb_seg.clone()
+                stage0_iterations: config.mlb_seg.stage0_iterations,
+                ..MlbSegConfig::default()
             },
             ..config.clone()
         },

@@ -28,7 +28,7 @@ use crate::train::network::{Learner, Weights};
 use crate::train::trainer::{
     slice_batch, step_log, supervised_loss, Context, DeviceBatch, StepLog,
 };
-use metaseg_autograd::{no_grad, Normalization, Reduction, Result, Var};
+use metaseg_autograd::{no_grad, Normalization, Reduction, Result, Shape, Var};
 
 /// Salt of the meta batch's dropout and teacher-noise streams, apart from the unlabeled views'.
 const META_SALT: u64 = 0x3e7a_0001;
@@ -164,7 +164,7 @@ pub fn unlabeled_terms_in<B: NetBackend>(
         } else {
             probabilities.detach()
         };
-        views.enhanced_labels(&p, average(config))
+        views.enhanced_labels_at(&p, average(config), config.mlb_seg.ple_threshold)
     })?;
     let cons = views.consistency(&probabilities)?;
     let mt = pass.logits.softmax_mse(&teacher_logits)?;
@@ -195,11 +195,50 @@ pub fn meta_weights<B: NetBackend>(
     normalised(cx.config, &g)
 }
 
-/// The weights of meta-gradient g by `mlb_seg.weights`.
-fn normalised<B: NetBackend>(config: &TrainConfig, g: &Var<B>) -> Result<Var<B>> {
-    let normalization =
-        Normalization::parse(&config.mlb_seg.weights).unwrap_or(Normalization::Clip);
-    Ok(g.meta_weights(normalization)?.detach())
+/// The weights of meta-gradient g [N, 2, patch] by `mlb_seg.weights`, over both maps together or
+/// over each map to half the total (`mlb_seg.normalise_over`).
+pub fn normalised<B: NetBackend>(config: &TrainConfig, g: &Var<B>) -> Result<Var<B>> {
+    let m = &config.mlb_seg;
+    let normalization = Normalization::parse(&m.weights).unwrap_or(Normalization::Clip);
+    if m.normalise_over != "each_map" {
+        return Ok(g.meta_weights(normalization)?.detach());
+    }
+    let map = |c| -> Result<Var<B>> {
+        g.slice_channels(c, 1)?
+            .detach()
+            .meta_weights(normalization)?
+            .scale(0.5)
+    };
+    Ok(Var::concat_channels(&[&map(0)?, &map(1)?])?.detach())
+}
+
+/// Per-voxel weights [N, 1, patch] of one-hot labels y [N, C, patch] that make the weighted mean
+/// CE the mean, over the classes present in y, of each class's mean CE (`mlb_seg.meta_loss =
+/// "balanced"`): a voxel of class c weighs N V / (classes present * voxels of c).
+pub fn class_balance<B: NetBackend>(y: &Var<B>) -> Result<Var<B>> {
+    let dims = y.shape().dims().to_vec();
+    let (samples, classes) = (dims[0], dims[1]);
+    let voxels: usize = dims[2..].iter().product();
+    let values = y.to_f64()?;
+    let row = |s: usize, c: usize| &values[(s * classes + c) * voxels..][..voxels];
+    let counts: Vec<f64> = (0..classes)
+        .map(|c| (0..samples).map(|s| row(s, c).iter().sum::<f64>()).sum())
+        .collect();
+    let present = counts.iter().filter(|&&n| n > 0.0).count().max(1) as f64;
+    let total = (samples * voxels) as f64;
+    let mut weights = vec![0.0; samples * voxels];
+    for (c, &n) in counts.iter().enumerate().filter(|(_, &n)| n > 0.0) {
+        let scale = total / (present * n);
+        for s in 0..samples {
+            let out = &mut weights[s * voxels..][..voxels];
+            for (w, label) in out.iter_mut().zip(row(s, c)) {
+                *w += label * scale;
+            }
+        }
+    }
+    let mut shape = dims;
+    shape[1] = 1;
+    Var::from_f64(y.backend(), &weights, &Shape(shape), false)
 }
 
 /// The meta-gradient g = dL_meta/d eps at eps = 0 [K * U, 2, patch] of step 2 (see
@@ -226,12 +265,16 @@ pub fn meta_gradient<B: NetBackend>(
     // Evaluated at theta only (MetaStep differentiates it there), so the pass of step 1 serves.
     let other_at = |_: &[Var<B>]| Ok(other.clone());
     let meta_mode = cx.mode(config.seed ^ META_SALT, t);
+    let balance = match m.meta_loss.as_str() {
+        "balanced" => Some(class_balance(meta.1)?),
+        _ => None,
+    };
     let meta_loss = |p: &[Var<B>]| {
         let logits = cx
             .net
             .forward(&Forward::new(p, stats, meta_mode), meta.0)?
             .logits;
-        meta_batch_loss(config, &logits, meta.1)
+        weighted_meta_batch_loss(config, &logits, meta.1, balance.as_ref())
     };
     let buffers = momentum_buffers(student)?;
     let o = &config.optimizer;
@@ -282,11 +325,22 @@ pub fn meta_batch_loss<B: NetBackend>(
     logits: &Var<B>,
     y: &Var<B>,
 ) -> Result<Var<B>> {
+    weighted_meta_batch_loss(config, logits, y, None)
+}
+
+/// [`meta_batch_loss`] with its CE weighted per voxel by `balance` ([`class_balance`]).
+pub fn weighted_meta_batch_loss<B: NetBackend>(
+    config: &TrainConfig,
+    logits: &Var<B>,
+    y: &Var<B>,
+    balance: Option<&Var<B>>,
+) -> Result<Var<B>> {
+    let ce = logits.cross_entropy(y, balance, Reduction::Mean)?;
     if config.mlb_seg.meta_batch_dice {
-        let (ce, dice) = supervised_loss(logits, y)?;
+        let (_, dice) = supervised_loss(logits, y)?;
         ce.add(&dice)?.scale(0.5)
     } else {
-        logits.cross_entropy(y, None, Reduction::Mean)
+        Ok(ce)
     }
 }
 
@@ -338,6 +392,14 @@ fn foreground_share<B: NetBackend>(y: &Var<B>) -> Result<Var<B>> {
     y.slice_channels(1, classes - 1)?
         .mean()?
         .scale((classes - 1) as f64)
+}
+
+/// The share of the total weight w [N, 2, patch] that map `map` puts on the voxels its one-hot
+/// targets y call foreground (any class but 0): what the meta step teaches the foreground with.
+fn foreground_weight<B: NetBackend>(w: &Var<B>, map: usize, y: &Var<B>) -> Result<Var<B>> {
+    let w = w.slice_channels(map, 1)?;
+    let on_background = w.mul(&y.slice_channels(0, 1)?)?.sum()?;
+    w.sum()?.sub(&on_background)
 }
 
 /// One MLB-Seg iteration (see the top), with the views of the run's draws.
@@ -435,6 +497,10 @@ pub fn step_in<B: NetBackend>(
     let (cons, mt) = (u.cons.detach(), u.mt.detach());
     let (init_foreground, ple_foreground) =
         (foreground_share(&u.y_init)?, foreground_share(&u.y_ple)?);
+    let (init_fg_weight, ple_fg_weight) = (
+        foreground_weight(&w, 0, &u.y_init)?,
+        foreground_weight(&w, 1, &u.y_ple)?,
+    );
     drop(u);
 
     // 4: the supervised step on the meta batch's views, then the teacher's EMA.
@@ -464,6 +530,8 @@ pub fn step_in<B: NetBackend>(
         ("weight_ple", weight_ple),
         ("init_foreground", init_foreground),
         ("ple_foreground", ple_foreground),
+        ("weight_init_fg", init_fg_weight),
+        ("weight_ple_fg", ple_fg_weight),
     ];
     step_log(&terms, lr)
 }

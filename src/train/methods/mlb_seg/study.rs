@@ -245,7 +245,7 @@ pub fn mlb_step<B: NetBackend>(
 }
 
 /// The names of the step's log, in the order of the `log` output.
-pub const LOG: [&str; 12] = [
+pub const LOG: [&str; 14] = [
     "loss",
     "lr",
     "weighted_ce",
@@ -258,4 +258,6 @@ pub const LOG: [&str; 12] = [
     "weight_ple",
     "init_foreground",
     "ple_foreground",
+    "weight_init_fg",
+    "weight_ple_fg",
 ];

@@ -172,6 +172,16 @@ impl Views {
         probabilities: &Var<B>,
         average: Average,
     ) -> Result<Var<B>> {
+        self.enhanced_labels_at(probabilities, average, 0.5)
+    }
+
+    /// [`Views::enhanced_labels`] with foreground where the average exceeds `threshold`.
+    pub fn enhanced_labels_at<B: NetBackend>(
+        &self,
+        probabilities: &Var<B>,
+        average: Average,
+        threshold: f64,
+    ) -> Result<Var<B>> {
         let mut per_sample = Vec::with_capacity(self.samples());
         for s in 0..self.samples() {
             let mut sum: Option<Var<B>> = None;
@@ -200,7 +210,7 @@ impl Views {
                 } else {
                     average.warp(w)?
                 };
-                parts.push(threshold(&in_view)?);
+                parts.push(above(&in_view, threshold)?);
             }
         }
         stack(&parts)
@@ -272,10 +282,10 @@ fn with_background<B: NetBackend>(y: &Var<B>) -> Result<Var<B>> {
 }
 
 /// One-hot labels from probabilities [N, classes, ...]: each foreground class where it exceeds
-/// 0.5, background elsewhere.
-fn threshold<B: NetBackend>(p: &Var<B>) -> Result<Var<B>> {
+/// `threshold`, background elsewhere.
+fn above<B: NetBackend>(p: &Var<B>, threshold: f64) -> Result<Var<B>> {
     let classes = p.shape().dims()[1];
-    let above = p.add_scalar(-0.5)?.unary(UnaryOp::ReluMask)?;
+    let above = p.add_scalar(-threshold)?.unary(UnaryOp::ReluMask)?;
     let foreground = above.channel_window(1, classes - 1)?;
     let labels = foreground.channel_window(-1, classes)?;
     with_background(&labels)
