@@ -127,3 +127,91 @@ fn channel_dots(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups
         sums[(groups.x + group.x) * channels + c] = tree[0].y;
     }
 }
+
+// batch_statistic: one per-channel statistic of a batch norm in training mode, from the moments
+// [sum x^2; sum x] ([2, C], channel_dots(x, x)) of `count` elements per channel: mean = sum x /
+// count, var = max(sum x^2 / count - mean^2, 0) (NaN stays NaN), the scale a = gamma /
+// sqrt(var + eps) or the shift b = beta - mean a (STATISTIC 0-3), in the order of operations of
+// the composition of small ops it replaces, one invocation per channel: a batch norm's
+// statistics cost a launch each, not a dozen.
+// batch_statistic_backward: that map's gradient for an incoming g [C], with respect to the
+// moments (WRT_MOMENTS: out [2, C]) or to gamma (out [C]); beta's is g itself (shift). With
+// (g_a, g_mean, g_var) the parts of g on a, mean and var (the statistic's own; -g mean and -g a
+// for the shift) and std = sqrt(var + eps): d gamma = g_a / std, d q = (g_var - g_a a /
+// (2 std^2)) [q > 0] with q = var before the max, d sum x^2 = d q / count,
+// d sum x = (g_mean - 2 mean d q) / count (the f64 reference: norm.rs, BatchStatistic).
+// Bindings: moments at 2, gamma at 4, beta (forward) or g (backward) at 6, out at 3. The uniform
+// is Params with groups = C, volume = the bits of the f32 1 / count and chunk those of eps.
+
+override STATISTIC: u32 = 0u;
+override WRT_MOMENTS: bool = false;
+const STATISTIC_MEAN: u32 = 0u;
+const STATISTIC_VARIANCE: u32 = 1u;
+const STATISTIC_SCALE: u32 = 2u;
+const STATISTIC_SHIFT: u32 = 3u;
+const STATISTIC_WG: u32 = 64u;   // one invocation per channel
+
+@group(0) @binding(6) var<storage, read> third: array<f32>;
+
+fn nan_kept(value: f32, source: f32) -> f32 {
+    let nan = (bitcast<u32>(source) & 0x7fffffffu) > 0x7f800000u;
+    return select(value, source, nan);
+}
+
+// mean, q = E[x^2] - mean^2, std and a of channel c, as the composition computes them.
+struct Moments {
+    mean: f32,
+    q: f32,
+    deviation: f32,
+    a: f32,
+}
+
+fn moments_of(c: u32) -> Moments {
+    let inv_count = bitcast<f32>(params.volume);
+    let mean = a[params.groups + c] * inv_count;
+    let q = a[c] * inv_count - mean * mean;
+    let deviation = sqrt(nan_kept(max(q, 0.0), q) + bitcast<f32>(params.chunk));
+    return Moments(mean, q, deviation, b[c] / deviation);
+}
+
+@compute @workgroup_size(STATISTIC_WG)
+fn batch_statistic(@builtin(global_invocation_id) id: vec3<u32>) {
+    let c = id.x;
+    if c >= params.groups { return; }
+    let s = moments_of(c);
+    switch STATISTIC {
+        case STATISTIC_MEAN: { sums[c] = s.mean; }
+        case STATISTIC_VARIANCE: { sums[c] = nan_kept(max(s.q, 0.0), s.q); }
+        case STATISTIC_SCALE: { sums[c] = s.a; }
+        default: { sums[c] = third[c] - s.mean * s.a; }
+    }
+}
+
+@compute @workgroup_size(STATISTIC_WG)
+fn batch_statistic_backward(@builtin(global_invocation_id) id: vec3<u32>) {
+    let c = id.x;
+    if c >= params.groups { return; }
+    let s = moments_of(c);
+    let g = third[c];
+    var g_a = 0.0;
+    var g_mean = 0.0;
+    var g_var = 0.0;
+    switch STATISTIC {
+        case STATISTIC_MEAN: { g_mean = g; }
+        case STATISTIC_VARIANCE: { g_var = g; }
+        case STATISTIC_SCALE: { g_a = g; }
+        default: {
+            g_a = -g * s.mean;
+            g_mean = -g * s.a;
+        }
+    }
+    if !WRT_MOMENTS {
+        sums[c] = g_a / s.deviation;
+        return;
+    }
+    let mask = nan_kept(select(0.0, 1.0, s.q > 0.0), s.q);
+    let d_q = (g_var - g_a * s.a / (2.0 * s.deviation * s.deviation)) * mask;
+    let inv_count = bitcast<f32>(params.volume);
+    sums[c] = d_q * inv_count;
+    sums[params.groups + c] = (g_mean - 2.0 * s.mean * d_q) * inv_count;
+}

@@ -227,6 +227,120 @@ fn channel_affine_relu_keeps_nan() {
     assert_eq!(&y[1..3], &[0.0, 2.0]);
 }
 
+/// A batch norm's fused statistics (batch_statistic: forward, its fused backward kernels for the
+/// gradients, the differentiable formulas for the Hessian-vector products) at channel counts
+/// below and above one workgroup of channels.
+#[test]
+fn batch_statistics_match_the_reference() {
+    use metaseg_autograd::{BatchStatistic, Statistic};
+    let tol = Tolerance::F32_ACCUMULATED;
+    for channels in [3, 67] {
+        let shape = Shape::from([2, channels, 1, 5, 7]);
+        let c = Shape::from([channels]);
+        let inputs = [
+            input(31, &shape, -1.0, 1.0),
+            input(32, &c, 0.5, 1.5),
+            input(33, &c, -0.5, 0.5),
+        ];
+        for statistic in [
+            Statistic::Mean,
+            Statistic::Variance,
+            Statistic::Scale,
+            Statistic::Shift,
+        ] {
+            let spec = BatchStatistic {
+                statistic,
+                count: 70,
+                eps: 1e-3,
+            };
+            let f = |v: &[Var<_>]| {
+                let moments = v[0].channel_dots(&v[0]).unwrap();
+                let y = moments.batch_statistic(&v[1], &v[2], spec).unwrap();
+                y.square().unwrap()
+            };
+            let cpu = derivatives(&Cpu64, f, &inputs);
+            let f = |v: &[Var<_>]| {
+                let moments = v[0].channel_dots(&v[0]).unwrap();
+                let y = moments.batch_statistic(&v[1], &v[2], spec).unwrap();
+                y.square().unwrap()
+            };
+            let gpu = derivatives(&gpu(), f, &inputs);
+            let what = format!("batch_statistic {statistic:?}, {channels} channels");
+            tol.assert(&format!("{what} forward"), &gpu.out, &cpu.out);
+            for k in 0..inputs.len() {
+                tol.assert(
+                    &format!("{what} gradient {k}"),
+                    &gpu.grads[k],
+                    &cpu.grads[k],
+                );
+                tol.assert(&format!("{what} H v {k}"), &gpu.hvps[k], &cpu.hvps[k]);
+            }
+        }
+    }
+}
+
+/// A channel whose moments are NaN (a NaN in its input) has NaN statistics, and NaN scale and
+/// shift gradients, on the GPU as in Cpu64; the other channel keeps its values.
+#[test]
+fn batch_statistics_keep_nan() {
+    use metaseg_autograd::{Backend, BatchStatistic, LayerBackend, Statistic};
+    let moments = [f64::NAN, 5.0, f64::NAN, 2.0];
+    let (m2, c) = (Shape::from([2, 2]), Shape::from([2]));
+    let g = gpu();
+    for statistic in [
+        Statistic::Mean,
+        Statistic::Variance,
+        Statistic::Scale,
+        Statistic::Shift,
+    ] {
+        let s = BatchStatistic {
+            statistic,
+            count: 4,
+            eps: 1e-3,
+        };
+        let run = |m: Vec<f64>, wrt: Option<bool>| -> (Vec<f64>, Vec<f64>) {
+            let (gm, go) = (
+                g.tensor(&m, &m2).unwrap(),
+                g.tensor(&[1.0, 1.0], &c).unwrap(),
+            );
+            let (cm, co) = (
+                Cpu64.tensor(&m, &m2).unwrap(),
+                Cpu64.tensor(&[1.0, 1.0], &c).unwrap(),
+            );
+            let (on_gpu, on_cpu) = match wrt {
+                None => (
+                    g.batch_statistic(&gm, &go, &go, s).unwrap(),
+                    Cpu64.batch_statistic(&cm, &co, &co, s).unwrap(),
+                ),
+                Some(w) => (
+                    g.batch_statistic_backward(&gm, &go, &go, s, w).unwrap(),
+                    Cpu64.batch_statistic_backward(&cm, &co, &co, s, w).unwrap(),
+                ),
+            };
+            (g.to_f64(&on_gpu).unwrap(), Cpu64.to_f64(&on_cpu).unwrap())
+        };
+        // The gradients of the mean and variance (never taken in training: a batch's statistics
+        // are constants there) have compile-time zero terms that GL's compiler folds, NaN or not.
+        let differentiated = matches!(statistic, Statistic::Scale | Statistic::Shift);
+        let passes: &[Option<bool>] = if differentiated {
+            &[None, Some(true), Some(false)]
+        } else {
+            &[None]
+        };
+        for &wrt in passes {
+            let (out, reference) = run(moments.to_vec(), wrt);
+            let what = format!("{statistic:?}, backward {wrt:?}: {out:?} against {reference:?}");
+            for (k, (o, r)) in out.iter().zip(&reference).enumerate() {
+                if k % 2 == 0 {
+                    assert!(o.is_nan() && r.is_nan(), "{what}");
+                } else {
+                    Tolerance::F32.assert(&what, &[*o], &[*r]);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn dropout_draws_the_same_mask_on_both_backends() {
     let shape = Shape::from([3, 37, 1, 2, 3]);

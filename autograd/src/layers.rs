@@ -10,6 +10,7 @@
 
 use crate::backend::{Backend, UnaryOp};
 use crate::cpu64::{filled, reserved, Cpu64, CpuTensor};
+use crate::norm::BatchStatistic;
 use crate::ops::{rule, tangent};
 use crate::var::{sum_tangents, Var};
 use crate::{Error, Result, Shape};
@@ -189,6 +190,42 @@ pub trait LayerBackend: Backend {
     /// sum(x m), row 1 sum(m); shape [2, C]. A batch's moments are channel_dots(x, x) (sums of
     /// x^2 and of x), an affine map's parameter gradients channel_dots(x, g).
     fn channel_dots(&self, x: &Self::Tensor, m: &Self::Tensor) -> Result<Self::Tensor>;
+    /// A batch norm's statistic `s` per channel ([C]: mean, variance, scale or shift, see
+    /// [`BatchStatistic`]) from the moments channel_dots(x, x) ([2, C]), gamma and beta ([C];
+    /// beta only read for the shift): the dozen small ops of the statistics in one launch.
+    fn batch_statistic(
+        &self,
+        moments: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        s: BatchStatistic,
+    ) -> Result<Self::Tensor>;
+    /// The gradient of batch_statistic for an incoming `g` ([C]) with respect to the moments
+    /// ([2, C]) with `wrt_moments`, else to gamma ([C]); beta's is g (shift) or zero.
+    fn batch_statistic_backward(
+        &self,
+        moments: &Self::Tensor,
+        gamma: &Self::Tensor,
+        g: &Self::Tensor,
+        s: BatchStatistic,
+        wrt_moments: bool,
+    ) -> Result<Self::Tensor>;
+}
+
+/// Checks the operands of the batch-statistic ops: moments [2, C], gamma and the third
+/// operand (beta or the incoming gradient) [C]. Returns C.
+pub fn statistic_channels(moments: &Shape, gamma: &Shape, third: &Shape) -> Result<usize> {
+    let c = gamma.dims().first().copied().unwrap_or(0);
+    let ok = gamma.dims() == [c] && third.dims() == [c] && moments.dims() == [2, c];
+    if !ok {
+        return Err(Error::Shape {
+            op: "batch_statistic",
+            lhs: moments.clone(),
+            rhs: gamma.clone(),
+            reason: format!("moments must be [2, C] and gamma, {third} [C]"),
+        });
+    }
+    Ok(c)
 }
 
 /// Checks the operands of channel_dots; returns [N, C, D H W].
@@ -462,6 +499,42 @@ impl LayerBackend for Cpu64 {
             sums[c + k] += mv;
         }
         Ok(cpu(sums, Shape::from([2, c])))
+    }
+
+    fn batch_statistic(
+        &self,
+        moments: &CpuTensor,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        s: BatchStatistic,
+    ) -> Result<CpuTensor> {
+        let ch = statistic_channels(&moments.shape, &gamma.shape, &beta.shape)?;
+        let m = &moments.data;
+        let data = (0..ch)
+            .map(|k| s.value(m[k], m[ch + k], gamma.data[k], beta.data[k]))
+            .collect();
+        Ok(cpu(data, Shape::from([ch])))
+    }
+
+    fn batch_statistic_backward(
+        &self,
+        moments: &CpuTensor,
+        gamma: &CpuTensor,
+        g: &CpuTensor,
+        s: BatchStatistic,
+        wrt_moments: bool,
+    ) -> Result<CpuTensor> {
+        let ch = statistic_channels(&moments.shape, &gamma.shape, &g.shape)?;
+        let m = &moments.data;
+        let d: Vec<[f64; 3]> = (0..ch)
+            .map(|k| s.gradient(m[k], m[ch + k], gamma.data[k], g.data[k]))
+            .collect();
+        Ok(if wrt_moments {
+            let data = d.iter().map(|d| d[0]).chain(d.iter().map(|d| d[1]));
+            cpu(data.collect(), Shape::from([2, ch]))
+        } else {
+            cpu(d.iter().map(|d| d[2]).collect(), Shape::from([ch]))
+        })
     }
 }
 

@@ -29,7 +29,7 @@ pub use error::{Error, Result};
 pub use layers::{LayerBackend, Upsample, Window3d};
 pub use losses::{DiceOptions, LossBackend, Reduction};
 pub use meta::{MetaBackend, Normalization};
-pub use norm::{BatchStats, RunningStats};
+pub use norm::{BatchStatistic, BatchStats, RunningStats, Statistic};
 pub use shape::{normalize_axes, Shape};
 pub use var::{
     grad, jvp, no_grad, sum_tangents, with_recording, GradFn, JvpFn, Rule, TensorGradFn, Var,

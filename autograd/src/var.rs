@@ -41,6 +41,18 @@ pub fn with_recording<T>(on: bool, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// True when no derivative of what runs now can be wanted: nothing is recorded and no tangent
+/// is pushed (a first-order backward, a `no_grad` block). A backward rule may then take fused
+/// kernels that have no rules of their own.
+pub(crate) fn plain() -> bool {
+    !RECORDING.with(|r| r.get()) && !FORWARD_MODE.with(|m| m.get())
+}
+
+/// True while [`jvp`] evaluates its function (ops push tangents).
+pub(crate) fn forward_mode() -> bool {
+    FORWARD_MODE.with(|m| m.get())
+}
+
 /// Runs `f` without recording: its results are constants (inference, optimiser updates).
 pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
     with_recording(false, f)

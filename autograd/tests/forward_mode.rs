@@ -4,8 +4,8 @@
 
 use metaseg_autograd::check::{assert_jvp, one_hot, seeded, CpuFn};
 use metaseg_autograd::{
-    jvp, Conv3dGeometry, ConvSpec, Cpu64, DiceOptions, Error, MatmulSpec, Shape, Tolerance,
-    UnaryOp, Upsample, Var, Window3d,
+    jvp, BatchStatistic, Conv3dGeometry, ConvSpec, Cpu64, DiceOptions, Error, MatmulSpec, Shape,
+    Statistic, Tolerance, UnaryOp, Upsample, Var, Window3d,
 };
 
 fn check(what: &str, f: &CpuFn, shapes: &[Shape], lo: f64, hi: f64) {
@@ -235,10 +235,33 @@ fn layers() {
     check(
         "batch_norm3d",
         &|v| Ok(v[0].batch_norm3d_train(&v[1], &v[2], 1e-5)?.0),
-        &[x, s(&[3]), s(&[3])],
+        &[x.clone(), s(&[3]), s(&[3])],
         -1.0,
         1.0,
     );
+    let count = x.numel() / 3;
+    for statistic in [
+        Statistic::Mean,
+        Statistic::Variance,
+        Statistic::Scale,
+        Statistic::Shift,
+    ] {
+        let spec = BatchStatistic {
+            statistic,
+            count,
+            eps: 1e-3,
+        };
+        check(
+            &format!("batch_statistic {statistic:?}"),
+            &|v| {
+                v[0].channel_dots(&v[0])?
+                    .batch_statistic(&v[1], &v[2], spec)
+            },
+            &[x.clone(), s(&[3]), s(&[3])],
+            -1.0,
+            1.0,
+        );
+    }
 }
 
 #[test]

@@ -4,7 +4,8 @@
 
 use metaseg_autograd::check::{assert_gradients, CpuFn};
 use metaseg_autograd::{
-    grad, Backend, Cpu64, LayerBackend, RunningStats, Shape, Tolerance, Upsample, Var, Window3d,
+    grad, Backend, BatchStatistic, Cpu64, LayerBackend, RunningStats, Shape, Statistic, Tolerance,
+    Upsample, Var, Window3d,
 };
 
 use metaseg_autograd::check::seeded;
@@ -538,4 +539,82 @@ fn dropout_zeroes_whole_channels_and_scales_the_rest() {
     let mask: Vec<f64> = y.iter().zip(&values).map(|(y, x)| y / x).collect();
     Tolerance::F64.assert("dropout gradient", &d[0].to_f64().unwrap(), &mask);
     assert!(x.dropout3d(1.0, 7, 11).is_err());
+}
+
+const STATISTICS: [Statistic; 4] = [
+    Statistic::Mean,
+    Statistic::Variance,
+    Statistic::Scale,
+    Statistic::Shift,
+];
+
+/// A batch's statistic from the moments of x ([2, 3, 2, 3, 3]: 36 elements per channel).
+fn statistic_of(v: &[Var<Cpu64>], statistic: Statistic) -> metaseg_autograd::Result<Var<Cpu64>> {
+    let s = BatchStatistic {
+        statistic,
+        count: 36,
+        eps: 1e-3,
+    };
+    v[0].channel_dots(&v[0])?.batch_statistic(&v[1], &v[2], s)
+}
+
+/// The fused statistics' gradients (first order: the fused backward; second order: the
+/// differentiable formulas, differentiated again) against central differences.
+#[test]
+fn batch_statistics_match_finite_differences_at_both_orders() {
+    let c = Shape::from([3]);
+    for statistic in STATISTICS {
+        check(
+            &format!("batch_statistic {statistic:?}"),
+            &|v| statistic_of(v, statistic)?.square(),
+            &[Shape::from([2, 3, 2, 3, 3]), c.clone(), c.clone()],
+            -1.0,
+            1.0,
+        );
+    }
+}
+
+/// Closed forms: each statistic is its two-pass definition computed here in plain loops, and
+/// the fused first-order gradient equals the differentiable formulas' (taken with create_graph).
+#[test]
+fn batch_statistics_meet_their_definitions() {
+    let x = Shape::from([2, 3, 2, 3, 3]);
+    let values = seeded(x.numel(), 5, -2.0, 3.0);
+    let (gamma, beta) = (seeded(3, 6, 0.5, 1.5), seeded(3, 7, -1.0, 1.0));
+    let c = Shape::from([3]);
+    let v = [var(&values, &x), var(&gamma, &c), var(&beta, &c)];
+    for statistic in STATISTICS {
+        let out = statistic_of(&v, statistic).unwrap();
+        let expected: Vec<f64> = (0..3)
+            .map(|k| {
+                let of_k: Vec<f64> = (0..2)
+                    .flat_map(|n| values[(n * 3 + k) * 18..(n * 3 + k + 1) * 18].to_vec())
+                    .collect();
+                let mean = of_k.iter().sum::<f64>() / 36.0;
+                let var = of_k.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 36.0;
+                let scale = gamma[k] / (var + 1e-3).sqrt();
+                match statistic {
+                    Statistic::Mean => mean,
+                    Statistic::Variance => var,
+                    Statistic::Scale => scale,
+                    Statistic::Shift => beta[k] - mean * scale,
+                }
+            })
+            .collect();
+        let what = format!("batch_statistic {statistic:?}");
+        Tolerance::new(1e-12, 1e-12).assert(&what, &out.to_f64().unwrap(), &expected);
+
+        let weights = var(&seeded(3, 8, -1.0, 1.0), &c);
+        let loss = out.mul(&weights).unwrap().sum().unwrap();
+        let refs: Vec<&Var<Cpu64>> = v.iter().collect();
+        let fused = grad(&loss, &refs, None, false).unwrap();
+        let formulas = grad(&loss, &refs, None, true).unwrap();
+        for (k, (a, b)) in fused.iter().zip(&formulas).enumerate() {
+            Tolerance::new(1e-12, 1e-12).assert(
+                &format!("{what}: fused and differentiable gradient of input {k}"),
+                &a.to_f64().unwrap(),
+                &b.to_f64().unwrap(),
+            );
+        }
+    }
 }

@@ -15,7 +15,7 @@ use super::losses::LossParams;
 use super::meta::{norm_code, MetaWeightsParams};
 use super::warp::WarpParams;
 use metaseg_autograd::meta::Normalization;
-use metaseg_autograd::{BinaryOp, Conv3dGeometry, ConvSpec, Shape, UnaryOp};
+use metaseg_autograd::{BinaryOp, Conv3dGeometry, ConvSpec, Shape, Statistic, UnaryOp};
 use naga::{proc::Layouter, AddressSpace, Expression, Literal, Module, TypeInner};
 use std::collections::BTreeMap;
 
@@ -58,6 +58,7 @@ fn shared_constants() -> Vec<(KernelFile, &'static str, f64)> {
     use super::{backend, contrastive, distance, layers, losses, meta, warp};
     use KernelFile::*;
     let n = |v: usize| v as f64;
+    let statistic = |s| f64::from(layers::statistic_code(s));
     vec![
         (Elementwise, "WG", f64::from(backend::WG)),
         (Elementwise, "VECS", f64::from(backend::VECS)),
@@ -83,6 +84,23 @@ fn shared_constants() -> Vec<(KernelFile, &'static str, f64)> {
         (Pool, "WG", n(layers::WG)),
         (Channels, "WG", n(layers::WG)),
         (ChannelAffine, "WG", n(layers::WG)),
+        (ChannelAffine, "STATISTIC_WG", n(layers::STATISTIC_WG)),
+        (ChannelAffine, "STATISTIC_MEAN", statistic(Statistic::Mean)),
+        (
+            ChannelAffine,
+            "STATISTIC_VARIANCE",
+            statistic(Statistic::Variance),
+        ),
+        (
+            ChannelAffine,
+            "STATISTIC_SCALE",
+            statistic(Statistic::Scale),
+        ),
+        (
+            ChannelAffine,
+            "STATISTIC_SHIFT",
+            statistic(Statistic::Shift),
+        ),
         (MetaWeights, "WG", n(meta::WG)),
         (MetaWeights, "GROUPS", n(meta::GROUPS)),
         (Contrastive, "WG", n(contrastive::WG)),

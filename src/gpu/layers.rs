@@ -3,10 +3,11 @@
 use super::backend::{Gpu, GpuTensor};
 use super::kernels::{Kernel, KernelFile};
 use metaseg_autograd::layers::{
-    affine_entries, affine_relu_entries, dims5, dots_dims, upsample_shape,
+    affine_entries, affine_relu_entries, dims5, dots_dims, statistic_channels, upsample_shape,
 };
 use metaseg_autograd::{
-    Backend, Error, LayerBackend, Result, Shape, TensorShape, Upsample, Window3d,
+    Backend, BatchStatistic, Error, LayerBackend, Result, Shape, Statistic, TensorShape, Upsample,
+    Window3d,
 };
 
 /// Invocations per workgroup (the `WG` override default of both files).
@@ -39,6 +40,19 @@ pub(super) struct AffineParams {
     pub(super) volume: u32,
     pub(super) groups: u32,
     pub(super) chunk: u32,
+}
+
+/// Invocations per workgroup of batch_statistic (one per channel).
+pub(super) const STATISTIC_WG: usize = 64;
+
+/// The code of a statistic in channel_affine.wgsl (its STATISTIC_ constants).
+pub(super) fn statistic_code(s: Statistic) -> u32 {
+    match s {
+        Statistic::Mean => 0,
+        Statistic::Variance => 1,
+        Statistic::Scale => 2,
+        Statistic::Shift => 3,
+    }
 }
 
 /// Invocations per workgroup of channel_dots: few, so its tree in workgroup memory is short.
@@ -269,9 +283,68 @@ impl LayerBackend for Gpu {
         let summed = self.sum_axes(&partial, &[1])?;
         self.reshape(&summed, &Shape::from([2, c]))
     }
+
+    fn batch_statistic(
+        &self,
+        moments: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: &GpuTensor,
+        s: BatchStatistic,
+    ) -> Result<GpuTensor> {
+        let kernel = Kernel::new(KernelFile::ChannelAffine, "batch_statistic");
+        self.statistic_launch(kernel, [moments, gamma, beta], s, false)
+    }
+
+    fn batch_statistic_backward(
+        &self,
+        moments: &GpuTensor,
+        gamma: &GpuTensor,
+        g: &GpuTensor,
+        s: BatchStatistic,
+        wrt_moments: bool,
+    ) -> Result<GpuTensor> {
+        let kernel = Kernel::new(KernelFile::ChannelAffine, "batch_statistic_backward")
+            .with("WRT_MOMENTS", f64::from(u8::from(wrt_moments)));
+        self.statistic_launch(kernel, [moments, gamma, g], s, wrt_moments)
+    }
 }
 
 impl Gpu {
+    /// A batch_statistic kernel of channel_affine.wgsl on (moments, gamma, third), one
+    /// invocation per channel; out [2, C] with `two_rows`, else [C].
+    fn statistic_launch(
+        &self,
+        kernel: Kernel,
+        [moments, gamma, third]: [&GpuTensor; 3],
+        s: BatchStatistic,
+        two_rows: bool,
+    ) -> Result<GpuTensor> {
+        let c = statistic_channels(moments.shape(), gamma.shape(), third.shape())?;
+        let out_shape = if two_rows {
+            Shape::from([2, c])
+        } else {
+            Shape::from([c])
+        };
+        if c == 0 || s.count == 0 {
+            return Err(Error::InvalidArgument {
+                op: "batch_statistic",
+                message: format!("{c} channels of {} elements each", s.count),
+            });
+        }
+        let params = AffineParams {
+            n: 0,
+            volume: ((1.0 / s.count as f64) as f32).to_bits(),
+            groups: c as u32,
+            chunk: (s.eps as f32).to_bits(),
+        };
+        let kernel = kernel.with("STATISTIC", f64::from(statistic_code(s.statistic)));
+        let out = self.empty(&out_shape)?;
+        let inputs = [(2, moments), (4, gamma), (6, third)];
+        let grid = [c.div_ceil(STATISTIC_WG) as u32, 1, 1];
+        self.launch(&kernel, bytemuck::bytes_of(&params), &inputs, &out, grid)?;
+        Ok(out)
+    }
+
     /// x a + b per (sample and) channel, and the ReLU with `relu`.
     fn affine_launch(
         &self,
