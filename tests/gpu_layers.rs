@@ -282,6 +282,9 @@ fn concat_and_slice_match_the_reference() {
     }
 }
 
+/// An op of the runner's table, its settings and its input.
+type LayerCase<'a> = (&'a str, &'a [&'a str], &'a (Vec<f64>, Shape));
+
 /// Issue 24 item 4: the layers with the binding limit forced down to 8 KiB (2048 elements), on
 /// samples that each fit but together do not: [3, 3, 7, 5, 9] has samples of 945 elements
 /// (ranges that start off the binding alignment, copied out) and [5, 8, 4, 4, 4] of 512 (ranges
@@ -293,7 +296,7 @@ fn layers_with_a_small_binding_limit_match_the_reference() {
     let even = input(2, &Shape::from([5, 8, 4, 4, 4]), -1.0, 1.0);
     let small = input(3, &Shape::from([4, 2, 2, 4, 5]), -1.0, 1.0);
     let tol = Tolerance::new(2e-4, 2e-4);
-    let cases: [(&str, &[&str], &(Vec<f64>, Shape)); 9] = [
+    let cases: [LayerCase; 9] = [
         ("max_pool3d", &["kernel=2,2,2", "stride=2,2,2"], &even),
         ("max_pool3d", &["kernel=3,3,3", "stride=2,2,2"], &odd),
         ("avg_pool3d", &["kernel=2,2,2", "stride=1,1,1"], &odd),

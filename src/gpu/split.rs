@@ -116,7 +116,7 @@ impl Gpu {
     /// else ranges of whole aligned vec4s (every range but the last a multiple of the alignment).
     pub(crate) fn flat_ranges(&self, n: usize) -> Vec<Range<usize>> {
         if self.shape_fits(&Shape::from([n])) {
-            return vec![0..n];
+            return std::iter::once(0..n).collect();
         }
         self.unit_ranges(n, &[1])
     }
