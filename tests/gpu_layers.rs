@@ -6,7 +6,10 @@
 
 mod common;
 
-use common::{assert_gpu_matches_cpu64, derivatives, gpu, seeded};
+use common::{
+    assert_gpu_matches_cpu64, assert_matches_cpu64_on, assert_split, derivatives, gpu, seeded,
+    small_binding_gpu,
+};
 use metaseg_autograd::{Cpu64, Shape, Tolerance, Var};
 
 /// [2, 3, 7, 5, 9]: 1890 elements, windows of kernel 2 do not tile it.
@@ -391,4 +394,86 @@ fn concat_and_slice_match_the_reference() {
             Tolerance::F32,
         );
     }
+}
+
+/// An op of the runner's table, its settings and its input.
+type LayerCase<'a> = (&'a str, &'a [&'a str], &'a (Vec<f64>, Shape));
+
+/// Issue 24 item 4: the layers with the binding limit forced down to 8 KiB (2048 elements), on
+/// samples that each fit but together do not: [3, 3, 7, 5, 9] has samples of 945 elements
+/// (ranges that start off the binding alignment, copied out) and [5, 8, 4, 4, 4] of 512 (ranges
+/// bound in place). Values, gradients and Hessian-vector products against Cpu64.
+#[test]
+fn layers_with_a_small_binding_limit_match_the_reference() {
+    let g = small_binding_gpu();
+    let odd = input(1, &Shape::from([3, 3, 7, 5, 9]), -1.0, 1.0);
+    let even = input(2, &Shape::from([5, 8, 4, 4, 4]), -1.0, 1.0);
+    let small = input(3, &Shape::from([4, 2, 2, 4, 5]), -1.0, 1.0);
+    let tol = Tolerance::new(2e-4, 2e-4);
+    let cases: [LayerCase; 9] = [
+        ("max_pool3d", &["kernel=2,2,2", "stride=2,2,2"], &even),
+        ("max_pool3d", &["kernel=3,3,3", "stride=2,2,2"], &odd),
+        ("avg_pool3d", &["kernel=2,2,2", "stride=1,1,1"], &odd),
+        ("avg_pool3d", &["kernel=2,2,2", "stride=2,2,2"], &even),
+        ("upsample_nearest", &["scale=2,2,2"], &small),
+        ("upsample_trilinear", &["scale=2,2,2"], &small),
+        ("slice", &["start=1", "len=2"], &odd),
+        ("dropout3d", &["p=0.5", "seed=1", "step=0"], &odd),
+        ("sum", &["axes=0,2,3,4"], &odd),
+    ];
+    for (op, settings, x) in cases {
+        assert_matches_cpu64_on(&g, op, settings, std::slice::from_ref(x), tol);
+    }
+    let (gamma, beta) = (
+        input(5, &Shape::from([3]), 0.5, 1.5),
+        input(6, &Shape::from([3]), -1.0, 1.0),
+    );
+    for op in ["batch_norm3d", "instance_norm3d"] {
+        let inputs = [odd.clone(), gamma.clone(), beta.clone()];
+        assert_matches_cpu64_on(&g, op, &["eps=1e-5"], &inputs, tol);
+    }
+    let b = input(9, &Shape::from([5, 1, 4, 4, 4]), -1.0, 1.0);
+    assert_matches_cpu64_on(&g, "concat", &[], &[even, b], tol);
+    let ab = Shape::from([1, 3, 1, 1, 1]);
+    let inputs = [odd, input(12, &ab, 0.5, 1.5), input(13, &ab, -1.0, 1.0)];
+    let f = |v: &[Var<_>]| {
+        v[0].channel_affine_relu(&v[1], &v[2])
+            .unwrap()
+            .square()
+            .unwrap()
+    };
+    let cpu = derivatives(&Cpu64, f, &inputs);
+    let f = |v: &[Var<_>]| {
+        v[0].channel_affine_relu(&v[1], &v[2])
+            .unwrap()
+            .square()
+            .unwrap()
+    };
+    let on_gpu = derivatives(&g, f, &inputs);
+    tol.assert("channel_affine_relu forward", &on_gpu.out, &cpu.out);
+    for k in 0..3 {
+        tol.assert(
+            "channel_affine_relu gradient",
+            &on_gpu.grads[k],
+            &cpu.grads[k],
+        );
+        tol.assert("channel_affine_relu H v", &on_gpu.hvps[k], &cpu.hvps[k]);
+    }
+    assert_split(
+        &g,
+        &[
+            "max_pool3d",
+            "max_pool3d_gather",
+            "avg_pool3d",
+            "avg_pool3d_backward",
+            "upsample_nearest",
+            "upsample_nearest_backward",
+            "upsample_trilinear",
+            "upsample_trilinear_backward",
+            "channel_window",
+            "channel_affine",
+            "channel_dots",
+            "sum",
+        ],
+    );
 }

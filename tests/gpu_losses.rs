@@ -7,7 +7,10 @@
 
 mod common;
 
-use common::{assert_gpu_matches_cpu64, derivatives, gpu, seeded};
+use common::{
+    assert_gpu_matches_cpu64, assert_matches_cpu64_on, assert_split, derivatives, gpu, seeded,
+    small_binding_gpu,
+};
 use metaseg::gpu::Gpu;
 use metaseg_autograd::{
     Backend, Cpu64, DiceOptions, LossBackend, Reduction, Shape, Tolerance, Var,
@@ -252,4 +255,35 @@ fn too_many_classes_and_empty_tensors() {
         )
         .unwrap();
     assert_eq!(sums, *reference.data);
+}
+
+/// Issue 24 item 4: the per-voxel losses with the binding limit forced down to 8 KiB (2048
+/// elements), on four samples of 630 elements that together exceed it: run in ranges of samples
+/// (the Dice sums added up over them), against Cpu64.
+#[test]
+fn losses_with_a_small_binding_limit_match_the_reference() {
+    let g = small_binding_gpu();
+    let s = Shape::from([4, 2, 5, 7, 9]);
+    let z = input(1, &s, -3.0, 3.0);
+    let y = one_hot(&s, 5, None);
+    let w = input(2, &s.reduced(&[1]), 0.0, 2.0);
+    for op in ["softmax", "log_softmax"] {
+        assert_matches_cpu64_on(&g, op, &[], std::slice::from_ref(&z), TOL);
+    }
+    for op in ["cross_entropy", "binary_cross_entropy"] {
+        for reduction in ["reduction=none", "reduction=mean"] {
+            let inputs = [z.clone(), y.clone(), w.clone()];
+            assert_matches_cpu64_on(&g, op, &[reduction], &inputs, TOL);
+        }
+    }
+    assert_matches_cpu64_on(&g, "softmax_dice", &[], &[z, y], TOL);
+    assert_split(
+        &g,
+        &[
+            "softmax_channels",
+            "cross_entropy",
+            "binary_cross_entropy",
+            "softmax_dice",
+        ],
+    );
 }

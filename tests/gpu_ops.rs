@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{assert_gpu_matches_cpu64, gpu, seeded};
+use common::{
+    assert_gpu_matches_cpu64, assert_matches_cpu64_on, assert_split, gpu, seeded, small_binding_gpu,
+};
 use metaseg::runner::op_names;
 use metaseg_autograd::{
     Backend, BinaryOp, Cpu64, Distribution, Shape, TensorShape, Tolerance, UnaryOp, Var,
@@ -307,4 +309,70 @@ fn cpu_adapters_flush_subnormals() {
     assert!(product[33..]
         .iter()
         .all(|&v| (v / 5e-31 - 1.0).abs() < 1e-6));
+}
+
+/// Issue 24 item 4: elementwise ops, broadcasts, sums and random draws with the binding limit
+/// forced down to 8 KiB (2048 elements). Same-shaped operands run in ranges of 2048 elements
+/// (boundaries inside a sample of 945), broadcasts in ranges of samples, a sum over 5000 values in
+/// ranges whose sums add up.
+#[test]
+fn elementwise_broadcasts_and_sums_with_a_small_binding_limit_match_the_reference() {
+    let g = small_binding_gpu();
+    let s = Shape::from([3, 3, 7, 5, 9]);
+    let tol = Tolerance::F32_ACCUMULATED;
+    for op in ["exp", "relu", "square"] {
+        assert_matches_cpu64_on(&g, op, &[], &[input(1, &s, -2.0, 2.0)], tol);
+    }
+    let (a, b) = (input(2, &s, -1.0, 1.0), input(3, &s, 0.5, 2.0));
+    for op in ["add", "mul", "div"] {
+        assert_matches_cpu64_on(&g, op, &[], &[a.clone(), b.clone()], tol);
+    }
+    let per_channel = input(4, &Shape::from([1, 3, 1, 1, 1]), 0.5, 2.0);
+    let per_sample = input(5, &Shape::from([3, 1, 1, 1, 1]), 0.5, 2.0);
+    for c in [per_channel, per_sample] {
+        assert_matches_cpu64_on(&g, "mul", &[], &[a.clone(), c.clone()], tol);
+        assert_matches_cpu64_on(&g, "sub", &[], &[c, a.clone()], tol);
+    }
+    for (shape, axes) in [
+        (Shape::from([5000]), "axes=0"),
+        (s.clone(), "axes=1"),
+        (s.clone(), "axes=0,2,3,4"),
+    ] {
+        assert_matches_cpu64_on(&g, "sum", &[axes], &[input(6, &shape, -1.0, 1.0)], tol);
+    }
+    let draws = Shape::from([3001]);
+    for dist in [Distribution::Uniform, Distribution::Normal] {
+        let on_gpu = g.to_f64(&g.random(&draws, dist, 7, 40).unwrap()).unwrap();
+        let on_cpu = Cpu64.random(&draws, dist, 7, 40).unwrap();
+        Tolerance::new(1e-4, 1e-4).assert("random", &on_gpu, &on_cpu.data);
+    }
+    assert_split(
+        &g,
+        &[
+            "elementwise.wgsl:unary[OP=1]",
+            "elementwise.wgsl:binary[OP=0,X_FULL=1,Y_FULL=1,RANK=1]",
+            "mul",
+            "sub",
+            "sum",
+            "random_uniform",
+            "random_normal",
+        ],
+    );
+}
+
+/// A kernel that does not split refuses a tensor larger than one binding, naming itself: never a
+/// truncated binding.
+#[test]
+fn a_kernel_that_does_not_split_refuses_a_tensor_over_the_binding_limit() {
+    let g = small_binding_gpu();
+    let a = g.fill(&Shape::from([50, 50]), 1.0).unwrap();
+    let err = g
+        .matmul(&a, &a, Default::default())
+        .err()
+        .expect("a refusal")
+        .to_string();
+    assert!(
+        err.contains("matmul.wgsl:matmul") && err.contains("does not split"),
+        "{err}"
+    );
 }

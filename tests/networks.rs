@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{gpu, seeded};
+use common::{assert_split, gpu, seeded, small_binding_gpu};
+use metaseg::gpu::Gpu;
 use metaseg::nn::layers::updated_stats;
 use metaseg::nn::{Mode, Network, ParamStore, UNet, UNetConfig, VNet, VNetConfig};
 use metaseg_autograd::{grad, Backend, Cpu64, Reduction, Shape, Tolerance, Upsample, Var};
@@ -82,9 +83,14 @@ fn input<B: Backend>(b: &B, shape: &Shape) -> Var<B> {
 
 /// Loss and parameter gradients of `net` on the GPU and on Cpu64 from the same initial values.
 fn assert_gpu_matches_cpu64(net: &impl Network, x_shape: Shape, mode: Mode) {
+    assert_matches_cpu64_on(&gpu(), net, x_shape, mode)
+}
+
+/// [`assert_gpu_matches_cpu64`] on the device `g`.
+fn assert_matches_cpu64_on(g: &Gpu, net: &impl Network, x_shape: Shape, mode: Mode) {
     let cpu_params = net.init_params(&Cpu64, 3).unwrap();
     let cpu_stats = net.init_stats(&Cpu64).unwrap();
-    let g = gpu();
+    let g = g.clone();
     let gpu_params = cpu_params.transfer(&g).unwrap();
     let gpu_stats = cpu_stats.transfer(&g).unwrap();
     let gradients = |l: Var<_>, p: &ParamStore<_>| {
@@ -121,6 +127,25 @@ fn assert_gpu_matches_cpu64(net: &impl Network, x_shape: Shape, mode: Mode) {
 fn vnet_forward_and_backward_on_the_gpu_match_cpu64() {
     let train = Mode::Train { seed: 11, step: 2 };
     assert_gpu_matches_cpu64(&small_vnet(), Shape::from([2, 1, 8, 8, 8]), train);
+}
+
+/// Issue 24 item 4: with the binding limit forced down to 8 KiB, every tensor of the step larger
+/// than that (3 samples of up to 2048 elements) runs in ranges, and the step still matches Cpu64.
+#[test]
+fn vnet_and_unet_with_a_small_binding_limit_match_cpu64() {
+    let train = Mode::Train { seed: 11, step: 2 };
+    let g = small_binding_gpu();
+    assert_matches_cpu64_on(&g, &small_vnet(), Shape::from([3, 1, 8, 8, 8]), train);
+    assert_matches_cpu64_on(&g, &small_unet(true), Shape::from([3, 2, 8, 8, 8]), train);
+    assert_split(
+        &g,
+        &[
+            "conv3d",
+            "conv3d_grad_input",
+            "conv3d_grad_weight",
+            "channel_dots",
+        ],
+    );
 }
 
 #[test]

@@ -74,6 +74,8 @@ impl Bench {
                 binding: 3,
                 access: Access::ReadWrite,
                 buffer: out.buffer(),
+                offset: 0,
+                size: 4 * out.shape().numel() as u64,
                 bytes: 4 * out.shape().numel() as u64,
             };
             ctx.dispatch(&kernel, None, &[binding], ctx.grid(groups as u32))

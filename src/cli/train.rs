@@ -180,6 +180,8 @@ fn run_plan(args: &TrainArgs) -> AnyResult<()> {
             stop_after: args.stop_after,
         };
         let summary = run::train(&gpu, &config, &data, &paths, options);
+        let peak = gpu.context().pool_stats().peak_bytes as f64 / (1u64 << 20) as f64;
+        eprintln!("device memory: at most {peak:.0} MiB of tensors at once");
         // A run stopped by a non-finite loss has a log worth seeing too.
         if matches!(&summary, Ok(_) | Err(run::RunError::NonFinite { .. })) {
             warn_on(report::loss_curves(

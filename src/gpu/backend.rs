@@ -2,6 +2,7 @@
 
 use super::context::{Binding, BufferCopy, Context, DeviceError};
 use super::kernels::{Access, Kernel, KernelFile};
+use super::split::{with_samples, Join};
 use metaseg_autograd::{
     Backend, BinaryOp, Distribution, Error, MatmulDims, MatmulSpec, Result, Shape, TensorShape,
     UnaryOp,
@@ -28,10 +29,13 @@ impl Drop for Storage {
     }
 }
 
-/// Contiguous f32 data on the device, padded to whole vec4s.
+/// Contiguous f32 data on the device, padded to whole vec4s: the whole of a buffer, or a range of
+/// one (a view of some samples or elements of a larger tensor, see `split`).
 #[derive(Clone)]
 pub struct GpuTensor {
     storage: Arc<Storage>,
+    /// Where the tensor starts in the buffer, in bytes.
+    offset: u64,
     shape: Shape,
 }
 
@@ -47,6 +51,27 @@ impl GpuTensor {
             .buffer
             .as_ref()
             .expect("live storage has a buffer")
+    }
+
+    /// Where the tensor starts in its buffer, in bytes.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The bytes a kernel binds: the elements padded to whole vec4s.
+    pub(crate) fn bound_bytes(&self) -> u64 {
+        4 * self.shape.numel().max(1).next_multiple_of(4) as u64
+    }
+
+    /// Elements `start..start + shape.numel()` of this tensor, as a tensor of `shape` sharing its
+    /// buffer (`start` must keep the view's offset aligned for binding).
+    pub(crate) fn view(&self, start: usize, shape: Shape) -> GpuTensor {
+        debug_assert!(start + shape.numel() <= self.shape.numel());
+        GpuTensor {
+            storage: self.storage.clone(),
+            offset: self.offset + 4 * start as u64,
+            shape,
+        }
     }
 }
 
@@ -204,6 +229,14 @@ impl Gpu {
         })
     }
 
+    /// Opens the default device with its binding limit lowered to `bytes` (see
+    /// [`Context::with_max_binding_bytes`]): the split paths run with small tensors.
+    pub fn with_max_binding_bytes(bytes: u64) -> std::result::Result<Gpu, DeviceError> {
+        Ok(Gpu {
+            ctx: Arc::new(Context::with_max_binding_bytes(Some(bytes))?),
+        })
+    }
+
     pub fn context(&self) -> &Context {
         &self.ctx
     }
@@ -213,15 +246,16 @@ impl Gpu {
         // Counted in u128, and checked, so that no shape makes the count wrap into a small one.
         let n = (shape.dims().iter()).try_fold(1u128, |n, &d| n.checked_mul(d as u128));
         let bytes = n.map(|n| n.max(1).next_multiple_of(4) * 4);
-        let limit = self.ctx.max_binding_bytes();
+        // Kernels bind a larger tensor in ranges (see `split`); a buffer holds at most this.
+        let limit = self.ctx.max_buffer_bytes();
         let fits = n.is_some_and(|n| n < u32::MAX as u128 / 4);
         let bytes = match bytes {
             Some(bytes) if fits && bytes <= limit as u128 => bytes as u64,
             _ => {
                 let needs = bytes.map_or("more than 2^128".into(), |b| b.to_string());
                 return Err(backend_error(format!(
-                    "a tensor of shape {shape} needs {needs} bytes; the adapter binds at most \
-                     {limit} bytes (max_storage_buffer_binding_size)"
+                    "a tensor of shape {shape} needs {needs} bytes; the adapter's buffers hold at \
+                     most {limit} bytes (max_buffer_size)"
                 )));
             }
         };
@@ -230,6 +264,7 @@ impl Gpu {
                 buffer: Some(self.ctx.acquire(bytes)),
                 ctx: self.ctx.clone(),
             }),
+            offset: 0,
             shape: shape.clone(),
         })
     }
@@ -250,6 +285,8 @@ impl Gpu {
                 binding,
                 access: Access::Read,
                 buffer: t.buffer(),
+                offset: t.offset,
+                size: t.bound_bytes(),
                 bytes: 4 * t.shape().numel() as u64,
             })
             .collect();
@@ -257,6 +294,8 @@ impl Gpu {
             binding: 3,
             access: Access::ReadWrite,
             buffer: output.buffer(),
+            offset: output.offset,
+            size: output.bound_bytes(),
             bytes: 4 * output.shape().numel() as u64,
         });
         self.ctx
@@ -274,9 +313,9 @@ impl Gpu {
             .map(|p| {
                 let bytes = 4 * p.shape.numel() as u64;
                 let (from, from_offset, to, to_offset) = if into_flat {
-                    (p.buffer(), 0, flat.buffer(), offset)
+                    (p.buffer(), p.offset, flat.buffer(), flat.offset + offset)
                 } else {
-                    (flat.buffer(), offset, p.buffer(), 0)
+                    (flat.buffer(), flat.offset + offset, p.buffer(), p.offset)
                 };
                 offset += bytes;
                 BufferCopy {
@@ -296,7 +335,8 @@ impl Gpu {
         self.ctx.grid(groups as u32)
     }
 
-    /// A 1D elementwise launch over `n` elements, one vec4 per invocation.
+    /// A 1D elementwise launch over `n` elements, one vec4 per invocation; split into ranges of
+    /// elements (see `split`) when the output exceeds one binding and every input is as large.
     fn elementwise(
         &self,
         kernel: Kernel,
@@ -305,10 +345,39 @@ impl Gpu {
         out_shape: &Shape,
     ) -> Result<GpuTensor> {
         let out = self.empty(out_shape)?;
-        let vec4s = out_shape.numel().div_ceil(4) as u32;
-        let grid = self.grid(vec4s.div_ceil(WG * VECS) as usize);
-        self.launch(&kernel, bytemuck::bytes_of(&params), inputs, &out, grid)?;
+        let n = out_shape.numel();
+        let ranges = self.flat_ranges(n);
+        if ranges.len() == 1 {
+            let grid = self.grid((n.div_ceil(4) as u32).div_ceil(WG * VECS) as usize);
+            let params = bytemuck::bytes_of(&params);
+            return self
+                .launch(&kernel, params, inputs, &out, grid)
+                .map(|()| out);
+        }
+        if inputs.iter().any(|(_, t)| t.shape().numel() != n) {
+            return Err(backend_error(format!(
+                "{}: a broadcast onto {out_shape} exceeds one binding and is not split here",
+                kernel.label()
+            )));
+        }
+        self.ctx.note_split(&kernel.label());
+        for r in ranges {
+            let part = |t: &GpuTensor| t.view(r.start, Shape::from([r.len()]));
+            let parts: Vec<(u32, GpuTensor)> = inputs.iter().map(|&(b, t)| (b, part(t))).collect();
+            let parts: Vec<(u32, &GpuTensor)> = parts.iter().map(|(b, t)| (*b, t)).collect();
+            let mut p = params;
+            p.n = r.len() as u32;
+            let vec4s = r.len().div_ceil(4) as u32;
+            let grid = self.grid(vec4s.div_ceil(WG * VECS) as usize);
+            self.launch(&kernel, bytemuck::bytes_of(&p), &parts, &part(&out), grid)?;
+        }
         Ok(out)
+    }
+
+    /// Whether `t` runs along axis 0 of `out` in a broadcast onto `out` (rather than repeating).
+    fn along_samples(t: &GpuTensor, out: &Shape) -> bool {
+        let (dims, out) = (t.shape().dims(), out.dims());
+        dims.len() == out.len() && !out.is_empty() && dims[0] == out[0]
     }
 
     fn elementwise_params(n: usize) -> ElementwiseParams {
@@ -323,6 +392,54 @@ impl Gpu {
         }
     }
 
+    /// A broadcasting `op` whose output exceeds one binding, on ranges of its samples (`None`
+    /// when it fits).
+    fn binary_by_samples(
+        &self,
+        op: BinaryOp,
+        a: &GpuTensor,
+        b: &GpuTensor,
+        out: &Shape,
+    ) -> Result<Option<GpuTensor>> {
+        let (a_along, b_along) = (Self::along_samples(a, out), Self::along_samples(b, out));
+        let batched: Vec<&GpuTensor> = [(a, a_along), (b, b_along)]
+            .iter()
+            .filter(|(_, along)| *along)
+            .map(|(t, _)| *t)
+            .collect();
+        self.by_samples(op.name(), &batched, (out, Join::Samples), |parts, _| {
+            let a = if a_along { &parts[0] } else { a };
+            let b = if b_along { &parts[parts.len() - 1] } else { b };
+            self.binary(op, a, b)
+        })
+    }
+
+    /// A sum over the middle axis of x viewed as [outer, reduce, inner] larger than one binding:
+    /// by ranges of `outer` when a slab [reduce, inner] fits, else (outer = 1) by ranges of
+    /// `reduce`, summed. `None` when x fits.
+    fn sum_middle_split(
+        &self,
+        x: &GpuTensor,
+        [outer, reduce, inner]: [usize; 3],
+    ) -> Result<Option<GpuTensor>> {
+        if self.fits(&[x]) {
+            return Ok(None);
+        }
+        let slab_fits = self.shape_fits(&Shape::from([reduce * inner]));
+        if outer > 1 || slab_fits {
+            let x = self.reshape(x, &Shape::from([outer, reduce, inner]))?;
+            let result = Shape::from([outer, 1, inner]);
+            return self.by_samples("sum", &[&x], (&result, Join::Samples), |p, n| {
+                self.sum_middle(&p[0], n, reduce, inner)
+            });
+        }
+        let x = self.reshape(x, &Shape::from([reduce, inner]))?;
+        let result = Shape::from([1, 1, inner]);
+        self.by_samples("sum", &[&x], (&result, Join::Sum), |p, n| {
+            self.sum_middle(&p[0], 1, n, inner)
+        })
+    }
+
     /// One pass of a sum over the middle axis of x viewed as [outer, reduce, inner].
     fn sum_middle(
         &self,
@@ -331,6 +448,9 @@ impl Gpu {
         reduce: usize,
         inner: usize,
     ) -> Result<GpuTensor> {
+        if let Some(sum) = self.sum_middle_split(x, [outer, reduce, inner])? {
+            return Ok(sum);
+        }
         if outer * reduce * inner == 0 {
             // A sum over no values is 0 (numpy's); an empty result needs no launch.
             return self.fill(&Shape::from([outer, 1, inner]), 0.0);
@@ -406,7 +526,7 @@ impl Backend for Gpu {
     fn to_f64(&self, x: &GpuTensor) -> Result<Vec<f64>> {
         let bytes = self
             .ctx
-            .read(x.buffer(), 4 * x.shape.numel() as u64)
+            .read(x.buffer(), x.offset, 4 * x.shape.numel() as u64)
             .map_err(backend_error)?;
         Ok(bytes
             .chunks_exact(4)
@@ -456,13 +576,20 @@ impl Backend for Gpu {
                 reason: "the element counts differ".into(),
             });
         }
-        Ok(GpuTensor {
-            storage: x.storage.clone(),
-            shape: shape.clone(),
-        })
+        Ok(x.view(0, shape.clone()))
     }
 
     fn broadcast_to(&self, x: &GpuTensor, shape: &Shape) -> Result<GpuTensor> {
+        let along = Self::along_samples(x, shape);
+        let batched: &[&GpuTensor] = if along { &[x] } else { &[] };
+        let result = (shape, Join::Samples);
+        let split = self.by_samples("broadcast_to", batched, result, |parts, n| {
+            let x = if along { &parts[0] } else { x };
+            self.broadcast_to(x, &with_samples(shape, n))
+        })?;
+        if let Some(y) = split {
+            return Ok(y);
+        }
         let sa = x.shape.broadcast_strides(shape);
         let (rank, [dims, stride_a, _]) = collapse(shape, &sa, &sa).ok_or_else(|| {
             backend_error(format!(
@@ -507,6 +634,9 @@ impl Backend for Gpu {
         let mut p = Self::elementwise_params(out.numel());
         let mut rank = 1;
         if !(x_full && y_full) {
+            if let Some(y) = self.binary_by_samples(op, a, b, &out)? {
+                return Ok(y);
+            }
             let (sa, sb) = (
                 a.shape.broadcast_strides(&out),
                 b.shape.broadcast_strides(&out),
@@ -595,28 +725,36 @@ impl Backend for Gpu {
         seed: u64,
         counter: u64,
     ) -> Result<GpuTensor> {
-        let n = shape.numel();
         let out = self.empty(shape)?;
-        let params = RandomParams {
-            n: n as u32,
-            seed_lo: seed as u32,
-            seed_hi: (seed >> 32) as u32,
-            counter_lo: counter as u32,
-            counter_hi: (counter >> 32) as u32,
-            classes: 0,
-        };
         let entry = match dist {
             Distribution::Uniform => "random_uniform",
             Distribution::Normal => "random_normal",
         };
-        let grid = self.grid(n.div_ceil(WG as usize));
-        self.launch(
-            &Kernel::new(KernelFile::Random, entry),
-            bytemuck::bytes_of(&params),
-            &[],
-            &out,
-            grid,
-        )?;
+        // Element i is a function of (seed, counter + i): a range from `start` is the same
+        // draw with its counter moved on by `start`.
+        let ranges = self.flat_ranges(shape.numel());
+        if ranges.len() > 1 {
+            self.ctx.note_split(entry);
+        }
+        for r in ranges {
+            let counter = counter.wrapping_add(r.start as u64);
+            let params = RandomParams {
+                n: r.len() as u32,
+                seed_lo: seed as u32,
+                seed_hi: (seed >> 32) as u32,
+                counter_lo: counter as u32,
+                counter_hi: (counter >> 32) as u32,
+                classes: 0,
+            };
+            let grid = self.grid(r.len().div_ceil(WG as usize));
+            self.launch(
+                &Kernel::new(KernelFile::Random, entry),
+                bytemuck::bytes_of(&params),
+                &[],
+                &out.view(r.start, Shape::from([r.len()])),
+                grid,
+            )?;
+        }
         Ok(out)
     }
 }

@@ -36,6 +36,8 @@ pub enum DeviceError {
     NoAdapter { backends: String, reason: String },
     #[error("the adapter {adapter} refused a device: {reason}")]
     RequestDevice { adapter: String, reason: String },
+    #[error("a binding limit that cannot be used: {0}")]
+    BindingOverride(String),
 }
 
 /// Everything `metaseg info` shows about the adapter.
@@ -61,13 +63,24 @@ pub struct Context {
     /// a long wait for the device on one thread would then bring down another. On GL every device
     /// call of ours therefore takes this lock first (re-entrant, so nested calls are fine).
     gl_lock: Option<ReentrantMutex<()>>,
+    /// A binding limit below the adapter's, to run the split paths with small tensors.
+    binding_override: Option<u64>,
+    /// The ops that ran in ranges since the device opened (see `split`), for tests and reports.
+    split_ops: Mutex<std::collections::BTreeSet<String>>,
 }
+
+/// The environment variable that lowers the binding limit (bytes) of every context opened, to
+/// study or test how kernels split tensors larger than one binding.
+pub const MAX_BINDING_ENV: &str = "METASEG_MAX_BINDING_BYTES";
 
 /// A buffer and how the kernel reads it.
 pub struct Binding<'a> {
     pub binding: u32,
     pub access: Access,
     pub buffer: &'a wgpu::Buffer,
+    /// The bound range: its start (a multiple of min_storage_buffer_offset_alignment) and length.
+    pub offset: u64,
+    pub size: u64,
     /// The bytes of the buffer that hold the tensor (a pooled buffer may be larger): the
     /// profiler's traffic count.
     pub bytes: u64,
@@ -86,6 +99,23 @@ impl Context {
     /// Opens the adapter that `WGPU_BACKEND` (vulkan, metal, dx12, gl) selects, or the best one
     /// available, asking for the adapter's own limits rather than wgpu's conservative defaults.
     pub fn new() -> Result<Context, DeviceError> {
+        let from_env = std::env::var(MAX_BINDING_ENV).ok();
+        let limit = match from_env.as_deref().map(str::parse::<u64>) {
+            None => None,
+            Some(Ok(bytes)) => Some(bytes),
+            Some(Err(e)) => {
+                return Err(DeviceError::BindingOverride(format!(
+                    "{MAX_BINDING_ENV}={}: {e}",
+                    from_env.unwrap_or_default()
+                )))
+            }
+        };
+        Context::with_max_binding_bytes(limit)
+    }
+
+    /// [`Context::new`] with the binding limit lowered to `limit` bytes (if given): every tensor
+    /// larger than that is bound in ranges, as on an adapter that binds no more.
+    pub fn with_max_binding_bytes(limit: Option<u64>) -> Result<Context, DeviceError> {
         // A software adapter's worker threads start while the adapter and device open, and keep
         // this thread's floating-point state: subnormals flushed, as on a GPU (see `denormals`).
         let flush = super::denormals::FlushSubnormals::new();
@@ -113,6 +143,15 @@ impl Context {
             reason: e.to_string(),
         })?;
         drop(flush);
+        if let Some(bytes) = limit {
+            let align = (summary.limits.min_storage_buffer_offset_alignment as u64).max(16);
+            if bytes < align || !bytes.is_multiple_of(16) {
+                return Err(DeviceError::BindingOverride(format!(
+                    "{bytes} bytes: it must be a multiple of 16 and at least the adapter's offset \
+                     alignment ({align} bytes)"
+                )));
+            }
+        }
         let is_gl = summary.info.backend == wgpu::Backend::Gl;
         let storage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC
@@ -128,6 +167,8 @@ impl Context {
             batch: Mutex::new(Batch::default()),
             dispatches: AtomicU64::new(0),
             gl_lock: is_gl.then(|| ReentrantMutex::new(())),
+            binding_override: limit,
+            split_ops: Mutex::default(),
         })
     }
 
@@ -147,12 +188,36 @@ impl Context {
         self.dispatches.load(Ordering::Relaxed)
     }
 
-    /// Largest buffer a kernel can bind.
+    /// Largest range of a buffer a kernel can bind (the adapter's limit, or the lower one the
+    /// context was opened with).
     pub fn max_binding_bytes(&self) -> u64 {
-        self.adapter
-            .limits
-            .max_storage_buffer_binding_size
-            .min(self.adapter.limits.max_buffer_size)
+        let adapter = (self.adapter.limits.max_storage_buffer_binding_size)
+            .min(self.adapter.limits.max_buffer_size);
+        self.binding_override.map_or(adapter, |b| b.min(adapter))
+    }
+
+    /// Notes that `op` ran in ranges because a tensor exceeded one binding.
+    pub fn note_split(&self, op: &str) {
+        let mut ops = self.split_ops.lock().unwrap();
+        if !ops.contains(op) {
+            ops.insert(op.to_string());
+        }
+    }
+
+    /// The ops (or flat kernels) that have run in ranges since the device opened.
+    pub fn split_ops(&self) -> Vec<String> {
+        self.split_ops.lock().unwrap().iter().cloned().collect()
+    }
+
+    /// Largest buffer, and so the largest tensor.
+    pub fn max_buffer_bytes(&self) -> u64 {
+        self.adapter.limits.max_buffer_size
+    }
+
+    /// Where a bound range may start: a multiple of this many bytes (of 16 at least, so that
+    /// every range but a tensor's last holds whole vec4s).
+    pub fn binding_alignment(&self) -> u64 {
+        (self.adapter.limits.min_storage_buffer_offset_alignment as u64).max(16)
     }
 
     /// The 2D grid of workgroups for `groups` workgroups in all (a dimension holds at most
@@ -197,9 +262,23 @@ impl Context {
         }
         for b in buffers {
             layout.push((b.binding, b.access));
+            if b.size > self.max_binding_bytes() {
+                return Err(format!(
+                    "{}: binding {} is {} bytes; the adapter binds at most {} bytes and this \
+                     kernel does not split its tensors",
+                    kernel.label(),
+                    b.binding,
+                    b.size,
+                    self.max_binding_bytes()
+                ));
+            }
             entries.push(wgpu::BindGroupEntry {
                 binding: b.binding,
-                resource: b.buffer.as_entire_binding(),
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.buffer,
+                    offset: b.offset,
+                    size: std::num::NonZeroU64::new(b.size),
+                }),
             });
         }
         let pipeline = self.registry.pipeline(&self.device, kernel, &layout)?;
@@ -330,8 +409,8 @@ impl Context {
         self.wait_for(submission)
     }
 
-    /// Copies `bytes` bytes of `buffer` to the host (waits for the device).
-    pub fn read(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, String> {
+    /// Copies `bytes` bytes of `buffer` from `offset` to the host (waits for the device).
+    pub fn read(&self, buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>, String> {
         let _device = self.exclusive();
         self.flush()?;
         let size = bytes.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT).max(4);
@@ -342,7 +421,7 @@ impl Context {
             mapped_at_creation: false,
         });
         let mut encoder = self.device.create_command_encoder(&Default::default());
-        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
         let submission = self.queue.submit([encoder.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
@@ -392,7 +471,7 @@ impl Context {
         let mut encoder = self.device.create_command_encoder(&Default::default());
         encoder.resolve_query_set(query_set, 0..count, &resolved, 0);
         self.queue.submit([encoder.finish()]);
-        let bytes = self.read(&resolved, 8 * count as u64)?;
+        let bytes = self.read(&resolved, 0, 8 * count as u64)?;
         let ticks: &[u64] = bytemuck::cast_slice(&bytes);
         let period = self.queue.get_timestamp_period() as f64;
         for (i, (kernel, bytes)) in p.pending.drain(..).enumerate() {

@@ -2,6 +2,7 @@
 
 use super::backend::{Gpu, GpuTensor};
 use super::kernels::{Kernel, KernelFile};
+use super::split::{with_samples, Join};
 use metaseg_autograd::layers::{
     affine_entries, affine_relu_entries, dims5, dots_dims, statistic_channels, upsample_shape,
 };
@@ -101,6 +102,24 @@ impl Gpu {
         out: &Shape,
         invocations: usize,
     ) -> Result<GpuTensor> {
+        // Every operand and the result are [N, C, ...] with independent samples.
+        let batched: Vec<&GpuTensor> = inputs.iter().map(|&(_, t)| t).collect();
+        let total = src.dims()[0];
+        let split = self.by_samples(entry, &batched, (out, Join::Samples), |parts, n| {
+            let with = |s: &Shape| with_samples(s, n);
+            let inputs: Vec<(u32, &GpuTensor)> = inputs
+                .iter()
+                .zip(parts)
+                .map(|(&(b, _), p)| (b, p))
+                .collect();
+            let (src, dst, out) = (with(src), with(dst), with(out));
+            let invocations = invocations / total * n;
+            let shapes = (&src, &dst);
+            self.pool_launch(entry, shapes, kernel, stride, &inputs, &out, invocations)
+        })?;
+        if let Some(y) = split {
+            return Ok(y);
+        }
         let [src_d, src_h, src_w] = spatial(src);
         let [dst_d, dst_h, dst_w] = spatial(dst);
         let [k_d, k_h, k_w] = kernel.map(|k| k as u32);
@@ -223,6 +242,15 @@ impl LayerBackend for Gpu {
     fn channel_window(&self, x: &GpuTensor, start: isize, channels: usize) -> Result<GpuTensor> {
         let [n, c, d, h, w] = dims5("channel_window", x.shape())?;
         let out_shape = Shape::from([n, channels, d, h, w]);
+        let split = self.by_samples(
+            "channel_window",
+            &[x],
+            (&out_shape, Join::Samples),
+            |x, _| self.channel_window(&x[0], start, channels),
+        )?;
+        if let Some(y) = split {
+            return Ok(y);
+        }
         let params = ChannelParams {
             n: out_shape.numel() as u32,
             volume: (d * h * w) as u32,
@@ -257,6 +285,14 @@ impl LayerBackend for Gpu {
         if n * c * volume == 0 {
             return self.fill(&Shape::from([2, c]), 0.0);
         }
+        // Sums over the samples: the ranges' sums add up.
+        let result = (&Shape::from([2, c]), Join::Sum);
+        let split = self.by_samples("channel_dots", &[x, m], result, |p, _| {
+            self.channel_dots(&p[0], &p[1])
+        })?;
+        if let Some(sums) = split {
+            return Ok(sums);
+        }
         let chunk = (4 * DOTS_VEC4S).min(volume.next_multiple_of(4));
         let pieces = n * volume.div_ceil(chunk);
         let params = AffineParams {
@@ -269,7 +305,10 @@ impl LayerBackend for Gpu {
         let kernel = Kernel::new(KernelFile::ChannelAffine, "channel_dots")
             .with("WG", DOTS_WG as f64)
             .with("ALIGNED", flag(volume.is_multiple_of(4)))
-            .with("SAME", flag(x.buffer() == m.buffer()));
+            .with(
+                "SAME",
+                flag(x.buffer() == m.buffer() && x.offset() == m.offset()),
+            );
         let partial = self.empty(&Shape::from([2, pieces, c]))?;
         let grid = [pieces as u32, c as u32, 1];
         let inputs = [(1, x), (5, m)];
@@ -354,6 +393,21 @@ impl Gpu {
         entries: usize,
         relu: bool,
     ) -> Result<GpuTensor> {
+        // a and b are per channel, or per sample and channel (then split with x).
+        let per_sample = entries > a.shape().dims()[1];
+        let batched: &[&GpuTensor] = if per_sample { &[x, a, b] } else { &[x] };
+        let split = self.by_samples(
+            "channel_affine",
+            batched,
+            (x.shape(), Join::Samples),
+            |p, _| {
+                let (a, b) = if per_sample { (&p[1], &p[2]) } else { (a, b) };
+                self.affine_launch(&p[0], a, b, a.shape().numel(), relu)
+            },
+        )?;
+        if let Some(y) = split {
+            return Ok(y);
+        }
         let n = x.shape().numel();
         let volume = n / (x.shape().dims()[0] * x.shape().dims()[1]).max(1);
         let params = AffineParams {

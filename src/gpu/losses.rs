@@ -3,6 +3,7 @@
 
 use super::backend::{backend_error, Gpu, GpuTensor};
 use super::kernels::{Kernel, KernelFile};
+use super::split::{with_samples, Join};
 use metaseg_autograd::losses::{
     channel_dims, cross_entropy_gradient_is_scalar, same_shape, voxel_shape,
 };
@@ -65,6 +66,9 @@ impl Gpu {
         constants: &[(&'static str, bool)],
     ) -> Result<GpuTensor> {
         let shape = inputs[0].1.shape();
+        if let Some(y) = self.per_voxel_by_samples(entry, op, inputs, out_shape, constants)? {
+            return Ok(y);
+        }
         let (p, mut kernel) = launch_of(entry, op, shape)?;
         for &(name, on) in constants {
             kernel = kernel.with(name, f64::from(u8::from(on)));
@@ -76,6 +80,36 @@ impl Gpu {
         let grid = self.sample_grid(&p)?;
         self.launch(&kernel, bytemuck::bytes_of(&p), inputs, &out, grid)?;
         Ok(out)
+    }
+
+    /// `per_voxel` on ranges of the samples when a tensor exceeds one binding (`None` when all
+    /// fit): the operands of z's shape or of its voxels' are split, the others (a scalar
+    /// gradient, the Dice sums' gradient) bound whole.
+    fn per_voxel_by_samples(
+        &self,
+        entry: &'static str,
+        op: &'static str,
+        inputs: &[(u32, &GpuTensor)],
+        out_shape: &Shape,
+        constants: &[(&'static str, bool)],
+    ) -> Result<Option<GpuTensor>> {
+        let z = inputs[0].1.shape();
+        let voxels = voxel_shape(z);
+        let along = |t: &GpuTensor| t.shape() == z || t.shape() == &voxels;
+        let batched: Vec<&GpuTensor> = inputs
+            .iter()
+            .map(|&(_, t)| t)
+            .filter(|t| along(t))
+            .collect();
+        self.by_samples(op, &batched, (out_shape, Join::Samples), |parts, n| {
+            let mut parts = parts.iter();
+            let inputs: Vec<(u32, &GpuTensor)> = inputs
+                .iter()
+                .map(|&(b, t)| (b, if along(t) { parts.next().unwrap() } else { t }))
+                .collect();
+            let out_shape = with_samples(out_shape, n);
+            self.per_voxel(entry, op, &inputs, &out_shape, constants)
+        })
     }
 
     /// Workgroups over the voxel quads (4 voxels per invocation) of a sample in x, y, and over the
@@ -145,6 +179,14 @@ impl LossBackend for Gpu {
         let voxels = (p.n * p.s) as usize;
         if voxels == 0 || c == 0 {
             return self.fill(&Shape::from([3, c]), 0.0);
+        }
+        // Sums over the samples: the ranges' sums add up.
+        let result = (&Shape::from([3, c]), Join::Sum);
+        let split = self.by_samples("softmax_dice", &[z, y], result, |p, _| {
+            self.softmax_dice_sums(&p[0], &p[1], squared)
+        })?;
+        if let Some(sums) = split {
+            return Ok(sums);
         }
         let groups = (p.s as usize).div_ceil(4).div_ceil(WG).min(DICE_GROUPS);
         p.chunk = (groups * WG) as u32;

@@ -18,10 +18,11 @@ mod losses;
 mod meta;
 pub mod pool;
 pub mod profiler;
+mod split;
 mod warp;
 
 pub use backend::{Gpu, GpuTensor};
-pub use context::{AdapterSummary, Binding, Context, DeviceError};
+pub use context::{AdapterSummary, Binding, Context, DeviceError, MAX_BINDING_ENV};
 pub use conv::{ConvPlan, ConvVariant, Forward, GradInput, GradWeight, Tiling};
 pub use distance::MAX_LINE;
 pub use kernels::{Access, Kernel, KernelFile};

@@ -22,6 +22,29 @@ pub fn gpu() -> Gpu {
     .clone()
 }
 
+/// The binding limit of [`small_binding_gpu`]: 8 KiB (2048 elements), so that the tests' tensors of a few
+/// thousand elements exceed it and run in ranges (of samples, or of elements whose boundaries fall
+/// inside a sample), while one sample of each still fits.
+pub const SMALL_BINDING: u64 = 8192;
+
+/// A second device of this binary whose binding limit is forced down to SMALL_BINDING bytes.
+pub fn small_binding_gpu() -> Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| Gpu::with_max_binding_bytes(SMALL_BINDING).unwrap_or_else(|e| panic!("{e}")))
+        .clone()
+}
+
+/// Asserts that `op` (an op name, or a flat kernel's label) has run in ranges on `gpu`.
+pub fn assert_split(gpu: &Gpu, ops: &[&str]) {
+    let split = gpu.context().split_ops();
+    for op in ops {
+        assert!(
+            split.iter().any(|s| s == op),
+            "{op} did not split: {split:?}"
+        );
+    }
+}
+
 pub mod examples;
 
 pub use metaseg_autograd::check::seeded;
@@ -80,9 +103,20 @@ pub fn assert_gpu_matches_cpu64(
     inputs: &[(Vec<f64>, Shape)],
     tol: Tolerance,
 ) {
+    assert_matches_cpu64_on(&gpu(), op, settings, inputs, tol)
+}
+
+/// [`assert_gpu_matches_cpu64`] on the device `gpu`.
+pub fn assert_matches_cpu64_on(
+    gpu: &Gpu,
+    op: &str,
+    settings: &[&str],
+    inputs: &[(Vec<f64>, Shape)],
+    tol: Tolerance,
+) {
     let settings = Settings::parse(settings).unwrap();
     let cpu = derivatives(&Cpu64, |xs| apply_op(op, xs, &settings).unwrap(), inputs);
-    let gpu = derivatives(&gpu(), |xs| apply_op(op, xs, &settings).unwrap(), inputs);
+    let gpu = derivatives(gpu, |xs| apply_op(op, xs, &settings).unwrap(), inputs);
     tol.assert(&format!("{op} forward"), &gpu.out, &cpu.out);
     for k in 0..inputs.len() {
         tol.assert(

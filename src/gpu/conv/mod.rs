@@ -10,6 +10,7 @@ pub use plan::{ConvPlan, ConvVariant, Forward, GradInput, GradWeight, Tiling};
 
 use super::backend::{Gpu, GpuTensor};
 use super::kernels::{Kernel, KernelFile};
+use super::split::Join;
 use metaseg_autograd::conv::check_operands;
 use metaseg_autograd::{Backend, Conv3dGeometry, ConvBackend, Result, Shape, TensorShape};
 
@@ -174,6 +175,13 @@ impl Gpu {
             ("w", w.shape(), g.weight_shape()),
             bias.map(|b| (b.shape(), g.c_out)),
         )?;
+        let result = (&g.output_shape(), Join::Samples);
+        let split = self.by_samples("conv3d", &[x], result, |x, n| {
+            self.conv3d_variant(variant, &x[0], w, bias, &with_batch(g, n))
+        })?;
+        if let Some(y) = split {
+            return Ok(y);
+        }
         let bias = self.bias_or_zeros(bias, g.c_out)?;
         let forward = ConvPlan::new(variant, g).forward;
         match forward {
@@ -207,6 +215,13 @@ impl Gpu {
             ("w", w.shape(), g.weight_shape()),
             bias.map(|b| (b.shape(), g.c_in)),
         )?;
+        let result = (&g.input_shape(), Join::Samples);
+        let split = self.by_samples("conv3d_grad_input", &[dy], result, |dy, n| {
+            self.conv3d_grad_input_variant(variant, &dy[0], w, bias, &with_batch(g, n))
+        })?;
+        if let Some(dx) = split {
+            return Ok(dx);
+        }
         let bias = self.bias_or_zeros(bias, g.c_in)?;
         let pass = ConvPlan::new(variant, g).grad_input;
         let kernel = pass.kernel(g);
@@ -261,6 +276,14 @@ impl Gpu {
             ("dy", dy.shape(), g.output_shape()),
             None,
         )?;
+        // A sum over the samples: the ranges' gradients add up.
+        let result = (&g.weight_shape(), Join::Sum);
+        let split = self.by_samples("conv3d_grad_weight", &[x, dy], result, |p, n| {
+            self.conv3d_grad_weight_variant(variant, &p[0], &p[1], &with_batch(g, n))
+        })?;
+        if let Some(dw) = split {
+            return Ok(dw);
+        }
         let pass = ConvPlan::new(variant, g).grad_weight;
         let weights = g.weight_shape().numel();
         let units = pass.units(g);
@@ -270,7 +293,7 @@ impl Gpu {
                 // (z), and split the reduction's units into chunks (y).
                 let combos = pass.combos(g);
                 let channel_blocks = g.c_out.div_ceil(tiling.channels);
-                let (per_chunk, chunks) = self.chunks(units, combos * channel_blocks);
+                let (per_chunk, chunks) = self.chunks(units, combos * channel_blocks, weights);
                 let wg = plan::grad_weight_workgroup(combos);
                 let grid = [
                     combos.div_ceil(wg) as u32,
@@ -280,7 +303,7 @@ impl Gpu {
                 (Some(grid), per_chunk, chunks)
             }
             GradWeight::Direct => {
-                let (per_chunk, chunks) = self.chunks(units, weights);
+                let (per_chunk, chunks) = self.chunks(units, weights, weights);
                 (None, per_chunk, chunks)
             }
         };
@@ -301,10 +324,12 @@ impl Gpu {
 
     /// How a reduction over `units` terms splits into chunks of partial sums so that about
     /// GRAD_WEIGHT_INVOCATIONS invocations run when each chunk has `parallel` of them: the units
-    /// per chunk and the number of chunks.
-    fn chunks(&self, units: usize, parallel: usize) -> (usize, usize) {
+    /// per chunk and the number of chunks (at most as many as keep the partial sums of `weights`
+    /// weights each within one binding).
+    fn chunks(&self, units: usize, parallel: usize, weights: usize) -> (usize, usize) {
         let limits = &self.context().adapter.limits;
-        let max_chunks = limits.max_compute_workgroups_per_dimension as usize;
+        let fit = self.context().max_binding_bytes() as usize / 4 / weights.max(1);
+        let max_chunks = (limits.max_compute_workgroups_per_dimension as usize).min(fit.max(1));
         let wanted = GRAD_WEIGHT_INVOCATIONS
             .div_ceil(parallel)
             .clamp(1, units.min(max_chunks));
@@ -321,6 +346,11 @@ impl Gpu {
         };
         self.reshape(&summed, &g.weight_shape())
     }
+}
+
+/// `g` over `batch` samples.
+fn with_batch(g: &Conv3dGeometry, batch: usize) -> Conv3dGeometry {
+    Conv3dGeometry { batch, ..*g }
 }
 
 impl ConvBackend for Gpu {
