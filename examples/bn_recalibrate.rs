@@ -50,7 +50,7 @@ fn tiles(case: &LoadedCase, patch: [usize; 3]) -> Vec<Vec<f64>> {
                             for x in x0..x0 + patch[2] {
                                 let inside = z < d && y < h && x < w;
                                 let i = ((ch * d + z) * h + y) * w + x;
-                                out_push(&mut t, inside.then(|| img.data[i]));
+                                t.push(if inside { f64::from(img.data[i]) } else { 0.0 });
                             }
                         }
                     }
@@ -60,10 +60,6 @@ fn tiles(case: &LoadedCase, patch: [usize; 3]) -> Vec<Vec<f64>> {
         }
     }
     out
-}
-
-fn out_push(t: &mut Vec<f64>, v: Option<f32>) {
-    t.push(v.map_or(0.0, f64::from));
 }
 
 /// Patches stacked into batches of `size` [n, C, patch].
