@@ -5,6 +5,7 @@
 
 pub mod layers;
 pub mod params;
+pub mod recalibrate;
 pub mod unet;
 pub mod vnet;
 
