@@ -258,6 +258,13 @@ fn a_resumed_run_repeats_the_uninterrupted_one() {
     run::train(&g, &config, &data, &paths_b, stop(true, Some(4))).unwrap();
     run::train(&g, &config, &data, &paths_b, stop(true, None)).unwrap();
     assert_eq!(log_lines(&paths_b.log()), log_lines(&paths.log()));
+    // A run that had not begun (a comparison's later seed) starts under `resume`.
+    let unstarted = tempfile::tempdir().unwrap();
+    let paths_c = RunPaths {
+        dir: unstarted.path().join("seed-2"),
+    };
+    run::train(&g, &config, &data, &paths_c, stop(true, None)).unwrap();
+    assert_eq!(log_lines(&paths_c.log()), log_lines(&paths.log()));
     let (a, _) = checkpoint::load(&paths.checkpoint()).unwrap();
     let (b, _) = checkpoint::load(&paths_b.checkpoint()).unwrap();
     assert_eq!(a, b, "the final checkpoints differ");

@@ -5,6 +5,7 @@
 use metaseg::data::Volume;
 use metaseg::report::{self, Rgb, BOTH, DICE_COLOUR, PREDICTION, REFERENCE, TERM_COLOURS};
 use metaseg::train::compare::RunResult;
+use metaseg::train::methods::Method;
 use plotters::style::RGBColor;
 use std::path::{Path, PathBuf};
 
@@ -332,9 +333,9 @@ fn overlay_refuses_masks_of_another_size() {
     assert!(err.to_string().contains("the label has 10 voxels"), "{err}");
 }
 
-fn result(method: &str, seed: u64, dice: f64) -> RunResult {
+fn result(method: Method, seed: u64, dice: f64) -> RunResult {
     RunResult {
-        method: method.into(),
+        method,
         seed,
         dice,
         jaccard: dice / (2.0 - dice),
@@ -365,12 +366,12 @@ fn count_by_half(picture: &Rgb, colour: [u8; 3]) -> (usize, usize) {
 fn comparison_plot_shows_every_seed_the_means_and_the_paired_differences() {
     let dir = Dir::new();
     let results = [
-        result("supervised", 1, 0.5),
-        result("supervised", 2, 0.6),
-        result("mean-teacher", 1, 0.7),
-        result("mean-teacher", 2, f64::NAN),
-        result("full", 1, 0.9),
-        result("full", 2, 0.85),
+        result(Method::Supervised, 1, 0.5),
+        result(Method::Supervised, 2, 0.6),
+        result(Method::MeanTeacher, 1, 0.7),
+        result(Method::MeanTeacher, 2, f64::NAN),
+        result(Method::Full, 1, 0.9),
+        result(Method::Full, 2, 0.85),
     ];
     let out = dir.path("comparison.png");
     report::comparison_plot(&results, &out).unwrap();

@@ -3,6 +3,7 @@
 
 use super::{draw_error, font, io, write_png, ReportError, Result, Rgb, FAMILY};
 use crate::train::compare::{mean_std, paired_differences, RunResult, REFERENCE};
+use crate::train::methods::Method;
 use plotters::coord::ranged1d::{SegmentValue, SegmentedCoord};
 use plotters::coord::types::{RangedCoordf64, RangedCoordi32};
 use plotters::prelude::*;
@@ -281,13 +282,13 @@ pub fn comparison_plot(results: &[RunResult], out: &Path) -> Result<()> {
 }
 
 /// The methods in the order first run, with the finite Dice of their runs.
-fn dice_by_method(results: &[RunResult]) -> Vec<(String, Vec<f64>)> {
-    let mut groups: Vec<(String, Vec<f64>)> = Vec::new();
+fn dice_by_method(results: &[RunResult]) -> Vec<(Method, Vec<f64>)> {
+    let mut groups: Vec<(Method, Vec<f64>)> = Vec::new();
     for r in results {
         let index = match groups.iter().position(|(m, _)| *m == r.method) {
             Some(index) => index,
             None => {
-                groups.push((r.method.clone(), Vec::new()));
+                groups.push((r.method, Vec::new()));
                 groups.len() - 1
             }
         };
@@ -312,7 +313,7 @@ fn draw_comparison(buffer: &mut [u8], results: &[RunResult]) -> std::result::Res
     let y_desc = format!("Dice - {} (same seed)", REFERENCE.name());
     match paired_differences(results) {
         Some(paired) => {
-            let groups: Vec<(String, Vec<f64>)> = (paired.into_iter())
+            let groups: Vec<(Method, Vec<f64>)> = (paired.into_iter())
                 .map(|p| (p.method, p.per_seed.into_iter().map(|(_, d)| d).collect()))
                 .collect();
             let caption = format!("Paired difference to {}", REFERENCE.name());
@@ -358,9 +359,9 @@ type PointChart<'a> = ChartContext<
 fn draw_points<'a>(
     area: &DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
     axes: &Axes,
-    groups: &[(String, Vec<f64>)],
+    groups: &[(Method, Vec<f64>)],
 ) -> std::result::Result<PointChart<'a>, Error> {
-    let names: Vec<String> = groups.iter().map(|g| g.0.clone()).collect();
+    let names: Vec<String> = groups.iter().map(|g| g.0.to_string()).collect();
     // An integer range holds its end too: 0..=n-1 gives one segment per group.
     let last = groups.len().max(1) as i32 - 1;
     let (low, high) = (axes.y.start, axes.y.end);
@@ -408,7 +409,7 @@ fn draw_points<'a>(
 
 /// A y range symmetric about zero that holds every value and every mean ± std, with a margin,
 /// at least ± 0.1.
-fn symmetric_range(groups: &[(String, Vec<f64>)]) -> Range<f64> {
+fn symmetric_range(groups: &[(Method, Vec<f64>)]) -> Range<f64> {
     let extent = groups.iter().fold(0.1f64, |e, (_, values)| {
         let spread = mean_std(values.iter().map(|&d| Some(d))).map_or(0.0, |(m, s, _)| m.abs() + s);
         values.iter().fold(e.max(spread), |e, d| e.max(d.abs()))

@@ -38,7 +38,7 @@ pub fn plan(methods: &[Method], first_seed: u64, seeds: u64, out: &Path) -> Vec<
 /// A finished run's figures on the test cases.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunResult {
-    pub method: String,
+    pub method: Method,
     pub seed: u64,
     /// Means over the test cases (foreground classes): Dice, Jaccard, HD95 and ASD. A distance is
     /// `None` when it is undefined for every case (empty predictions).
@@ -67,20 +67,22 @@ pub fn mean_std(values: impl IntoIterator<Item = Option<f64>>) -> Option<(f64, f
 }
 
 /// The methods in the order they were first run, with their runs.
-fn by_method(results: &[RunResult]) -> Vec<(&str, Vec<&RunResult>)> {
-    let mut groups: Vec<(&str, Vec<&RunResult>)> = Vec::new();
+fn by_method(results: &[RunResult]) -> Vec<(Method, Vec<&RunResult>)> {
+    let mut groups: Vec<(Method, Vec<&RunResult>)> = Vec::new();
     for r in results {
         match groups.iter_mut().find(|(m, _)| *m == r.method) {
             Some((_, runs)) => runs.push(r),
-            None => groups.push((&r.method, vec![r])),
+            None => groups.push((r.method, vec![r])),
         }
     }
     groups
 }
 
-type Column = (&'static str, fn(&RunResult) -> Option<f64>);
+/// A figure of the comparison's tables: its name and how to read it from a run.
+pub type Column = (&'static str, fn(&RunResult) -> Option<f64>);
 
-const COLUMNS: [Column; 5] = [
+/// The figures of a run's test results, then its time per iteration.
+pub const COLUMNS: [Column; 5] = [
     ("Dice", |r| Some(r.dice)),
     ("Jaccard", |r| Some(r.jaccard)),
     ("HD95", |r| r.hd95),
@@ -168,7 +170,7 @@ fn difference_cell(p: &PairedDifference, runs: usize) -> String {
 
 /// Supervised's test Dice and every other method's difference to it, one row per seed.
 fn per_seed_markdown(results: &[RunResult], paired: &[PairedDifference]) -> String {
-    let reference = REFERENCE.name();
+    let reference = REFERENCE;
     let mut seeds: Vec<u64> = results.iter().map(|r| r.seed).collect();
     seeds.sort_unstable();
     seeds.dedup();
@@ -202,7 +204,7 @@ pub const REFERENCE: Method = Method::Supervised;
 /// data and split: the comparison that the split's luck cancels out of.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PairedDifference {
-    pub method: String,
+    pub method: Method,
     /// (seed, method's Dice - supervised's Dice) for every seed where both Dice are finite, in
     /// the order the method ran.
     pub per_seed: Vec<(u64, f64)>,
@@ -224,15 +226,15 @@ impl PairedDifference {
 /// `None` when supervised is not among the results (there is then nothing to pair with).
 pub fn paired_differences(results: &[RunResult]) -> Option<Vec<PairedDifference>> {
     let groups = by_method(results);
-    let reference = groups.iter().find(|(m, _)| *m == REFERENCE.name())?;
+    let reference = groups.iter().find(|(m, _)| *m == REFERENCE)?;
     let reference_dice = |seed: u64| {
         (reference.1.iter())
             .find(|r| r.seed == seed && r.dice.is_finite())
             .map(|r| r.dice)
     };
-    let paired = groups.iter().filter(|(m, _)| *m != REFERENCE.name());
+    let paired = groups.iter().filter(|(m, _)| *m != REFERENCE);
     let differences = paired.map(|(method, runs)| PairedDifference {
-        method: method.to_string(),
+        method: *method,
         per_seed: (runs.iter())
             .filter(|r| r.dice.is_finite())
             .filter_map(|r| reference_dice(r.seed).map(|s| (r.seed, r.dice - s)))
@@ -244,7 +246,7 @@ pub fn paired_differences(results: &[RunResult]) -> Option<Vec<PairedDifference>
 /// Why a comparison has no paired differences although it has methods to pair: supervised was
 /// not run. `None` when there is nothing to say.
 pub fn missing_reference(results: &[RunResult]) -> Option<String> {
-    let others = results.iter().any(|r| r.method != REFERENCE.name());
+    let others = results.iter().any(|r| r.method != REFERENCE);
     (others && paired_differences(results).is_none()).then(|| {
         format!(
             "No paired differences: they are taken against {0} on the same seed, and {0} was \
@@ -329,9 +331,9 @@ pub fn csv(results: &[RunResult]) -> String {
 mod tests {
     use super::*;
 
-    fn result(method: &str, seed: u64, dice: f64, hd95: Option<f64>) -> RunResult {
+    fn result(method: Method, seed: u64, dice: f64, hd95: Option<f64>) -> RunResult {
         RunResult {
-            method: method.into(),
+            method,
             seed,
             dice,
             jaccard: dice / (2.0 - dice),
@@ -364,9 +366,9 @@ mod tests {
     #[test]
     fn markdown_has_one_row_per_method_with_spread_over_seeds() {
         let results = [
-            result("supervised", 1, 0.5, Some(4.0)),
-            result("supervised", 2, 0.7, None),
-            result("full", 1, 0.9, None),
+            result(Method::Supervised, 1, 0.5, Some(4.0)),
+            result(Method::Supervised, 2, 0.7, None),
+            result(Method::Full, 1, 0.9, None),
         ];
         let table = markdown(&results);
         // The method table, then a blank line and the table of paired differences per seed.
@@ -388,15 +390,15 @@ mod tests {
     /// 0.1414, ahead on 1 of 2.
     fn paired_example() -> Vec<RunResult> {
         vec![
-            result("supervised", 1, 0.5, None),
-            result("supervised", 2, 0.6, None),
-            result("supervised", 3, 0.4, None),
-            result("full", 3, 0.6, None),
-            result("full", 1, 0.8, None),
-            result("full", 2, 0.7, None),
-            result("mean-teacher", 1, 0.4, None),
-            result("mean-teacher", 2, 0.7, None),
-            result("mean-teacher", 3, f64::NAN, None),
+            result(Method::Supervised, 1, 0.5, None),
+            result(Method::Supervised, 2, 0.6, None),
+            result(Method::Supervised, 3, 0.4, None),
+            result(Method::Full, 3, 0.6, None),
+            result(Method::Full, 1, 0.8, None),
+            result(Method::Full, 2, 0.7, None),
+            result(Method::MeanTeacher, 1, 0.4, None),
+            result(Method::MeanTeacher, 2, 0.7, None),
+            result(Method::MeanTeacher, 3, f64::NAN, None),
         ]
     }
 
@@ -404,7 +406,7 @@ mod tests {
     fn paired_differences_match_the_hand_computed_ones() {
         let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
         let paired = paired_differences(&paired_example()).unwrap();
-        let names: Vec<&str> = paired.iter().map(|p| p.method.as_str()).collect();
+        let names: Vec<&str> = paired.iter().map(|p| p.method.name()).collect();
         assert_eq!(names, ["full", "mean-teacher"]);
         let full = &paired[0];
         let seeds: Vec<u64> = full.per_seed.iter().map(|&(s, _)| s).collect();
@@ -480,8 +482,8 @@ mod tests {
     #[test]
     fn without_supervised_there_are_no_differences_and_a_note_says_why() {
         let results = [
-            result("full", 1, 0.8, None),
-            result("mean-teacher", 1, 0.6, None),
+            result(Method::Full, 1, 0.8, None),
+            result(Method::MeanTeacher, 1, 0.6, None),
         ];
         assert_eq!(paired_differences(&results), None);
         let table = markdown(&results);
@@ -492,8 +494,8 @@ mod tests {
         assert!(json(&results)["reference"].is_null());
         // Supervised alone has nothing to be paired with, and nothing is missing.
         let alone = [
-            result("supervised", 1, 0.5, None),
-            result("supervised", 2, 0.6, None),
+            result(Method::Supervised, 1, 0.5, None),
+            result(Method::Supervised, 2, 0.6, None),
         ];
         assert_eq!(paired_differences(&alone), Some(vec![]));
         assert!(!markdown(&alone).contains("paired"));

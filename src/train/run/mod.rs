@@ -7,7 +7,9 @@
 //! Resumption: `resume` continues from the last checkpoint exactly as an uninterrupted run
 //! would. In a two-stage method, once the main stage has a checkpoint `--resume` continues it;
 //! before that, it continues the first stage (a finished first stage resumes with nothing left to
-//! do) and then starts the main stage. `stop_after` counts the first stage's iterations first.
+//! do) and then starts the main stage. A run with no checkpoint of either stage has nothing to
+//! resume and starts from the beginning: so `--resume` continues a comparison whose later runs
+//! had not begun. `stop_after` counts the first stage's iterations first.
 
 mod data;
 pub mod first_stage;
@@ -219,6 +221,17 @@ pub fn train<B: NetBackend>(
         require_unlabeled(data, config.method)?;
     }
     let first = kind.first_stage(config);
+    let started = has_checkpoint(paths, first.as_ref());
+    if options.resume && !started && options.progress {
+        eprintln!(
+            "nothing to resume in {}: starting the run",
+            paths.dir.display()
+        );
+    }
+    let options = RunOptions {
+        resume: options.resume && started,
+        ..options
+    };
     if let (true, Some(n)) = (options.resume, options.stop_after) {
         let done = iterations_done(paths, first.as_ref());
         if n <= done {
@@ -267,6 +280,12 @@ pub fn train<B: NetBackend>(
         Some(first) => main.after(first),
         None => main,
     })
+}
+
+/// Whether either stage of the run has written a checkpoint.
+fn has_checkpoint(paths: &RunPaths, first: Option<&FirstStage>) -> bool {
+    let written = |stem: &Path| checkpoint::paths(stem).1.exists();
+    written(&paths.checkpoint()) || first.is_some_and(|f| written(&f.paths(paths).checkpoint()))
 }
 
 /// The iterations a run's checkpoints have done, counted as `--stop-after` counts them: the first

@@ -102,7 +102,7 @@ pub fn score(
         metrics::Stat::of(&scores.iter().map(get).collect::<Vec<_>>()).mean
     };
     Ok(RunResult {
-        method: config.method.to_string(),
+        method: config.method,
         seed: config.seed,
         dice: mean(|m| Some(m.dice)).unwrap_or(f64::NAN),
         jaccard: mean(|m| Some(m.jaccard)).unwrap_or(f64::NAN),
