@@ -2,8 +2,8 @@
 //!
 //! On the preset's network and batch (`default`: a 2D V-Net of width 8 on 4 labeled + 4
 //! unlabeled 64 x 64 images, K = 5 views), each pass the algorithm needs is timed alone, then a
-//! whole supervised iteration and a whole MLB-Seg iteration, all in one process, so the ratios
-//! share the machine's load. Kernel time is the sum of the profiled dispatches (GPU timestamps on
+//! whole supervised iteration and a whole MLB-Seg iteration, all in one process and taking turns
+//! call by call, so the ratios share the machine's load. Kernel time is the sum of the profiled dispatches (GPU timestamps on
 //! lavapipe); wall time is taken with the device drained.
 //!
 //! `cargo run --release --example mlb_passes [-- REPEATS [PRESET [KEY=VALUE ...]]]`
@@ -22,34 +22,45 @@ type AnyResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 /// Milliseconds per kernel (entry point and constants) of one call.
 type ByKernel = BTreeMap<String, f64>;
 
-/// A row: its label, (kernel ms, wall ms) per call, and the kernels' ms.
-type Row = (&'static str, ((f64, f64), ByKernel));
+/// A row: its label, (kernel ms, wall ms, dispatches) per call, and the kernels' ms.
+type Row = (&'static str, ((f64, f64, f64), ByKernel));
 
-/// Kernel and wall milliseconds of one call of `f`, the mean over `repeats` after a warm-up, and
-/// the kernels' milliseconds by kernel.
-fn time(
-    gpu: &Gpu,
-    repeats: u32,
-    f: &mut dyn FnMut() -> AnyResult<()>,
-) -> AnyResult<((f64, f64), ByKernel)> {
-    f()?;
+/// A row's label and the call it times.
+type Call<'a> = (&'static str, Box<dyn FnMut() -> AnyResult<()> + 'a>);
+
+/// Kernel and wall milliseconds per call of each row, the mean over `repeats` after a warm-up,
+/// and its kernels' milliseconds by kernel. The rows take turns (one call of each per round), so
+/// a machine whose load drifts during the measurement weighs on every row alike.
+fn time_interleaved(gpu: &Gpu, repeats: u32, calls: &mut [Call<'_>]) -> AnyResult<Vec<Row>> {
     let ctx = gpu.context();
-    ctx.synchronize()?;
-    ctx.start_profiling();
-    let start = Instant::now();
-    for _ in 0..repeats {
+    let mut rows: Vec<Row> = calls
+        .iter()
+        .map(|(label, _)| (*label, ((0.0, 0.0, 0.0), ByKernel::new())))
+        .collect();
+    for (_, f) in calls.iter_mut() {
         f()?;
     }
-    ctx.synchronize()?;
-    let wall = start.elapsed().as_secs_f64();
-    let (times, _) = ctx.take_kernel_times()?;
-    let kernels: f64 = times.iter().map(|t| t.time.as_secs_f64()).sum();
     let n = f64::from(repeats);
-    let mut by_kernel = ByKernel::new();
-    for t in &times {
-        *by_kernel.entry(t.kernel.clone()).or_default() += t.time.as_secs_f64() * 1e3 / n;
+    for _ in 0..repeats {
+        for ((_, f), (_, ((kernel_ms, wall_ms, launches), by_kernel))) in
+            calls.iter_mut().zip(&mut rows)
+        {
+            ctx.synchronize()?;
+            ctx.start_profiling();
+            let start = Instant::now();
+            f()?;
+            ctx.synchronize()?;
+            *wall_ms += start.elapsed().as_secs_f64() * 1e3 / n;
+            let (times, _) = ctx.take_kernel_times()?;
+            *launches += times.len() as f64 / n;
+            for t in &times {
+                let ms = t.time.as_secs_f64() * 1e3 / n;
+                *kernel_ms += ms;
+                *by_kernel.entry(t.kernel.clone()).or_default() += ms;
+            }
+        }
     }
-    Ok(((kernels * 1e3 / n, wall * 1e3 / n), by_kernel))
+    Ok(rows)
 }
 
 fn batch(gpu: &Gpu, config: &TrainConfig) -> AnyResult<DeviceBatch<Gpu>> {
@@ -120,55 +131,53 @@ fn main() -> AnyResult<()> {
         logits.cross_entropy(&y_v, None, Reduction::None)
     };
 
-    let mut rows: Vec<Row> = Vec::new();
-    let r = repeats;
-    rows.push((
-        "F(L): forward, meta batch",
-        time(&gpu, r, &mut || forward(&x_m))?,
-    ));
-    rows.push((
-        "FB(L): forward + backward, meta batch",
-        time(&gpu, r, &mut || fwd_bwd(&x_m, &y_m))?,
-    ));
-    rows.push((
-        "F(KU): forward, no record, K U views",
-        time(&gpu, r, &mut || no_grad(|| forward(&x_v)))?,
-    ));
-    rows.push((
-        "FB(KU): forward + backward, K U views",
-        time(&gpu, r, &mut || fwd_bwd(&x_v, &y_v))?,
-    ));
-    rows.push((
-        "J(KU): forward mode (jvp) of the costs, K U views",
-        time(&gpu, r, &mut || {
-            jvp(costs, weights.params.values(), &tangent)?;
-            Ok(())
-        })?,
-    ));
     let labeled_only = DeviceBatch {
         x: x_m.clone(),
         y: y_m.clone(),
         labeled,
     };
-    let mut t = 1;
-    rows.push((
-        "supervised iteration",
-        time(&gpu, r, &mut || {
-            t += 1;
-            sup.step(&labeled_only, t).map(drop).map_err(Into::into)
-        })?,
-    ));
-    let mut t = 1;
-    rows.push((
-        "mlb-seg iteration",
-        time(&gpu, r, &mut || {
-            t += 1;
-            mlb.step(&data, t).map(drop).map_err(Into::into)
-        })?,
-    ));
-    println!("{repeats} repeats after a warm-up; kernel ms, wall ms per call");
-    for (label, ((k, w), _)) in &rows {
-        println!("{label:<52} {k:>9.1} {w:>9.1}");
+    let (mut t_sup, mut t_mlb) = (1, 1);
+    let mut calls: Vec<Call<'_>> = vec![
+        ("F(L): forward, meta batch", Box::new(|| forward(&x_m))),
+        (
+            "FB(L): forward + backward, meta batch",
+            Box::new(|| fwd_bwd(&x_m, &y_m)),
+        ),
+        (
+            "F(KU): forward, no record, K U views",
+            Box::new(|| no_grad(|| forward(&x_v))),
+        ),
+        (
+            "FB(KU): forward + backward, K U views",
+            Box::new(|| fwd_bwd(&x_v, &y_v)),
+        ),
+        (
+            "J(KU): forward mode (jvp) of the costs, K U views",
+            Box::new(|| {
+                jvp(costs, weights.params.values(), &tangent)?;
+                Ok(())
+            }),
+        ),
+        (
+            "supervised iteration",
+            Box::new(|| {
+                t_sup += 1;
+                sup.step(&labeled_only, t_sup).map(drop).map_err(Into::into)
+            }),
+        ),
+        (
+            "mlb-seg iteration",
+            Box::new(|| {
+                t_mlb += 1;
+                mlb.step(&data, t_mlb).map(drop).map_err(Into::into)
+            }),
+        ),
+    ];
+    let rows = time_interleaved(&gpu, repeats, &mut calls)?;
+    drop(calls);
+    println!("{repeats} repeats after a warm-up; kernel ms, wall ms, dispatches per call");
+    for (label, ((k, w, n), _)) in &rows {
+        println!("{label:<52} {k:>9.1} {w:>9.1} {n:>7.0}");
     }
     // The passes of one iteration: the teacher over the unlabeled and the meta batch's views; the
     // student over the unlabeled views with two backward passes (the look-ahead's gradient of
@@ -176,7 +185,7 @@ fn main() -> AnyResult<()> {
     // meta batch); the costs in forward mode; the supervised step on the meta batch's views.
     let get = |i: usize| rows[i].1 .0;
     let (fb_l, f_ku, fb_ku, j_ku) = (get(1), get(2), get(3), get(4));
-    let sum = |pick: fn((f64, f64)) -> f64| {
+    let sum = |pick: fn((f64, f64, f64)) -> f64| {
         2.0 * pick(f_ku)
             + pick(fb_ku)
             + (pick(fb_ku) - pick(f_ku))
@@ -184,15 +193,17 @@ fn main() -> AnyResult<()> {
             + pick(j_ku)
             + pick(fb_ku)
     };
-    let (sk, sw) = (sum(|p| p.0), sum(|p| p.1));
+    let (sk, sw, sn) = (sum(|p| p.0), sum(|p| p.1), sum(|p| p.2));
     let (sup_it, mlb_it) = (get(5), get(6));
     println!(
         "sum of the passes: kernels {sk:.1} ms ({:.1} supervised iterations), wall {sw:.1} ms \
-         ({:.1}); the iteration: kernels {:.2}x the sum, wall {:.2}x",
+         ({:.1}), {sn:.0} dispatches; the iteration: kernels {:.2}x the sum, wall {:.2}x, \
+         dispatches {:.2}x",
         sk / sup_it.0,
         sw / sup_it.1,
         mlb_it.0 / sk,
-        mlb_it.1 / sw
+        mlb_it.1 / sw,
+        mlb_it.2 / sn
     );
     // Where the iteration spends more than its passes: kernel by kernel, the largest first.
     let weights = [(1.0, 2), (3.0, 3), (1.0, 1), (1.0, 4)];

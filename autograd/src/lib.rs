@@ -18,6 +18,7 @@ pub mod random;
 mod shape;
 mod var;
 pub mod warp;
+mod warp_samples;
 
 pub use backend::{Backend, BinaryOp, Distribution, MatmulDims, MatmulSpec, TensorShape, UnaryOp};
 pub use check::Tolerance;

@@ -114,13 +114,23 @@ impl<B: Backend> MetaStep<'_, B> {
                 .map(|t| Var::zeros(t.backend(), t.shape()))
                 .collect::<Result<_>>()?,
         };
-        let (ahead, _) = no_grad(|| {
-            let detached: Vec<Var<B>> = self.theta.iter().map(Var::detach).collect();
-            self.sgd.step(&detached, &g_other, self.buffers)
+        // One step over the parameters' flat form: the same elementwise ops per element as a
+        // step per parameter, in a handful of dispatches whatever the number of parameters.
+        let backend = g_other[0].backend();
+        let flat = |vs: &[Var<B>]| -> Result<[Var<B>; 1]> {
+            let values: Vec<&B::Tensor> = vs.iter().map(Var::value).collect();
+            Ok([Var::constant(backend, backend.concat_flat(&values)?)])
+        };
+        let (ahead, _) = no_grad(|| -> Result<_> {
+            let buffers = self.buffers.map(flat).transpose()?;
+            let buffers = buffers.as_ref().map(|b| &b[..]);
+            self.sgd.step(&flat(self.theta)?, &flat(&g_other)?, buffers)
         })?;
-        Ok(ahead
+        let shapes: Vec<_> = self.theta.iter().map(|t| t.shape().clone()).collect();
+        Ok(backend
+            .split_flat(ahead[0].value(), &shapes)?
             .into_iter()
-            .map(|t| Var::parameter(t.backend(), t.value().clone()))
+            .map(|t| Var::parameter(backend, t))
             .collect())
     }
 }

@@ -14,7 +14,6 @@
 use crate::nn::NetBackend;
 use crate::train::batch::stream;
 use crate::train::config::TrainConfig;
-use crate::train::trainer::slice_batch;
 use metaseg_autograd::random::uniform;
 use metaseg_autograd::{Interp, Result, Shape, UnaryOp, Var, Warp};
 
@@ -98,69 +97,59 @@ impl Views {
         Views { warps }
     }
 
-    fn samples(&self) -> usize {
-        self.warps[0].len()
+    /// The warp of every row of a view-major batch [K * S, ...]: row k * S + s is view k of
+    /// sample s.
+    fn rows(&self) -> Vec<Warp> {
+        self.warps.iter().flatten().cloned().collect()
     }
 
     /// The views of images x [S, C, patch]: [K * S, C, patch], trilinear.
     pub fn images<B: NetBackend>(&self, x: &Var<B>) -> Result<Var<B>> {
-        self.each_view(x, |w, xs| xs.warp(w))
+        tiled(x)?.warp_samples(&self.rows())
     }
 
     /// The views of one-hot labels y [S, classes, patch]: [K * S, classes, patch], nearest, and
     /// background where a view shows what lies outside the patch (the zoom-outs' padding), so
     /// they stay one-hot.
     pub fn labels<B: NetBackend>(&self, y: &Var<B>) -> Result<Var<B>> {
-        self.each_view(y, |w, ys| {
-            let warped = ys.warp(&w.clone().with_interp(Interp::Nearest))?;
-            with_background(&warped)
-        })
+        let nearest: Vec<Warp> = self
+            .rows()
+            .into_iter()
+            .map(|w| w.with_interp(Interp::Nearest))
+            .collect();
+        with_background(&tiled(y)?.warp_samples(&nearest)?)
     }
 
-    /// `f(warp, sample)` for every view and sample of a constant [S, ...], stacked view-major.
-    fn each_view<B: NetBackend>(
-        &self,
-        x: &Var<B>,
-        f: impl Fn(&Warp, &Var<B>) -> Result<Var<B>>,
-    ) -> Result<Var<B>> {
-        let mut parts = Vec::with_capacity(VIEWS * self.samples());
-        for view in &self.warps {
-            for (s, w) in view.iter().enumerate() {
-                let sample = slice_batch(x, s, 1)?;
-                parts.push(if is_identity(w) {
-                    sample
-                } else {
-                    f(w, &sample)?
-                });
-            }
-        }
-        stack(&parts)
-    }
-
-    /// Sample s of view k of view-major rows [K * S, ...] warped back to the original frame and,
-    /// for a view that covers only part of it (a zoom-in), divided by its coverage [1, 1, patch]
-    /// (a ones tensor warped back the same way), which is returned too (None: it covers all).
+    /// View-major rows [K * S, ...] warped back to the original frame and, where a view covers
+    /// only part of it (a zoom-in), divided by its coverage, with that coverage [K * S, 1, patch]
+    /// (a ones tensor warped back the same way; ones for a view that covers the whole frame).
     /// Where the coverage is zero the value is zero.
-    fn back<B: NetBackend>(
-        &self,
-        rows: &Var<B>,
-        k: usize,
-        s: usize,
-    ) -> Result<(Var<B>, Option<Var<B>>)> {
-        let row = slice_batch(rows, k * self.samples() + s, 1)?;
-        let w = &self.warps[k][s];
-        if is_identity(w) {
-            return Ok((row, None));
-        }
-        let inverse = w.inverse();
-        let back = row.warp(&inverse)?;
-        if is_permutation(w) {
-            return Ok((back, None));
-        }
-        let ones = Var::ones(row.backend(), &voxel_shape(&row))?;
-        let coverage = ones.warp(&inverse)?;
+    fn back<B: NetBackend>(&self, rows: &Var<B>) -> Result<(Var<B>, Var<B>)> {
+        let warps = self.rows();
+        let inverse = |w: &Warp| {
+            if is_identity(w) {
+                w.clone()
+            } else {
+                w.inverse()
+            }
+        };
+        let back = rows.warp_samples(&warps.iter().map(inverse).collect::<Vec<_>>())?;
+        let covering: Vec<Warp> = warps
+            .iter()
+            .map(|w| {
+                if is_permutation(w) {
+                    Warp::identity(w.input)
+                } else {
+                    w.inverse()
+                }
+            })
+            .collect();
+        let mut ones_shape = rows.shape().dims().to_vec();
+        ones_shape[1] = 1;
+        let coverage = Var::ones(rows.backend(), &Shape(ones_shape))?.warp_samples(&covering)?;
+        // A view that covers the whole frame is divided by 1, exactly.
         let normalised = back.div(&coverage.clamp(MIN_COVERAGE, 2.0)?)?;
-        Ok((normalised, Some(coverage)))
+        Ok((normalised, coverage))
     }
 
     /// The enhanced labels of probabilities [K * S, classes, patch] (constants): each sample's
@@ -182,65 +171,71 @@ impl Views {
         average: Average,
         threshold: f64,
     ) -> Result<Var<B>> {
-        let mut per_sample = Vec::with_capacity(self.samples());
-        for s in 0..self.samples() {
-            let mut sum: Option<Var<B>> = None;
-            let mut covered: Option<Var<B>> = None;
-            for k in 0..VIEWS {
-                let (p, coverage) = self.back(probabilities, k, s)?;
-                let coverage = match coverage {
-                    Some(c) => c,
-                    None => Var::ones(probabilities.backend(), &voxel_shape(probabilities))?,
-                };
-                sum = Some(add_to(sum, p.mul(&coverage)?)?);
-                covered = Some(add_to(covered, coverage)?);
-            }
-            let sum = sum.expect("K > 0 views");
-            per_sample.push(match average {
-                Average::Coverage => sum.div(&covered.expect("K > 0 views"))?,
-                Average::Views => sum.scale(1.0 / VIEWS as f64)?,
-            });
-        }
-        let mut parts = Vec::with_capacity(VIEWS * self.samples());
-        for view in &self.warps {
-            for (s, w) in view.iter().enumerate() {
-                let average = &per_sample[s];
-                let in_view = if is_identity(w) {
-                    average.clone()
-                } else {
-                    average.warp(w)?
-                };
-                parts.push(above(&in_view, threshold)?);
-            }
-        }
-        stack(&parts)
+        let (back, coverage) = self.back(probabilities)?;
+        let over_views = |x: &Var<B>| -> Result<Var<B>> {
+            let d = x.shape().dims().to_vec();
+            let per_view = Shape::from([VIEWS, d[0] / VIEWS * d[1..].iter().product::<usize>()]);
+            let mut sample_shape = d;
+            sample_shape[0] /= VIEWS;
+            x.reshape(&per_view)?
+                .sum_axes(&[0], false)?
+                .reshape(&Shape(sample_shape))
+        };
+        let sum = over_views(&back.mul(&coverage)?)?;
+        let per_sample = match average {
+            Average::Coverage => sum.div(&over_views(&coverage)?)?,
+            Average::Views => sum.scale(1.0 / VIEWS as f64)?,
+        };
+        let in_views = tiled(&per_sample)?.warp_samples(&self.rows())?;
+        above(&in_views, threshold)
     }
 
     /// L_cons of probabilities [K * S, classes, patch]: for every sample and every pair of its
     /// views, mean over the original frame of coverage_a coverage_b (p_a - p_b)^2 (both warped
     /// back), averaged over the K (K - 1) / 2 pairs and the samples (the released code's
-    /// normalisation). Differentiable in both views of each pair.
+    /// normalisation). Differentiable in both views of each pair. Each pair of views over all
+    /// samples at once; a view whose every sample covers the whole frame is not weighted.
     pub fn consistency<B: NetBackend>(&self, probabilities: &Var<B>) -> Result<Var<B>> {
-        let pairs = VIEWS * (VIEWS - 1) / 2;
+        let (back, coverage) = self.back(probabilities)?;
+        let back = per_view(&back)?;
+        let coverage: Vec<Option<Var<B>>> = per_view(&coverage)?
+            .into_iter()
+            .zip(&self.warps)
+            .map(|(c, warps)| (!warps.iter().all(is_permutation)).then_some(c))
+            .collect();
         let mut total: Option<Var<B>> = None;
-        for s in 0..self.samples() {
-            let back: Vec<(Var<B>, Option<Var<B>>)> = (0..VIEWS)
-                .map(|k| self.back(probabilities, k, s))
-                .collect::<Result<_>>()?;
-            for a in 0..VIEWS {
-                for b in a + 1..VIEWS {
-                    let mut d = back[a].0.sub(&back[b].0)?.square()?;
-                    for coverage in [&back[a].1, &back[b].1].into_iter().flatten() {
-                        d = d.mul(coverage)?;
-                    }
-                    total = Some(add_to(total, d.mean()?)?);
+        for a in 0..VIEWS {
+            for b in a + 1..VIEWS {
+                let mut d = back[a].sub(&back[b])?.square()?;
+                for c in [&coverage[a], &coverage[b]].into_iter().flatten() {
+                    d = d.mul(c)?;
                 }
+                let sum = d.sum()?;
+                total = Some(match total {
+                    Some(t) => t.add(&sum)?,
+                    None => sum,
+                });
             }
         }
-        total
-            .expect("at least one sample")
-            .scale(1.0 / (pairs * self.samples()) as f64)
+        let count = VIEWS * (VIEWS - 1) / 2 * probabilities.shape().numel() / VIEWS;
+        total.expect("at least two views").scale(1.0 / count as f64)
     }
+}
+
+/// View-major rows [K * S, C, ...] as K tensors [S, C, ...], one per view.
+fn per_view<B: NetBackend>(rows: &Var<B>) -> Result<Vec<Var<B>>> {
+    let mut view = rows.shape().dims().to_vec();
+    view[0] /= VIEWS;
+    let width = view.iter().product::<usize>();
+    let flat = rows.reshape(&Shape::from([1, VIEWS, width, 1, 1]))?;
+    (0..VIEWS)
+        .map(|k| flat.slice_channels(k, 1)?.reshape(&Shape(view.clone())))
+        .collect()
+}
+
+/// Samples [S, ...] repeated once per view: [K * S, ...], view-major (a constant).
+fn tiled<B: NetBackend>(x: &Var<B>) -> Result<Var<B>> {
+    stack(&vec![x.detach(); VIEWS])
 }
 
 fn is_identity(w: &Warp) -> bool {
@@ -260,18 +255,6 @@ fn is_permutation(w: &Warp) -> bool {
             }
         })
     }) && w.matrix.iter().all(|row| row[3].fract() == 0.0)
-}
-
-fn voxel_shape<B: NetBackend>(x: &Var<B>) -> Shape {
-    let d = x.shape().dims();
-    Shape::from([1, 1, d[2], d[3], d[4]])
-}
-
-fn add_to<B: NetBackend>(sum: Option<Var<B>>, x: Var<B>) -> Result<Var<B>> {
-    match sum {
-        Some(s) => s.add(&x),
-        None => Ok(x),
-    }
 }
 
 /// Labels that lost their class where a warp read outside (all zeros there) made background.
