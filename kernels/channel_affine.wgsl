@@ -215,3 +215,70 @@ fn batch_statistic_backward(@builtin(global_invocation_id) id: vec3<u32>) {
     sums[c] = d_q * inv_count;
     sums[params.groups + c] = (g_mean - 2.0 * s.mean * d_q) * inv_count;
 }
+
+// batch_norm_statistics: batch_statistic's four statistics in one launch, as rows `params.n`
+// apart: scale, shift, mean, variance (bindings and uniform as batch_statistic's, beta at 6).
+@compute @workgroup_size(STATISTIC_WG)
+fn batch_norm_statistics(@builtin(global_invocation_id) id: vec3<u32>) {
+    let c = id.x;
+    if c >= params.groups { return; }
+    let s = moments_of(c);
+    let stride = params.n;
+    sums[c] = s.a;
+    sums[stride + c] = third[c] - s.mean * s.a;
+    sums[2u * stride + c] = s.mean;
+    sums[3u * stride + c] = nan_kept(max(s.q, 0.0), s.q);
+}
+
+// batch_norm_coefficients: a batch norm's first-order gradient in training mode, per channel
+// (one invocation each), from the moments (at 2), gamma (at 4) and the sums (d a, d b) =
+// channel_dots(x, g') ([2, C] at 6; g' = g [y > 0] after a ReLU): the scale's and the shift's
+// gradients as batch_statistic_backward gives them, added (g_a = d a - d b mean, g_mean =
+// -d b a), then the moments' own backward. Writes five rows `params.n` apart: d gamma, d beta,
+// and a, p = 2 d sum x^2, q = d sum x, the coefficients of d x = g' a + x p + q
+// (batch_norm_dx). Uniform as batch_statistic's, with n the row stride.
+@compute @workgroup_size(STATISTIC_WG)
+fn batch_norm_coefficients(@builtin(global_invocation_id) id: vec3<u32>) {
+    let c = id.x;
+    if c >= params.groups { return; }
+    let s = moments_of(c);
+    let d_a = third[c];
+    let d_b = third[params.groups + c];
+    let g_a = d_a - d_b * s.mean;
+    let g_mean = -d_b * s.a;
+    let mask = nan_kept(select(0.0, 1.0, s.q > 0.0), s.q);
+    let d_q = -g_a * s.a / (2.0 * s.deviation * s.deviation) * mask;
+    let inv_count = bitcast<f32>(params.volume);
+    let stride = params.n;
+    sums[c] = g_a / s.deviation;
+    sums[stride + c] = d_b;
+    sums[2u * stride + c] = s.a;
+    sums[3u * stride + c] = 2.0 * d_q * inv_count;
+    sums[4u * stride + c] = (g_mean - 2.0 * s.mean * d_q) * inv_count;
+}
+
+// batch_norm_dx: d x = g' a + x p + q per channel, x at 1, g' at 5, the rows of
+// batch_norm_coefficients at 2 (`params.chunk` apart); laid out as channel_affine.
+@compute @workgroup_size(WG)
+fn batch_norm_dx(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+                 @builtin(local_invocation_index) lane: u32) {
+    let i = (group.y * groups.x + group.x) * WG + lane;
+    if i >= (params.n + 3u) / 4u { return; }
+    let rows = params.chunk;
+    if ALIGNED {
+        let k = entry(4u * i);
+        out[i] = m[i] * a[2u * rows + k] + x[i] * a[3u * rows + k] + a[4u * rows + k];
+        return;
+    }
+    var scale = vec4<f32>(0.0);
+    var slope = vec4<f32>(0.0);
+    var shift = vec4<f32>(0.0);
+    for (var l = 0u; l < 4u; l++) {
+        let e = 4u * i + l;
+        let k = select(0u, entry(e), e < params.n);
+        scale[l] = a[2u * rows + k];
+        slope[l] = a[3u * rows + k];
+        shift[l] = a[4u * rows + k];
+    }
+    out[i] = m[i] * scale + x[i] * slope + shift;
+}

@@ -477,3 +477,60 @@ fn layers_with_a_small_binding_limit_match_the_reference() {
         ],
     );
 }
+
+/// A batch norm in training mode on `b`: its output and first-order gradients (the fused
+/// backward) for an output weighting of seed 44, as f64.
+fn batch_norm_first_order<B: metaseg_autograd::LayerBackend>(
+    b: &B,
+    inputs: &[(Vec<f64>, Shape)],
+    relu: bool,
+) -> Vec<Vec<f64>> {
+    let v: Vec<Var<B>> = inputs
+        .iter()
+        .map(|(d, s)| Var::from_f64(b, d, s, true).unwrap())
+        .collect();
+    let (y, _) = if relu {
+        v[0].batch_norm3d_train_relu(&v[1], &v[2], 1e-3).unwrap()
+    } else {
+        v[0].batch_norm3d_train(&v[1], &v[2], 1e-3).unwrap()
+    };
+    let weights = seeded(y.shape().numel(), 44, -1.0, 1.0);
+    let w = Var::from_f64(b, &weights, y.shape(), false).unwrap();
+    let loss = y.mul(&w).unwrap().sum().unwrap();
+    let refs: Vec<&Var<B>> = v.iter().collect();
+    let grads = metaseg_autograd::grad(&loss, &refs, None, false).unwrap();
+    std::iter::once(&y)
+        .chain(&grads)
+        .map(|t| t.to_f64().unwrap())
+        .collect()
+}
+
+/// A batch norm's fused first-order backward (batch_norm_backward: the masked incoming gradient,
+/// its channel dots, one launch of per-channel coefficients, one pass for d x) against Cpu64's,
+/// with and without the ReLU, at channel counts below and above one workgroup of channels and at
+/// volumes that are and are not whole vec4s; and on a GPU whose tensors split by samples.
+#[test]
+fn fused_batch_norm_backward_matches_the_reference() {
+    let cases = [
+        (gpu(), Shape::from([2, 3, 1, 5, 7])),
+        (gpu(), Shape::from([2, 67, 1, 4, 4])),
+        (small_binding_gpu(), Shape::from([3, 3, 7, 5, 9])),
+    ];
+    for (g, shape) in &cases {
+        let c = Shape::from([shape.dims()[1]]);
+        let inputs = [
+            input(41, shape, -1.0, 1.0),
+            input(42, &c, 0.5, 1.5),
+            input(43, &c, -0.5, 0.5),
+        ];
+        for relu in [false, true] {
+            let on_gpu = batch_norm_first_order(g, &inputs, relu);
+            let on_cpu = batch_norm_first_order(&Cpu64, &inputs, relu);
+            for (k, (a, b)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+                let what = format!("batch norm {shape} (relu {relu}): output/gradient {k}");
+                Tolerance::F32_ACCUMULATED.assert(&what, a, b);
+            }
+        }
+    }
+    assert_split(&small_binding_gpu(), &["batch_norm_dx"]);
+}

@@ -276,7 +276,11 @@ fn losses_with_a_small_binding_limit_match_the_reference() {
             assert_matches_cpu64_on(&g, op, &[reduction], &inputs, TOL);
         }
     }
-    assert_matches_cpu64_on(&g, "softmax_dice", &[], &[z, y], TOL);
+    assert_matches_cpu64_on(&g, "softmax_dice", &[], &[z.clone(), y], TOL);
+    // The mean teacher's update over a flat store of 2520 elements, in ranges of elements.
+    let flat = Shape::from([s.numel()]);
+    let (teacher, student) = ((z.0.clone(), flat.clone()), input(3, &flat, -1.0, 1.0));
+    assert_matches_cpu64_on(&g, "ema", &["decay=0.99"], &[teacher, student], TOL);
     assert_split(
         &g,
         &[
@@ -284,6 +288,7 @@ fn losses_with_a_small_binding_limit_match_the_reference() {
             "cross_entropy",
             "binary_cross_entropy",
             "softmax_dice",
+            "ema",
         ],
     );
 }

@@ -10,7 +10,7 @@
 
 use crate::backend::{Backend, UnaryOp};
 use crate::cpu64::{filled, reserved, Cpu64, CpuTensor};
-use crate::norm::BatchStatistic;
+use crate::norm::{BatchStatistic, Statistic};
 use crate::ops::{rule, tangent};
 use crate::var::{sum_tangents, Var};
 use crate::{Error, Result, Shape};
@@ -210,6 +210,66 @@ pub trait LayerBackend: Backend {
         s: BatchStatistic,
         wrt_moments: bool,
     ) -> Result<Self::Tensor>;
+    /// A batch norm's per-channel statistics in training mode from the moments
+    /// channel_dots(x, x) ([2, C]), gamma and beta ([C]): [scale, shift, mean, biased variance]
+    /// as [`BatchStatistic::value`] gives them, in one launch.
+    fn batch_norm_statistics(
+        &self,
+        moments: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        p: FusedBatchNorm,
+    ) -> Result<[Self::Tensor; 4]>;
+    /// A batch norm's first-order gradient in training mode (see [`FusedBatchNorm`]): for
+    /// y = x a + b per channel (relu of it with `relu`; `y` is that output), a and b from the
+    /// moments channel_dots(x, x) ([2, C]) and gamma ([C]), and an incoming g of y's shape:
+    /// (d x, d gamma, d beta), what the composed ops' backward gives, in a few launches.
+    fn batch_norm_backward(
+        &self,
+        xyg: [&Self::Tensor; 3],
+        moments: &Self::Tensor,
+        gamma: &Self::Tensor,
+        p: FusedBatchNorm,
+    ) -> Result<[Self::Tensor; 3]>;
+}
+
+/// The settings of a batch norm's fused launches ([`LayerBackend::batch_norm_statistics`],
+/// [`LayerBackend::batch_norm_backward`]): elements per channel, eps, and whether a ReLU follows
+/// the normalisation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FusedBatchNorm {
+    pub count: usize,
+    pub eps: f64,
+    pub relu: bool,
+}
+
+impl FusedBatchNorm {
+    /// The [`BatchStatistic`] of this batch norm.
+    pub fn statistic(&self, statistic: Statistic) -> BatchStatistic {
+        BatchStatistic {
+            statistic,
+            count: self.count,
+            eps: self.eps,
+        }
+    }
+
+    /// Per channel, from the moments (s2, s1), gamma and the sums (d a, d b) = channel_dots(x,
+    /// g'), g' = g [y > 0] with a ReLU: [d gamma, d beta, a, p, q] with d x = g' a + x p + q.
+    /// The scale's and the shift's gradients of [`BatchStatistic::gradient`] added, then the
+    /// moments' own backward (d x = 2 x d s2 + d s1).
+    pub fn coefficients(&self, s2: f64, s1: f64, gamma: f64, d_a: f64, d_b: f64) -> [f64; 5] {
+        let of = |statistic| self.statistic(statistic);
+        let from_a = of(Statistic::Scale).gradient(s2, s1, gamma, d_a);
+        let from_b = of(Statistic::Shift).gradient(s2, s1, gamma, d_b);
+        let a = of(Statistic::Scale).value(s2, s1, gamma, 0.0);
+        [
+            from_a[2] + from_b[2],
+            d_b,
+            a,
+            2.0 * (from_a[0] + from_b[0]),
+            from_a[1] + from_b[1],
+        ]
+    }
 }
 
 /// Checks the operands of the batch-statistic ops: moments [2, C], gamma and the third
@@ -535,6 +595,62 @@ impl LayerBackend for Cpu64 {
         } else {
             cpu(d.iter().map(|d| d[2]).collect(), Shape::from([ch]))
         })
+    }
+
+    fn batch_norm_statistics(
+        &self,
+        moments: &CpuTensor,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        p: FusedBatchNorm,
+    ) -> Result<[CpuTensor; 4]> {
+        let of = |s| self.batch_statistic(moments, gamma, beta, p.statistic(s));
+        Ok([
+            of(Statistic::Scale)?,
+            of(Statistic::Shift)?,
+            of(Statistic::Mean)?,
+            of(Statistic::Variance)?,
+        ])
+    }
+
+    fn batch_norm_backward(
+        &self,
+        [x, y, g]: [&CpuTensor; 3],
+        moments: &CpuTensor,
+        gamma: &CpuTensor,
+        p: FusedBatchNorm,
+    ) -> Result<[CpuTensor; 3]> {
+        let [_, c, volume] = dots_dims(&x.shape, &g.shape)?;
+        dots_dims(&x.shape, &y.shape)?;
+        statistic_channels(&moments.shape, &gamma.shape, &gamma.shape)?;
+        let masked: Vec<f64> = if p.relu {
+            let mask = y.data.iter().map(|&v| UnaryOp::ReluMask.apply(v));
+            g.data.iter().zip(mask).map(|(g, m)| g * m).collect()
+        } else {
+            g.data.to_vec()
+        };
+        let masked = cpu(masked, g.shape.clone());
+        let dots = self.channel_dots(x, &masked)?;
+        let (m, d) = (&moments.data, &dots.data);
+        let coefficients: Vec<[f64; 5]> = (0..c)
+            .map(|k| p.coefficients(m[k], m[c + k], gamma.data[k], d[k], d[c + k]))
+            .collect();
+        let dx = x
+            .data
+            .iter()
+            .zip(masked.data.iter())
+            .enumerate()
+            .map(|(i, (&xv, &gv))| {
+                let [_, _, a, px, q] = coefficients[(i / volume) % c];
+                gv * a + xv * px + q
+            });
+        let row = |r: usize| {
+            cpu(
+                coefficients.iter().map(|k| k[r]).collect(),
+                Shape::from([c]),
+            )
+        };
+        Ok([cpu(dx.collect(), x.shape.clone()), row(0), row(1)])
     }
 }
 

@@ -27,7 +27,7 @@ pub use conv::{Conv3dGeometry, ConvBackend, ConvSpec};
 pub use cpu64::{Cpu64, CpuTensor};
 pub use distance::DistanceBackend;
 pub use error::{Error, Result};
-pub use layers::{LayerBackend, Upsample, Window3d};
+pub use layers::{FusedBatchNorm, LayerBackend, Upsample, Window3d};
 pub use losses::{DiceOptions, LossBackend, Reduction};
 pub use meta::{MetaBackend, Normalization};
 pub use norm::{BatchStatistic, BatchStats, RunningStats, Statistic};

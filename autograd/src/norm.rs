@@ -8,10 +8,10 @@
 //! Layout NCDHW; statistics and the affine parameters (gamma, beta of shape [C]) are per channel.
 
 use crate::backend::{Backend, Distribution, UnaryOp};
-use crate::layers::{dims5, dot_row, LayerBackend};
+use crate::layers::{dims5, dot_row, FusedBatchNorm, LayerBackend};
 use crate::losses::LossBackend;
 use crate::ops::{rule, tangent};
-use crate::var::{forward_mode, no_grad, plain, Var};
+use crate::var::{forward_mode, grad, no_grad, plain, Var};
 use crate::{Error, Result, Shape};
 
 /// What a batch norm in training mode measured: the per-channel mean and biased variance of the
@@ -341,6 +341,52 @@ fn batch_coefficients<B: LayerBackend>(
     Ok((scale, shift, stats))
 }
 
+/// A batch norm in training mode as one recorded op over (x, gamma, beta): its statistics from
+/// one pass of channel_dots(x, x) and one launch, then the affine pass. Its backward is
+/// [`LayerBackend::batch_norm_backward`] (a few launches) when nothing differentiates it again;
+/// otherwise the gradient of the same map composed of differentiable ops ([`batch_coefficients`]
+/// and the affine pass, recomputed from the inputs), recorded, so second order sees the
+/// composition.
+fn fused_batch_norm<B: LayerBackend>(
+    op: &'static str,
+    [x, gamma, beta]: [&Var<B>; 3],
+    p: FusedBatchNorm,
+) -> Result<(Var<B>, BatchStats<B>)> {
+    let b = x.backend();
+    let moments = b.channel_dots(x.value(), x.value())?;
+    let [scale, shift, mean, var] =
+        b.batch_norm_statistics(&moments, gamma.value(), beta.value(), p)?;
+    let per_channel = Shape::from([1, gamma.shape().numel(), 1, 1, 1]);
+    let (scale, shift) = (
+        b.reshape(&scale, &per_channel)?,
+        b.reshape(&shift, &per_channel)?,
+    );
+    let y = if p.relu {
+        b.channel_affine_relu(x.value(), &scale, &shift)?
+    } else {
+        b.channel_affine(x.value(), &scale, &shift)?
+    };
+    let stats = BatchStats {
+        mean: Var::constant(b, mean),
+        var: Var::constant(b, var),
+        count: p.count,
+    };
+    let rule = rule(move |inputs: &[Var<B>], y: &Var<B>, g: &Var<B>| {
+        if plain() {
+            let b = g.backend();
+            let xyg = [inputs[0].value(), y.value(), g.value()];
+            let d = b.batch_norm_backward(xyg, &moments, inputs[1].value(), p)?;
+            return Ok(d.map(|t| Some(Var::constant(b, t))).into());
+        }
+        let [x, gamma, beta] = [&inputs[0], &inputs[1], &inputs[2]];
+        let (scale, shift, _) = batch_coefficients(op, x, gamma, beta, p.eps)?;
+        let composed = affine(x, &scale, &shift, p.relu)?;
+        let d = grad(&composed, &[x, gamma, beta], Some(g), true)?;
+        Ok(d.into_iter().map(Some).collect())
+    });
+    Ok((Var::from_op(op, y, &[x, gamma, beta], rule), stats))
+}
+
 fn check_eps(op: &'static str, eps: f64) -> Result<()> {
     if eps <= 0.0 {
         return Err(Error::InvalidArgument {
@@ -402,12 +448,17 @@ impl<B: LayerBackend> Var<B> {
         for p in [gamma, beta] {
             per_channel(op, p, c)?;
         }
-        let (scale, shift, stats) = if forward_mode() {
-            composed_coefficients(op, self, gamma, beta, eps)?
-        } else {
-            batch_coefficients(op, self, gamma, beta, eps)?
+        if forward_mode() {
+            let (scale, shift, stats) = composed_coefficients(op, self, gamma, beta, eps)?;
+            return Ok((affine(self, &scale, &shift, relu)?, stats));
+        }
+        let [n, _, d, h, w] = dims5(op, self.shape())?;
+        let p = FusedBatchNorm {
+            count: n * d * h * w,
+            eps,
+            relu,
         };
-        Ok((affine(self, &scale, &shift, relu)?, stats))
+        fused_batch_norm(op, [self, gamma, beta], p)
     }
 
     /// Batch norm in eval mode: (x - running mean) / sqrt(running var + eps) * gamma + beta.

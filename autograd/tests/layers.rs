@@ -427,6 +427,13 @@ fn norm_gradients_and_second_order_match_finite_differences() {
         1.0,
     );
     check(
+        "batch_norm3d relu",
+        &|v| Ok(v[0].batch_norm3d_train_relu(&v[1], &v[2], eps)?.0),
+        &[x.clone(), c.clone(), c.clone()],
+        -1.0,
+        1.0,
+    );
+    check(
         "instance_norm3d",
         &|v| v[0].instance_norm3d(&v[1], &v[2], eps),
         &[x.clone(), c.clone(), c.clone()],
@@ -616,5 +623,50 @@ fn batch_statistics_meet_their_definitions() {
                 &b.to_f64().unwrap(),
             );
         }
+    }
+}
+
+/// A batch norm in training mode (with and without its ReLU) has one first-order backward of its
+/// own (`batch_norm_backward`); with create_graph the composed ops' gradient is taken instead.
+/// The two agree, and d beta is the masked incoming gradient summed per channel (a closed form).
+#[test]
+fn fused_batch_norm_backward_is_the_composed_gradient() {
+    let x = Shape::from([2, 3, 2, 3, 3]);
+    let c = Shape::from([3]);
+    let v = [
+        var(&seeded(x.numel(), 21, -2.0, 3.0), &x),
+        var(&seeded(3, 22, 0.5, 1.5), &c),
+        var(&seeded(3, 23, -1.0, 1.0), &c),
+    ];
+    let weights = var(&seeded(x.numel(), 24, -1.0, 1.0), &x);
+    for relu in [false, true] {
+        let y = if relu {
+            v[0].batch_norm3d_train_relu(&v[1], &v[2], 1e-3).unwrap().0
+        } else {
+            v[0].batch_norm3d_train(&v[1], &v[2], 1e-3).unwrap().0
+        };
+        let loss = y.mul(&weights).unwrap().sum().unwrap();
+        let refs: Vec<&Var<Cpu64>> = v.iter().collect();
+        let fused = grad(&loss, &refs, None, false).unwrap();
+        let composed = grad(&loss, &refs, None, true).unwrap();
+        for (k, (a, b)) in fused.iter().zip(&composed).enumerate() {
+            Tolerance::new(1e-12, 1e-12).assert(
+                &format!("batch norm (relu {relu}): fused and composed gradient of input {k}"),
+                &a.to_f64().unwrap(),
+                &b.to_f64().unwrap(),
+            );
+        }
+        let (out, w) = (y.to_f64().unwrap(), weights.to_f64().unwrap());
+        let d_beta: Vec<f64> = (0..3)
+            .map(|k| {
+                (0..2)
+                    .flat_map(|n| (n * 3 + k) * 18..(n * 3 + k + 1) * 18)
+                    .filter(|&i| !relu || out[i] > 0.0)
+                    .map(|i| w[i])
+                    .sum()
+            })
+            .collect();
+        let what = format!("batch norm (relu {relu}): d beta");
+        Tolerance::new(1e-12, 1e-12).assert(&what, &fused[2].to_f64().unwrap(), &d_beta);
     }
 }

@@ -7,8 +7,8 @@ use metaseg_autograd::layers::{
     affine_entries, affine_relu_entries, dims5, dots_dims, statistic_channels, upsample_shape,
 };
 use metaseg_autograd::{
-    Backend, BatchStatistic, Error, LayerBackend, Result, Shape, Statistic, TensorShape, Upsample,
-    Window3d,
+    Backend, BatchStatistic, BinaryOp, Error, FusedBatchNorm, LayerBackend, Result, Shape,
+    Statistic, TensorShape, UnaryOp, Upsample, Window3d,
 };
 
 /// Invocations per workgroup (the `WG` override default of both files).
@@ -346,9 +346,121 @@ impl LayerBackend for Gpu {
             .with("WRT_MOMENTS", f64::from(u8::from(wrt_moments)));
         self.statistic_launch(kernel, [moments, gamma, g], s, wrt_moments)
     }
+
+    fn batch_norm_statistics(
+        &self,
+        moments: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: &GpuTensor,
+        p: FusedBatchNorm,
+    ) -> Result<[GpuTensor; 4]> {
+        let kernel = Kernel::new(KernelFile::ChannelAffine, "batch_norm_statistics");
+        let rows = self.channel_rows(kernel, [moments, gamma, beta], p, 4)?;
+        let c = gamma.shape().numel();
+        Ok([0, 1, 2, 3].map(|r| self.row(&rows, r, c)))
+    }
+
+    fn batch_norm_backward(
+        &self,
+        [x, y, g]: [&GpuTensor; 3],
+        moments: &GpuTensor,
+        gamma: &GpuTensor,
+        p: FusedBatchNorm,
+    ) -> Result<[GpuTensor; 3]> {
+        let [_, c, volume] = dots_dims(x.shape(), g.shape())?;
+        dots_dims(x.shape(), y.shape())?;
+        statistic_channels(moments.shape(), gamma.shape(), gamma.shape())?;
+        let masked = if p.relu {
+            let mask = self.unary(UnaryOp::ReluMask, y)?;
+            self.binary(BinaryOp::Mul, g, &mask)?
+        } else {
+            g.clone()
+        };
+        let dots = self.channel_dots(x, &masked)?;
+        let kernel = Kernel::new(KernelFile::ChannelAffine, "batch_norm_coefficients");
+        let rows = self.channel_rows(kernel, [moments, gamma, &dots], p, 5)?;
+        let stride = self.row_stride(c);
+        let dx = self.batch_norm_dx(x, &masked, &rows, (c, volume, stride))?;
+        Ok([dx, self.row(&rows, 0, c), self.row(&rows, 1, c)])
+    }
 }
 
 impl Gpu {
+    /// Elements between the rows of [`Gpu::channel_rows`]: C rounded up so that each row starts
+    /// where a binding may.
+    fn row_stride(&self, c: usize) -> usize {
+        c.next_multiple_of(self.context().binding_alignment() as usize / 4)
+    }
+
+    /// A per-channel kernel of a batch norm (one invocation per channel) on (moments, gamma,
+    /// third) writing `count` rows of C, [`Gpu::row_stride`] apart (see [`Gpu::row`]).
+    fn channel_rows(
+        &self,
+        kernel: Kernel,
+        [moments, gamma, third]: [&GpuTensor; 3],
+        p: FusedBatchNorm,
+        count: usize,
+    ) -> Result<GpuTensor> {
+        let c = statistic_channels(moments.shape(), gamma.shape(), gamma.shape())?;
+        if c == 0 || p.count == 0 {
+            return Err(Error::InvalidArgument {
+                op: "batch_norm3d",
+                message: format!("{c} channels of {} elements each", p.count),
+            });
+        }
+        let stride = self.row_stride(c);
+        let out = self.empty(&Shape::from([count * stride]))?;
+        let params = AffineParams {
+            n: stride as u32,
+            volume: ((1.0 / p.count as f64) as f32).to_bits(),
+            groups: c as u32,
+            chunk: (p.eps as f32).to_bits(),
+        };
+        let inputs = [(2, moments), (4, gamma), (6, third)];
+        let grid = [c.div_ceil(STATISTIC_WG) as u32, 1, 1];
+        self.launch(&kernel, bytemuck::bytes_of(&params), &inputs, &out, grid)?;
+        Ok(out)
+    }
+
+    /// Row `r` of C channels of [`Gpu::channel_rows`]' result, in place.
+    fn row(&self, rows: &GpuTensor, r: usize, c: usize) -> GpuTensor {
+        rows.view(r * self.row_stride(c), Shape::from([c]))
+    }
+
+    /// d x = g' a + x p + q per channel, the rows a, p, q at 2, 3 and 4 `stride` of `rows`;
+    /// by ranges of samples when x exceeds one binding.
+    fn batch_norm_dx(
+        &self,
+        x: &GpuTensor,
+        masked: &GpuTensor,
+        rows: &GpuTensor,
+        (c, volume, stride): (usize, usize, usize),
+    ) -> Result<GpuTensor> {
+        let split = self.by_samples(
+            "batch_norm_dx",
+            &[x, masked],
+            (x.shape(), Join::Samples),
+            |p, _| self.batch_norm_dx(&p[0], &p[1], rows, (c, volume, stride)),
+        )?;
+        if let Some(dx) = split {
+            return Ok(dx);
+        }
+        let n = x.shape().numel();
+        let params = AffineParams {
+            n: n as u32,
+            volume: volume as u32,
+            groups: c as u32,
+            chunk: stride as u32,
+        };
+        let kernel = Kernel::new(KernelFile::ChannelAffine, "batch_norm_dx")
+            .with("ALIGNED", f64::from(u8::from(volume.is_multiple_of(4))));
+        let out = self.empty(x.shape())?;
+        let grid = self.grid(n.div_ceil(4).div_ceil(WG));
+        let inputs = [(1, x), (5, masked), (2, rows)];
+        self.launch(&kernel, bytemuck::bytes_of(&params), &inputs, &out, grid)?;
+        Ok(out)
+    }
+
     /// A batch_statistic kernel of channel_affine.wgsl on (moments, gamma, third), one
     /// invocation per channel; out [2, C] with `two_rows`, else [C].
     fn statistic_launch(

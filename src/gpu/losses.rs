@@ -233,23 +233,31 @@ impl LossBackend for Gpu {
                 student.shape()
             )));
         }
-        let n = teacher.shape().numel();
+        // Elementwise: a store larger than one binding runs in ranges of elements.
         let out = self.empty(teacher.shape())?;
-        let p = LossParams {
-            n: n as u32,
-            s: 0,
-            chunk: 0,
-            decay: decay as f32,
-        };
+        let ranges = self.flat_ranges(teacher.shape().numel());
+        if ranges.len() > 1 {
+            self.context().note_split("ema");
+        }
         let kernel = Kernel::new(KernelFile::Losses, "ema");
-        let grid = self.grid(n.div_ceil(4).div_ceil(WG).max(1));
-        self.launch(
-            &kernel,
-            bytemuck::bytes_of(&p),
-            &[(1, teacher), (2, student)],
-            &out,
-            grid,
-        )?;
+        for r in ranges {
+            let part = |t: &GpuTensor| t.view(r.start, Shape::from([r.len()]));
+            let p = LossParams {
+                n: r.len() as u32,
+                s: 0,
+                chunk: 0,
+                decay: decay as f32,
+            };
+            let grid = self.grid(r.len().div_ceil(4).div_ceil(WG).max(1));
+            let (t, s, o) = (part(teacher), part(student), part(&out));
+            self.launch(
+                &kernel,
+                bytemuck::bytes_of(&p),
+                &[(1, &t), (2, &s)],
+                &o,
+                grid,
+            )?;
+        }
         Ok(out)
     }
 }
