@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PredictArgs {
-    /// A run directory written by `metaseg train` (its checkpoint), or a checkpoint's stem or file.
+    /// A run directory written by `metaseg train` (the network it kept: `best` when it kept its best
+    /// validation, else its last checkpoint), or a checkpoint's stem or file.
     #[arg(long, value_name = "RUN_DIR")]
     pub checkpoint: PathBuf,
     /// An image volume (.nii or .nii.gz), or a folder of them.

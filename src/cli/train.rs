@@ -162,8 +162,12 @@ fn run_plan(args: &TrainArgs) -> AnyResult<()> {
             spec.dir.display()
         );
         let data = run::load_data(&config)?;
+        let validation = match data.validation.len() {
+            0 => String::new(),
+            n => format!(", {n} validation"),
+        };
         eprintln!(
-            "data: {} labeled, {} unlabeled, {} test cases",
+            "data: {} labeled, {} unlabeled, {} test cases{validation}",
             data.labeled.len(),
             data.unlabeled.len(),
             data.test.len()
@@ -190,26 +194,7 @@ fn run_plan(args: &TrainArgs) -> AnyResult<()> {
             ));
         }
         let summary = summary?;
-        if summary.iterations == 0 {
-            println!(
-                "{}, seed {}: already trained; log in {}",
-                config.method,
-                config.seed,
-                paths.log().display()
-            );
-        } else {
-            let dice = summary
-                .validation_dice
-                .map_or_else(|| not_validated(&data), |d| format!("{d:.4}"));
-            println!(
-                "{}, seed {}: done in {:.1} s, final loss {:.4}, test Dice {dice}; log in {}",
-                config.method,
-                config.seed,
-                summary.seconds,
-                summary.final_loss,
-                paths.log().display()
-            );
-        }
+        let mut tested = None;
         if args.stop_after.is_none() && !data.test.is_empty() {
             let overlays = paths.dir.join("overlays");
             let mut shown = 0;
@@ -220,7 +205,39 @@ fn run_plan(args: &TrainArgs) -> AnyResult<()> {
                         shown += 1;
                     }
                 })?;
+            tested = Some(result.dice);
             results.push(result);
+        }
+        if summary.iterations == 0 {
+            println!(
+                "{}, seed {}: already trained; log in {}",
+                config.method,
+                config.seed,
+                paths.log().display()
+            );
+        } else {
+            // Validation scores the test cases only when there are no validation cases.
+            let dice = match (tested, data.validation.is_empty()) {
+                (Some(d), _) => format!("{d:.4}"),
+                (None, true) => summary
+                    .validation_dice
+                    .map_or_else(|| not_validated(&data), |d| format!("{d:.4}")),
+                (None, false) => "not measured (stopped early)".into(),
+            };
+            let kept = summary.best.map_or(String::new(), |b| {
+                format!(
+                    " (the network of step {}, validation Dice {:.4})",
+                    b.step, b.dice
+                )
+            });
+            println!(
+                "{}, seed {}: done in {:.1} s, final loss {:.4}, test Dice {dice}{kept}; log in {}",
+                config.method,
+                config.seed,
+                summary.seconds,
+                summary.final_loss,
+                paths.log().display()
+            );
         }
     }
     if runs.len() > 1 && !results.is_empty() {

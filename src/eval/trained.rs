@@ -49,11 +49,14 @@ pub enum TrainedError {
 
 pub type Result<T> = std::result::Result<T, TrainedError>;
 
-/// The checkpoint stem `path` names: a run directory (its `checkpoint`), a stem, or either file of
+/// The checkpoint stem `path` names: a run directory (its `best` when it kept its best validation,
+/// else its `checkpoint`), a stem, or either file of
 /// a checkpoint (`.safetensors`, `.json`). Both files must exist.
 pub fn checkpoint_stem(path: &Path) -> Result<PathBuf> {
     let mut candidates = Vec::new();
     if path.is_dir() {
+        // A run that keeps its best validation (`log.keep`) hands on `best`, as training does.
+        candidates.push(path.join("best"));
         candidates.push(path.join("checkpoint"));
     }
     match path.extension().and_then(|e| e.to_str()) {

@@ -47,14 +47,20 @@ pub struct TrainConfig {
 pub struct DataConfig {
     /// "default" for the embedded procedural data set, or a Medical Segmentation Decathlon folder.
     pub source: String,
-    /// Cases of the embedded data set (training and test together).
+    /// Cases of the embedded data set (training, test and validation together).
     pub cases: usize,
     /// Volume size [D, H, W] of the embedded data set.
     pub size: [usize; 3],
     /// The first `labeled` training cases are labeled (unless `split` names a split file).
     pub labeled: usize,
-    /// Cases held out for validation and testing.
+    /// Cases held out for testing (the last `test` training-free cases of the embedded set).
     pub test: usize,
+    /// Labeled cases held out for model selection (`log.keep = "best_validation"`), apart from
+    /// the test cases: the embedded set's last `validation` cases (after its test cases), or the
+    /// last of a folder's unlabeled pool. 0: none, and validation during training scores the test
+    /// cases, as a progress figure only.
+    #[serde(default)]
+    pub validation: usize,
     /// A JSON split file with lists `labeled`, `unlabeled`, `test` (empty: use the counts).
     pub split: String,
     /// How the embedded set's labeled cases are chosen among its training cases: "random" (the
@@ -154,6 +160,25 @@ pub struct LogConfig {
     pub checkpoint_every: u64,
     /// Sliding-window stride for validation, as a fraction of the patch.
     pub stride_fraction: f64,
+    /// Which network a stage hands on and the test scores: "last" (its last iteration's) or
+    /// "best_validation" (the one of the validation with the highest Dice on the validation cases,
+    /// kept as `best.*` beside the checkpoint; needs `data.validation` cases).
+    #[serde(default = "keep_last")]
+    pub keep: String,
+}
+
+fn keep_last() -> String {
+    KEEP[0].into()
+}
+
+/// The values of `log.keep`.
+pub const KEEP: [&str; 2] = ["last", "best_validation"];
+
+impl LogConfig {
+    /// Whether a stage keeps the network of its best validation rather than its last.
+    pub fn keeps_best(&self) -> bool {
+        self.keep == KEEP[1]
+    }
 }
 
 /// The presets shipped with metaseg, by name: the small default, the LA V-Net recipe, and each
@@ -221,6 +246,14 @@ impl TrainConfig {
                     path: preset.into(),
                     message: e.to_string(),
                 })?;
+        if !overrides.is_empty() {
+            // Through the typed form and back, so every key with a default (absent from the
+            // text) can be set too.
+            let typed: TrainConfig = toml::Value::Table(value)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+            value = toml::Table::try_from(&typed).expect("a configuration serialises");
+        }
         for o in overrides {
             apply_override(&mut value, o)?;
         }
@@ -260,6 +293,15 @@ impl TrainConfig {
             return bad(
                 "data.labeled_draw = \"stratified\" draws from the embedded set only; a \
                  folder's labeled cases are the first ones or those its split file names"
+                    .into(),
+            );
+        }
+        one_of("log.keep", &self.log.keep, &KEEP)?;
+        if self.log.keeps_best() && self.data.validation == 0 {
+            return bad(
+                "log.keep = \"best_validation\" selects on validation cases apart from the test \
+                 cases: set data.validation to their number (selecting on the test cases would \
+                 score the test cases with a network chosen by them)"
                     .into(),
             );
         }

@@ -90,5 +90,6 @@ pub fn with_labels(data: &RunData, labels: Vec<Vec<u8>>) -> RunData {
         labeled: data.labeled.clone(),
         unlabeled,
         test: data.test.clone(),
+        validation: data.validation.clone(),
     }
 }

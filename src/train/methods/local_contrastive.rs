@@ -472,6 +472,7 @@ mod tests {
             labeled: vec![case("l", [1, 1, 2])],
             unlabeled: ["u1", "u2", "u3"].map(|n| case(n, [1, 1, 2])).to_vec(),
             test: Vec::new(),
+            validation: Vec::new(),
         };
         let labels = vec![vec![1, 0], vec![0, 1], vec![1, 1]];
         let dice = BTreeMap::from([("u1".to_string(), 0.9), ("u2".to_string(), 0.5)]);

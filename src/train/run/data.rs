@@ -17,6 +17,20 @@ pub struct RunData {
     pub labeled: Vec<LoadedCase>,
     pub unlabeled: Vec<LoadedCase>,
     pub test: Vec<LoadedCase>,
+    /// Labeled cases for model selection (`data.validation`), apart from every other list.
+    pub validation: Vec<LoadedCase>,
+}
+
+impl RunData {
+    /// The cases validation during training scores: the validation cases, or without them the
+    /// test cases (a progress figure then, never a selection).
+    pub fn validated(&self) -> &[LoadedCase] {
+        if self.validation.is_empty() {
+            &self.test
+        } else {
+            &self.validation
+        }
+    }
 }
 
 /// A case as training sees it: the image z-scored per volume (each channel on its own), the label
@@ -49,16 +63,18 @@ pub fn load_data(config: &TrainConfig) -> Result<RunData> {
                 Some(&c.label),
             )?);
         }
-        if d.labeled + d.test > d.cases {
+        if d.labeled + d.test + d.validation > d.cases {
             return Err(RunError::Data(data::DataError::invalid(
                 "split",
                 format!(
-                    "{} labeled + {} test of {} cases",
-                    d.labeled, d.test, d.cases
+                    "{} labeled + {} test + {} validation of {} cases",
+                    d.labeled, d.test, d.validation, d.cases
                 ),
             )));
         }
-        let test = all.split_off(d.cases - d.test);
+        // After the test cases, so that adding validation cases leaves the others as they were.
+        let validation = all.split_off(d.cases - d.validation);
+        let test = all.split_off(all.len() - d.test);
         let draw = data::LabeledDraw::parse(&d.labeled_draw)?;
         // `full` labels every training case: which are "labeled" changes nothing but its order.
         if draw == data::LabeledDraw::Random || full {
@@ -67,6 +83,7 @@ pub fn load_data(config: &TrainConfig) -> Result<RunData> {
                 labeled: all,
                 unlabeled,
                 test,
+                validation,
             }
         } else {
             let keys: Vec<f64> = all.iter().map(|c| draw::contrast_key(&c.image)).collect();
@@ -78,6 +95,7 @@ pub fn load_data(config: &TrainConfig) -> Result<RunData> {
                 labeled: cases(labeled),
                 unlabeled: cases(unlabeled),
                 test,
+                validation,
             }
         }
     } else {
@@ -106,10 +124,29 @@ pub fn load_data(config: &TrainConfig) -> Result<RunData> {
                 })
                 .collect()
         };
+        let mut unlabeled = split.unlabeled;
+        if d.validation > unlabeled.len() {
+            return Err(RunError::Data(data::DataError::invalid(
+                "split",
+                format!(
+                    "data.validation {} of a folder comes from its unlabeled pool of {} cases",
+                    d.validation,
+                    unlabeled.len()
+                ),
+            )));
+        }
+        let validation = load(&unlabeled.split_off(unlabeled.len() - d.validation))?;
+        if let Some(c) = validation.iter().find(|c| c.label.is_none()) {
+            return Err(RunError::Data(data::DataError::invalid(
+                "split",
+                format!("validation case {} has no label", c.name),
+            )));
+        }
         RunData {
             labeled: load(&split.labeled)?,
-            unlabeled: load(&split.unlabeled)?,
+            unlabeled: load(&unlabeled)?,
             test: load(&split.test)?,
+            validation,
         }
     };
     if full {
@@ -126,6 +163,7 @@ pub fn load_data(config: &TrainConfig) -> Result<RunData> {
             labeled,
             unlabeled: Vec::new(),
             test: cases.test,
+            validation: cases.validation,
         });
     }
     Ok(cases)

@@ -88,6 +88,10 @@ impl RunPaths {
     pub fn checkpoint(&self) -> PathBuf {
         self.dir.join("checkpoint")
     }
+    /// The checkpoint of the best validation (`log.keep = "best_validation"`).
+    pub fn best(&self) -> PathBuf {
+        self.dir.join("best")
+    }
     pub fn config(&self) -> PathBuf {
         self.dir.join("config.toml")
     }
@@ -128,6 +132,15 @@ pub struct Summary {
     /// The test cases' label maps at the last iteration, when it was validated: the test figures
     /// reuse them rather than predict every case again.
     pub final_predictions: Option<Vec<Vec<u8>>>,
+    /// The best validation so far, when the run keeps the best (`log.keep`).
+    pub best: Option<Best>,
+}
+
+/// A validation that selected the kept network: its iteration (counted from 1) and Dice.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Best {
+    pub step: u64,
+    pub dice: f64,
 }
 
 impl Summary {
@@ -140,6 +153,7 @@ impl Summary {
             iterations: 0,
             step_seconds: 0.0,
             final_predictions: None,
+            best: None,
         }
     }
 
@@ -338,7 +352,8 @@ fn train_stage<B: NetBackend>(
     )
 }
 
-/// The trainer of a finished (or interrupted) run of `stage`, restored from its checkpoint.
+/// The trainer of a finished (or interrupted) run of `stage`, restored from the checkpoint it
+/// keeps ([`kept`]).
 pub fn restore_trainer<B: NetBackend>(
     backend: &B,
     config: &TrainConfig,
@@ -347,6 +362,18 @@ pub fn restore_trainer<B: NetBackend>(
     paths: &RunPaths,
 ) -> Result<Trainer<B>> {
     let mut trainer = Trainer::at(backend, config, stage, channels)?;
-    load_checkpoint(backend, &mut trainer, &paths.checkpoint())?;
+    load_checkpoint(backend, &mut trainer, &kept(config, paths))?;
     Ok(trainer)
+}
+
+/// The checkpoint a finished stage hands on and is tested with: its best validation's when it
+/// keeps the best and has one (a stage that never validates, as IDEAL's pre-training, has none),
+/// else its last.
+pub fn kept(config: &TrainConfig, paths: &RunPaths) -> PathBuf {
+    let best = paths.best();
+    if config.log.keeps_best() && checkpoint::paths(&best).1.exists() {
+        best
+    } else {
+        paths.checkpoint()
+    }
 }

@@ -7,11 +7,11 @@
 
 use super::{
     device_batch, guard, io, kept_checkpoint, load_checkpoint, save_checkpoint, validation_dice,
-    Result, RunContext, RunData, RunError, RunOptions, RunPaths, Summary,
+    Best, Result, RunContext, RunData, RunError, RunOptions, RunPaths, Summary,
 };
 use crate::nn::NetBackend;
 use crate::train::checkpoint::parts::Change;
-use crate::train::checkpoint::CheckpointError;
+use crate::train::checkpoint::{self, CheckpointError};
 use crate::train::trainer::{StepLog, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::borrow::Cow;
@@ -53,6 +53,9 @@ pub fn train_from<B: NetBackend>(
     let bar = progress_bar(options.progress, trainer.config.iterations, start);
     let run = RunContext::new(backend, data, paths, options, bar);
     let mut summary = Summary::empty();
+    if options.resume && trainer.config.log.keeps_best() {
+        summary.best = resumed_best(paths, start)?;
+    }
     let result = iterate(&run, &mut trainer, start, log, &mut summary);
     if result.is_err() && summary.iterations == 0 && !options.resume {
         // Failed before its first step: the configuration and empty log it wrote say nothing.
@@ -99,12 +102,22 @@ fn iterate<B: NetBackend>(
         let done = t + 1;
         let mut line = log_line(done, &terms, began.elapsed().as_secs_f64());
         let last = done == config.iterations;
-        if done % config.log.validate_every.max(1) == 0 || last {
-            if trainer.method.validates() && !current.test.is_empty() {
-                let (dice, predictions) = validation_dice(backend, trainer, &current.test)?;
+        let validating = done % config.log.validate_every.max(1) == 0 || last;
+        let mut improved = false;
+        if validating {
+            let cases = current.validated();
+            if trainer.method.validates() && !cases.is_empty() {
+                let (dice, predictions) = validation_dice(backend, trainer, cases)?;
                 line.insert("validation_dice".into(), dice.into());
                 summary.validation_dice = Some(dice);
-                summary.final_predictions = last.then_some(predictions);
+                // Reused as the test figures only when they are the test cases' of this network.
+                let tested = current.validation.is_empty() && !config.log.keeps_best();
+                summary.final_predictions = (last && tested).then_some(predictions);
+                improved = config.log.keeps_best() && summary.best.is_none_or(|b| dice > b.dice);
+                if improved {
+                    summary.best = Some(Best { step: done, dice });
+                    line.insert("best".into(), true.into());
+                }
             }
             trainer
                 .method
@@ -113,8 +126,17 @@ fn iterate<B: NetBackend>(
         writeln!(log, "{}", serde_json::Value::Object(line)).map_err(io(&log_path))?;
         let stop = options.stop_after == Some(done);
         let due = done % config.log.checkpoint_every.max(1) == 0 || last || stop;
+        // Keeping the best: a checkpoint at every validation, so a resumed run never starts
+        // before the best it has kept (the best is written after it: see `resumed_best`).
+        let due = due || (validating && config.log.keeps_best());
         if due || trainer.method.checkpoint_at(&config, done) {
             if let Err(e) = save_checked(trainer, done, &paths.checkpoint()) {
+                bar.abandon();
+                return Err(e);
+            }
+        }
+        if improved {
+            if let Err(e) = save_checked(trainer, done, &paths.best()) {
                 bar.abandon();
                 return Err(e);
             }
@@ -196,6 +218,43 @@ fn config_history(path: &Path, step: u64) -> String {
         })
         .map(|l| format!("{l}\n"))
         .collect()
+}
+
+/// The best validation of a run resumed at `start`, from its (truncated) log: the last line marked
+/// `best`. The best checkpoint is written just after the checkpoint of the same iteration, so an
+/// interruption between the two leaves that best only in the checkpoint resumed from: copied.
+fn resumed_best(paths: &RunPaths, start: u64) -> Result<Option<Best>> {
+    let text = std::fs::read_to_string(paths.log()).unwrap_or_default();
+    let best = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["best"] == serde_json::Value::Bool(true))
+        .filter_map(|v| {
+            Some(Best {
+                step: v["step"].as_u64()?,
+                dice: v["validation_dice"].as_f64()?,
+            })
+        })
+        .next_back();
+    let Some(best) = best else {
+        return Ok(None);
+    };
+    let kept_step = |stem: &Path| -> Option<u64> {
+        let json = std::fs::read(checkpoint::paths(stem).1).ok()?;
+        serde_json::from_slice::<checkpoint::Sidecar>(&json)
+            .ok()
+            .map(|s| s.step)
+    };
+    if kept_step(&paths.best()) != Some(best.step) && best.step == start {
+        let (from, to) = (
+            checkpoint::paths(&paths.checkpoint()),
+            checkpoint::paths(&paths.best()),
+        );
+        for (a, b) in [(from.0, to.0), (from.1, to.1)] {
+            std::fs::copy(&a, &b).map_err(io(&b))?;
+        }
+    }
+    Ok(Some(best))
 }
 
 /// The log's line for a resume at `step` that changed settings:
