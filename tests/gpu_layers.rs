@@ -10,7 +10,7 @@ use common::{
     assert_gpu_matches_cpu64, assert_matches_cpu64_on, assert_split, derivatives, gpu, seeded,
     small_binding_gpu,
 };
-use metaseg_autograd::{Cpu64, Shape, Tolerance, Var};
+use metaseg_autograd::{second_order, Cpu64, Shape, Tolerance, Var};
 
 /// [2, 3, 7, 5, 9]: 1890 elements, windows of kernel 2 do not tile it.
 fn odd_shape() -> Shape {
@@ -533,4 +533,54 @@ fn fused_batch_norm_backward_matches_the_reference() {
         }
     }
     assert_split(&small_binding_gpu(), &["batch_norm_dx"]);
+}
+
+/// A batch norm recorded for second order (its forward inside `second_order`, as MLB-Seg's
+/// reverse meta step runs the costs): values, gradients and Hessian-vector products on the GPU
+/// against Cpu64's, with and without the ReLU, at 3 and 67 channels and on a GPU whose tensors
+/// split by samples.
+#[test]
+fn batch_norm_recorded_for_second_order_matches_the_reference() {
+    fn bn<B: metaseg_autograd::LayerBackend>(v: &[Var<B>], relu: bool) -> Var<B> {
+        let (y, _) = second_order(|| {
+            if relu {
+                v[0].batch_norm3d_train_relu(&v[1], &v[2], 1e-3)
+            } else {
+                v[0].batch_norm3d_train(&v[1], &v[2], 1e-3)
+            }
+        })
+        .unwrap();
+        assert_ne!(
+            y.op_name(),
+            Some("batch_norm3d"),
+            "the composition is recorded"
+        );
+        y.square().unwrap()
+    }
+    let cases = [
+        (gpu(), Shape::from([2, 3, 1, 5, 7])),
+        (gpu(), Shape::from([2, 67, 1, 4, 4])),
+        (small_binding_gpu(), Shape::from([3, 3, 7, 5, 9])),
+    ];
+    for (g, shape) in &cases {
+        let c = Shape::from([shape.dims()[1]]);
+        let inputs = [
+            input(41, shape, -1.0, 1.0),
+            input(42, &c, 0.5, 1.5),
+            input(43, &c, -0.5, 0.5),
+        ];
+        for relu in [false, true] {
+            let on_gpu = derivatives(g, |v| bn(v, relu), &inputs);
+            let on_cpu = derivatives(&Cpu64, |v| bn(v, relu), &inputs);
+            let what = format!("batch norm {shape} (relu {relu}) in second_order");
+            let tol = Tolerance::F32_ACCUMULATED;
+            tol.assert(&format!("{what}: output"), &on_gpu.out, &on_cpu.out);
+            for k in 0..3 {
+                let (g_gpu, g_cpu) = (&on_gpu.grads[k], &on_cpu.grads[k]);
+                tol.assert(&format!("{what}: gradient {k}"), g_gpu, g_cpu);
+                let (h_gpu, h_cpu) = (&on_gpu.hvps[k], &on_cpu.hvps[k]);
+                tol.assert(&format!("{what}: H v {k}"), h_gpu, h_cpu);
+            }
+        }
+    }
 }
