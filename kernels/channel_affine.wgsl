@@ -18,12 +18,16 @@
 // sample's channel row, y: the channel) strides over its piece with its WG invocations (vec4s
 // when ALIGNED), then sums them in a tree in workgroup memory: out[0, t, c] = sum x m,
 // out[1, t, c] = sum m, which the host adds up over t (reduce.wgsl). m is bound at 5; with SAME
-// (x and m one tensor) each value is loaded once.
+// (x and m one tensor) each value is loaded once. With MASKED, m is the incoming gradient of a
+// batch norm's ReLU and the sums are those of m [y > 0], y (the ReLU's output) bound at 7: the
+// mask is applied as the value is loaded, in the same operations as relu_mask and mul
+// (elementwise.wgsl), so the sums are those of the masked tensor without it being written.
 
 override WG: u32 = 256u;
 override ALIGNED: bool = true;
 override RELU: bool = false;
 override SAME: bool = false;
+override MASKED: bool = false;
 
 struct Params {
     n: u32,       // elements of x
@@ -37,6 +41,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> a: array<f32>;
 @group(0) @binding(5) var<storage, read> m: array<vec4<f32>>;      // channel_dots' second operand
 @group(0) @binding(4) var<storage, read> b: array<f32>;
+@group(0) @binding(7) var<storage, read> relu_out: array<vec4<f32>>;  // MASKED: y of the ReLU
 @group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> sums: array<f32>;   // channel_dots' partials
 
@@ -80,6 +85,14 @@ fn activation(y: vec4<f32>) -> vec4<f32> {
     return y;
 }
 
+// vec4 i of m, times the ReLU's mask [y > 0] with MASKED (relu_mask then mul of elementwise.wgsl).
+fn m_at(i: u32) -> vec4<f32> {
+    if MASKED {
+        return m[i] * select(vec4<f32>(0.0), vec4<f32>(1.0), relu_out[i] > vec4<f32>(0.0));
+    }
+    return m[i];
+}
+
 // (sum x m, sum m) over elements [first, last) of x and m, this lane's share.
 fn lane_dots(first: u32, last: u32, lane: u32) -> vec2<f32> {
     var xm = vec4<f32>(0.0);
@@ -88,7 +101,7 @@ fn lane_dots(first: u32, last: u32, lane: u32) -> vec2<f32> {
         for (var v = first / 4u + lane; v < last / 4u; v += WG) {
             let xv = x[v];
             var mv = xv;
-            if !SAME { mv = m[v]; }
+            if !SAME { mv = m_at(v); }
             xm = fma(xv, mv, xm);
             ms += mv;
         }
@@ -96,7 +109,7 @@ fn lane_dots(first: u32, last: u32, lane: u32) -> vec2<f32> {
         for (var e = first + lane; e < last; e += WG) {
             let xv = x[e / 4u][e % 4u];
             var mv = xv;
-            if !SAME { mv = m[e / 4u][e % 4u]; }
+            if !SAME { mv = m_at(e / 4u)[e % 4u]; }
             xm.x = fma(xv, mv, xm.x);
             ms.x += mv;
         }
@@ -257,8 +270,9 @@ fn batch_norm_coefficients(@builtin(global_invocation_id) id: vec3<u32>) {
     sums[4u * stride + c] = (g_mean - 2.0 * s.mean * d_q) * inv_count;
 }
 
-// batch_norm_dx: d x = g' a + x p + q per channel, x at 1, g' at 5, the rows of
-// batch_norm_coefficients at 2 (`params.chunk` apart); laid out as channel_affine.
+// batch_norm_dx: d x = g' a + x p + q per channel, x at 1, g' at 5 (with MASKED: g there and
+// g' = g [y > 0] formed as channel_dots forms it, y at 7), the rows of batch_norm_coefficients
+// at 2 (`params.chunk` apart); laid out as channel_affine.
 @compute @workgroup_size(WG)
 fn batch_norm_dx(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
                  @builtin(local_invocation_index) lane: u32) {
@@ -267,7 +281,7 @@ fn batch_norm_dx(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroup
     let rows = params.chunk;
     if ALIGNED {
         let k = entry(4u * i);
-        out[i] = m[i] * a[2u * rows + k] + x[i] * a[3u * rows + k] + a[4u * rows + k];
+        out[i] = m_at(i) * a[2u * rows + k] + x[i] * a[3u * rows + k] + a[4u * rows + k];
         return;
     }
     var scale = vec4<f32>(0.0);
@@ -280,5 +294,5 @@ fn batch_norm_dx(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroup
         slope[l] = a[3u * rows + k];
         shift[l] = a[4u * rows + k];
     }
-    out[i] = m[i] * scale + x[i] * slope + shift;
+    out[i] = m_at(i) * scale + x[i] * slope + shift;
 }

@@ -10,7 +10,7 @@ use common::{
     assert_gpu_matches_cpu64, assert_matches_cpu64_on, assert_split, derivatives, gpu, seeded,
     small_binding_gpu,
 };
-use metaseg_autograd::{Cpu64, Shape, Tolerance, Var};
+use metaseg_autograd::{second_order, Cpu64, Shape, Tolerance, Var};
 
 /// [2, 3, 7, 5, 9]: 1890 elements, windows of kernel 2 do not tile it.
 fn odd_shape() -> Shape {
@@ -533,4 +533,125 @@ fn fused_batch_norm_backward_matches_the_reference() {
         }
     }
     assert_split(&small_binding_gpu(), &["batch_norm_dx"]);
+}
+
+/// A batch norm recorded for second order (its forward inside `second_order`, as MLB-Seg's
+/// reverse meta step runs the costs): values, gradients and Hessian-vector products on the GPU
+/// against Cpu64's, with and without the ReLU, at 3 and 67 channels and on a GPU whose tensors
+/// split by samples.
+#[test]
+fn batch_norm_recorded_for_second_order_matches_the_reference() {
+    fn bn<B: metaseg_autograd::LayerBackend>(v: &[Var<B>], relu: bool) -> Var<B> {
+        let (y, _) = second_order(|| {
+            if relu {
+                v[0].batch_norm3d_train_relu(&v[1], &v[2], 1e-3)
+            } else {
+                v[0].batch_norm3d_train(&v[1], &v[2], 1e-3)
+            }
+        })
+        .unwrap();
+        assert_ne!(
+            y.op_name(),
+            Some("batch_norm3d"),
+            "the composition is recorded"
+        );
+        y.square().unwrap()
+    }
+    let cases = [
+        (gpu(), Shape::from([2, 3, 1, 5, 7])),
+        (gpu(), Shape::from([2, 67, 1, 4, 4])),
+        (small_binding_gpu(), Shape::from([3, 3, 7, 5, 9])),
+    ];
+    for (g, shape) in &cases {
+        let c = Shape::from([shape.dims()[1]]);
+        let inputs = [
+            input(41, shape, -1.0, 1.0),
+            input(42, &c, 0.5, 1.5),
+            input(43, &c, -0.5, 0.5),
+        ];
+        for relu in [false, true] {
+            let on_gpu = derivatives(g, |v| bn(v, relu), &inputs);
+            let on_cpu = derivatives(&Cpu64, |v| bn(v, relu), &inputs);
+            let what = format!("batch norm {shape} (relu {relu}) in second_order");
+            let tol = Tolerance::F32_ACCUMULATED;
+            tol.assert(&format!("{what}: output"), &on_gpu.out, &on_cpu.out);
+            for k in 0..3 {
+                let (g_gpu, g_cpu) = (&on_gpu.grads[k], &on_cpu.grads[k]);
+                tol.assert(&format!("{what}: gradient {k}"), g_gpu, g_cpu);
+                let (h_gpu, h_cpu) = (&on_gpu.hvps[k], &on_cpu.hvps[k]);
+                tol.assert(&format!("{what}: H v {k}"), h_gpu, h_cpu);
+            }
+        }
+    }
+}
+
+/// The ReLU's mask formed inside channel_dots and batch_norm_dx (MASKED) gives bit for bit what
+/// the fused backward gives on the masked gradient g [y > 0] written by the elementwise kernels
+/// first (what it did before the fusion), NaN included: a NaN in g where the ReLU is off still
+/// poisons its channel (NaN times 0), one where it is on too. Aligned and unaligned volumes, and
+/// a GPU whose tensors split by samples.
+#[test]
+fn relu_mask_folded_into_the_batch_norm_backward_is_bit_exact() {
+    use metaseg_autograd::{Backend, BinaryOp, FusedBatchNorm, LayerBackend, UnaryOp};
+    let cases = [
+        (gpu(), Shape::from([2, 3, 1, 5, 7])),
+        (gpu(), Shape::from([2, 5, 1, 4, 4])),
+        (small_binding_gpu(), Shape::from([3, 3, 7, 5, 9])),
+    ];
+    for (b, shape) in &cases {
+        let c = shape.dims()[1];
+        let on = |v: &[f64], s: &Shape| Var::from_f64(b, v, s, false).unwrap();
+        let x = on(&seeded(shape.numel(), 51, -1.0, 1.0), shape);
+        let mut g_values = seeded(shape.numel(), 52, -1.0, 1.0);
+        let (gamma, beta) = (on(&seeded(c, 53, 0.5, 1.5), &Shape::from([c])), {
+            on(&seeded(c, 54, -0.5, 0.5), &Shape::from([c]))
+        });
+        let p = FusedBatchNorm {
+            count: shape.numel() / c,
+            eps: 1e-3,
+            relu: true,
+        };
+        let moments = b.channel_dots(x.value(), x.value()).unwrap();
+        let y = x.batch_norm3d_train_relu(&gamma, &beta, 1e-3).unwrap().0;
+        let ys = y.to_f64().unwrap();
+        // Poison channel 0 where the ReLU is off and the last channel where it is on.
+        let volume = shape.numel() / (shape.dims()[0] * c);
+        let off = (0..volume)
+            .find(|&i| ys[i] <= 0.0)
+            .expect("a voxel the ReLU zeroes");
+        let last = (c - 1) * volume;
+        let live = (last..last + volume)
+            .find(|&i| ys[i] > 0.0)
+            .expect("a live voxel");
+        g_values[off] = f64::NAN;
+        g_values[live] = f64::NAN;
+        let g = on(&g_values, shape);
+        let folded = b
+            .batch_norm_backward(
+                [x.value(), y.value(), g.value()],
+                &moments,
+                gamma.value(),
+                p,
+            )
+            .unwrap();
+        let mask = b.unary(UnaryOp::ReluMask, y.value()).unwrap();
+        let masked = b.binary(BinaryOp::Mul, g.value(), &mask).unwrap();
+        let plain_p = FusedBatchNorm { relu: false, ..p };
+        let xyg = [x.value(), y.value(), &masked];
+        let written = b
+            .batch_norm_backward(xyg, &moments, gamma.value(), plain_p)
+            .unwrap();
+        for (k, (f, w)) in folded.iter().zip(&written).enumerate() {
+            let (f, w) = (b.to_f64(f).unwrap(), b.to_f64(w).unwrap());
+            let same = f
+                .iter()
+                .zip(&w)
+                .all(|(a, r)| a.to_bits() == r.to_bits() || (a.is_nan() && r.is_nan()));
+            assert!(same, "{shape}: output {k} differs: {f:?} vs {w:?}");
+            assert!(
+                f.iter().any(|v| v.is_nan()),
+                "{shape}: output {k} lost the NaN"
+            );
+        }
+    }
 }

@@ -33,6 +33,7 @@ pub use meta::{MetaBackend, Normalization};
 pub use norm::{BatchStatistic, BatchStats, RunningStats, Statistic};
 pub use shape::{normalize_axes, Shape};
 pub use var::{
-    grad, jvp, no_grad, sum_tangents, with_recording, GradFn, JvpFn, Rule, TensorGradFn, Var,
+    grad, jvp, no_grad, second_order, sum_tangents, with_recording, GradFn, JvpFn, Rule,
+    TensorGradFn, Var,
 };
 pub use warp::{Interp, Warp, WarpBackend};

@@ -11,7 +11,7 @@ use crate::backend::{Backend, Distribution, UnaryOp};
 use crate::layers::{dims5, dot_row, FusedBatchNorm, LayerBackend};
 use crate::losses::LossBackend;
 use crate::ops::{rule, tangent};
-use crate::var::{forward_mode, grad, no_grad, plain, Var};
+use crate::var::{forward_mode, grad, no_grad, plain, second_order_coming, Var};
 use crate::{Error, Result, Shape};
 
 /// What a batch norm in training mode measured: the per-channel mean and biased variance of the
@@ -305,40 +305,40 @@ fn composed_coefficients<B: LayerBackend>(
     Ok((scale, shift, stats))
 }
 
-/// The batch's per-channel scale and shift ([1, C, 1, 1, 1]) and its mean and biased variance
-/// ([C], constants for the running statistics): one pass of channel_dots(x, x), then one launch
-/// per statistic.
+/// The batch's per-channel scale and shift ([1, C, 1, 1, 1]) as recorded ops, and the moments
+/// channel_dots(x, x) ([2, C]) they come from: one pass over x, then one launch per statistic.
 fn batch_coefficients<B: LayerBackend>(
-    op: &'static str,
     x: &Var<B>,
     gamma: &Var<B>,
     beta: &Var<B>,
-    eps: f64,
-) -> Result<(Var<B>, Var<B>, BatchStats<B>)> {
-    let [n, c, d, h, w] = dims5(op, x.shape())?;
-    let count = n * d * h * w;
+    p: FusedBatchNorm,
+) -> Result<(Var<B>, Var<B>, Var<B>)> {
     let moments = x.channel_dots(x)?;
-    let of = |statistic, moments: &Var<B>| {
-        moments.batch_statistic(
-            gamma,
-            beta,
-            BatchStatistic {
-                statistic,
-                count,
-                eps,
-            },
-        )
-    };
-    let per_channel = Shape::from([1, c, 1, 1, 1]);
-    let scale = of(Statistic::Scale, &moments)?.reshape(&per_channel)?;
-    let shift = of(Statistic::Shift, &moments)?.reshape(&per_channel)?;
-    let constant = moments.detach();
+    let of = |statistic| moments.batch_statistic(gamma, beta, p.statistic(statistic));
+    let per_channel = Shape::from([1, gamma.shape().numel(), 1, 1, 1]);
+    let scale = of(Statistic::Scale)?.reshape(&per_channel)?;
+    let shift = of(Statistic::Shift)?.reshape(&per_channel)?;
+    Ok((scale, shift, moments))
+}
+
+/// A batch norm in training mode composed of recorded ops ([`batch_coefficients`], the affine
+/// pass), for a caller that will differentiate its gradient ([`crate::second_order`]): the backward
+/// with create_graph then differentiates these ops, as the forward recorded them. The batch's
+/// mean and variance come from one `batch_norm_statistics` launch on the moments.
+fn composed_batch_norm<B: LayerBackend>(
+    [x, gamma, beta]: [&Var<B>; 3],
+    p: FusedBatchNorm,
+) -> Result<(Var<B>, BatchStats<B>)> {
+    let (scale, shift, moments) = batch_coefficients(x, gamma, beta, p)?;
+    let b = x.backend();
+    let [_, _, mean, var] =
+        b.batch_norm_statistics(moments.value(), gamma.value(), beta.value(), p)?;
     let stats = BatchStats {
-        mean: of(Statistic::Mean, &constant)?.detach(),
-        var: of(Statistic::Variance, &constant)?.detach(),
-        count,
+        mean: Var::constant(b, mean),
+        var: Var::constant(b, var),
+        count: p.count,
     };
-    Ok((scale, shift, stats))
+    Ok((affine(x, &scale, &shift, p.relu)?, stats))
 }
 
 /// A batch norm in training mode as one recorded op over (x, gamma, beta): its statistics from
@@ -346,9 +346,9 @@ fn batch_coefficients<B: LayerBackend>(
 /// [`LayerBackend::batch_norm_backward`] (a few launches) when nothing differentiates it again;
 /// otherwise the gradient of the same map composed of differentiable ops ([`batch_coefficients`]
 /// and the affine pass, recomputed from the inputs), recorded, so second order sees the
-/// composition.
+/// composition. A caller that knows second order is coming records the composition in the
+/// forward instead ([`composed_batch_norm`]) and saves the recomputation.
 fn fused_batch_norm<B: LayerBackend>(
-    op: &'static str,
     [x, gamma, beta]: [&Var<B>; 3],
     p: FusedBatchNorm,
 ) -> Result<(Var<B>, BatchStats<B>)> {
@@ -379,12 +379,15 @@ fn fused_batch_norm<B: LayerBackend>(
             return Ok(d.map(|t| Some(Var::constant(b, t))).into());
         }
         let [x, gamma, beta] = [&inputs[0], &inputs[1], &inputs[2]];
-        let (scale, shift, _) = batch_coefficients(op, x, gamma, beta, p.eps)?;
+        let (scale, shift, _) = batch_coefficients(x, gamma, beta, p)?;
         let composed = affine(x, &scale, &shift, p.relu)?;
         let d = grad(&composed, &[x, gamma, beta], Some(g), true)?;
         Ok(d.into_iter().map(Some).collect())
     });
-    Ok((Var::from_op(op, y, &[x, gamma, beta], rule), stats))
+    Ok((
+        Var::from_op("batch_norm3d", y, &[x, gamma, beta], rule),
+        stats,
+    ))
 }
 
 fn check_eps(op: &'static str, eps: f64) -> Result<()> {
@@ -458,7 +461,10 @@ impl<B: LayerBackend> Var<B> {
             eps,
             relu,
         };
-        fused_batch_norm(op, [self, gamma, beta], p)
+        if second_order_coming() {
+            return composed_batch_norm([self, gamma, beta], p);
+        }
+        fused_batch_norm([self, gamma, beta], p)
     }
 
     /// Batch norm in eval mode: (x - running mean) / sqrt(running var + eps) * gamma + beta.

@@ -24,6 +24,8 @@ thread_local! {
     static FORWARD_MODE: Cell<bool> = const { Cell::new(false) };
     /// The first error of a forward-mode rule during [`jvp`], reported when it returns.
     static FORWARD_ERROR: RefCell<Option<Error>> = const { RefCell::new(None) };
+    /// On inside [`second_order`]: what is recorded will be differentiated twice.
+    static SECOND_ORDER: Cell<bool> = const { Cell::new(false) };
 }
 
 fn with_forward_mode<T>(on: bool, f: impl FnOnce() -> T) -> T {
@@ -51,6 +53,24 @@ pub(crate) fn plain() -> bool {
 /// True while [`jvp`] evaluates its function (ops push tangents).
 pub(crate) fn forward_mode() -> bool {
     FORWARD_MODE.with(|m| m.get())
+}
+
+/// Runs `f` telling the ops it records that their gradient will itself be differentiated
+/// (reverse over reverse, as MLB-Seg's reverse meta step takes it). An op whose fused backward
+/// is first order only then records its composition of differentiable ops in the forward, so
+/// the backward with `create_graph` walks what the forward recorded instead of recomputing it.
+/// Values are the same either way; outside this scope such an op still supports create_graph,
+/// by recomputing.
+pub fn second_order<T>(f: impl FnOnce() -> T) -> T {
+    let before = SECOND_ORDER.with(|s| s.replace(true));
+    let out = f();
+    SECOND_ORDER.with(|s| s.set(before));
+    out
+}
+
+/// True inside [`second_order`] while recording (not in forward mode).
+pub(crate) fn second_order_coming() -> bool {
+    SECOND_ORDER.with(|s| s.get()) && RECORDING.with(|r| r.get()) && !forward_mode()
 }
 
 /// Runs `f` without recording: its results are constants (inference, optimiser updates).

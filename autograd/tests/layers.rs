@@ -4,8 +4,8 @@
 
 use metaseg_autograd::check::{assert_gradients, CpuFn};
 use metaseg_autograd::{
-    grad, Backend, BatchStatistic, Cpu64, LayerBackend, RunningStats, Shape, Statistic, Tolerance,
-    Upsample, Var, Window3d,
+    grad, second_order, Backend, BatchStatistic, Cpu64, LayerBackend, RunningStats, Shape,
+    Statistic, Tolerance, Upsample, Var, Window3d,
 };
 
 use metaseg_autograd::check::seeded;
@@ -669,4 +669,107 @@ fn fused_batch_norm_backward_is_the_composed_gradient() {
         let what = format!("batch norm (relu {relu}): d beta");
         Tolerance::new(1e-12, 1e-12).assert(&what, &fused[2].to_f64().unwrap(), &d_beta);
     }
+}
+
+/// A batch norm (with or without its ReLU) on Cpu64 with its forward run inside
+/// [`second_order`] or not: the output's op name, and the output, the batch's mean and
+/// variance, the first-order gradients, the gradients taken with create_graph, and H v of
+/// <weights, y> for a seeded direction, as f64.
+fn batch_norm_derivatives(
+    v: &[Var<Cpu64>; 3],
+    relu: bool,
+    in_scope: bool,
+) -> (&'static str, Vec<Vec<f64>>) {
+    let forward = || {
+        if relu {
+            v[0].batch_norm3d_train_relu(&v[1], &v[2], 1e-3)
+        } else {
+            v[0].batch_norm3d_train(&v[1], &v[2], 1e-3)
+        }
+    };
+    let (y, stats) = if in_scope {
+        second_order(forward)
+    } else {
+        forward()
+    }
+    .unwrap();
+    let weights = var(&seeded(y.shape().numel(), 24, -1.0, 1.0), y.shape());
+    let loss = y.mul(&weights).unwrap().sum().unwrap();
+    let refs: Vec<&Var<Cpu64>> = v.iter().collect();
+    let first = grad(&loss, &refs, None, false).unwrap();
+    let recorded = grad(&loss, &refs, None, true).unwrap();
+    let mut dot = Var::zeros(&Cpu64, &Shape::scalar()).unwrap();
+    for (k, g) in recorded.iter().enumerate() {
+        let direction = var(
+            &seeded(g.shape().numel(), 60 + k as u64, -1.0, 1.0),
+            g.shape(),
+        );
+        dot = dot.add(&g.mul(&direction).unwrap().sum().unwrap()).unwrap();
+    }
+    let hvps = grad(&dot, &refs, None, false).unwrap();
+    let values = [&y, &stats.mean, &stats.var]
+        .into_iter()
+        .chain(&first)
+        .chain(&recorded)
+        .chain(&hvps)
+        .map(|t| t.to_f64().unwrap())
+        .collect();
+    (y.op_name().unwrap(), values)
+}
+
+/// Inside `second_order` a batch norm in training mode records its composition in the forward
+/// (its output is the affine pass's, not the fused op's); its values, statistics, gradients at
+/// first order and with create_graph, and Hessian-vector products agree with the fused op's
+/// (whose create_graph backward recomputes the composition) to 1e-12.
+#[test]
+fn batch_norm_recorded_for_second_order_is_the_fused_op() {
+    let x = Shape::from([2, 3, 2, 3, 3]);
+    let c = Shape::from([3]);
+    let v = [
+        var(&seeded(x.numel(), 21, -2.0, 3.0), &x),
+        var(&seeded(3, 22, 0.5, 1.5), &c),
+        var(&seeded(3, 23, -1.0, 1.0), &c),
+    ];
+    for (relu, affine) in [(false, "channel_affine"), (true, "channel_affine_relu")] {
+        let (fused_op, fused) = batch_norm_derivatives(&v, relu, false);
+        let (recorded_op, recorded) = batch_norm_derivatives(&v, relu, true);
+        assert_eq!(fused_op, "batch_norm3d");
+        assert_eq!(
+            recorded_op, affine,
+            "second_order must record the composition"
+        );
+        for (k, (a, b)) in recorded.iter().zip(&fused).enumerate() {
+            Tolerance::new(1e-12, 1e-12).assert(
+                &format!("batch norm (relu {relu}) in second_order: value {k}"),
+                a,
+                b,
+            );
+        }
+    }
+    // The scope ends with its closure: a batch norm after it is the fused op again.
+    let (after, _) = batch_norm_derivatives(&v, true, false);
+    assert_eq!(after, "batch_norm3d");
+}
+
+/// The composition recorded inside `second_order`: gradients and Hessian-vector products
+/// against central differences.
+#[test]
+fn batch_norm_recorded_for_second_order_matches_finite_differences() {
+    let x = Shape::from([2, 3, 2, 3, 3]);
+    let c = Shape::from([3]);
+    let eps = 1e-3;
+    check(
+        "batch_norm3d in second_order",
+        &|v| second_order(|| Ok(v[0].batch_norm3d_train(&v[1], &v[2], eps)?.0)),
+        &[x.clone(), c.clone(), c.clone()],
+        -1.0,
+        1.0,
+    );
+    check(
+        "batch_norm3d relu in second_order",
+        &|v| second_order(|| v[0].batch_norm3d_train_relu(&v[1], &v[2], eps)?.0.square()),
+        &[x, c.clone(), c],
+        -1.0,
+        1.0,
+    );
 }

@@ -7,8 +7,8 @@ use metaseg_autograd::layers::{
     affine_entries, affine_relu_entries, dims5, dots_dims, statistic_channels, upsample_shape,
 };
 use metaseg_autograd::{
-    Backend, BatchStatistic, BinaryOp, Error, FusedBatchNorm, LayerBackend, Result, Shape,
-    Statistic, TensorShape, UnaryOp, Upsample, Window3d,
+    Backend, BatchStatistic, Error, FusedBatchNorm, LayerBackend, Result, Shape, Statistic,
+    TensorShape, Upsample, Window3d,
 };
 
 /// Invocations per workgroup (the `WG` override default of both files).
@@ -281,46 +281,7 @@ impl LayerBackend for Gpu {
     }
 
     fn channel_dots(&self, x: &GpuTensor, m: &GpuTensor) -> Result<GpuTensor> {
-        let [n, c, volume] = dots_dims(x.shape(), m.shape())?;
-        if n * c * volume == 0 {
-            return self.fill(&Shape::from([2, c]), 0.0);
-        }
-        // Sums over the samples: the ranges' sums add up.
-        let result = (&Shape::from([2, c]), Join::Sum);
-        let split = self.by_samples("channel_dots", &[x, m], result, |p, _| {
-            self.channel_dots(&p[0], &p[1])
-        })?;
-        if let Some(sums) = split {
-            return Ok(sums);
-        }
-        let chunk = (4 * DOTS_VEC4S).min(volume.next_multiple_of(4));
-        let pieces = n * volume.div_ceil(chunk);
-        let params = AffineParams {
-            n: (n * c * volume) as u32,
-            volume: volume as u32,
-            groups: c as u32,
-            chunk: chunk as u32,
-        };
-        let flag = |b: bool| f64::from(u8::from(b));
-        let kernel = Kernel::new(KernelFile::ChannelAffine, "channel_dots")
-            .with("WG", DOTS_WG as f64)
-            .with("ALIGNED", flag(volume.is_multiple_of(4)))
-            .with(
-                "SAME",
-                flag(x.buffer() == m.buffer() && x.offset() == m.offset()),
-            );
-        let partial = self.empty(&Shape::from([2, pieces, c]))?;
-        let grid = [pieces as u32, c as u32, 1];
-        let inputs = [(1, x), (5, m)];
-        self.launch(
-            &kernel,
-            bytemuck::bytes_of(&params),
-            &inputs,
-            &partial,
-            grid,
-        )?;
-        let summed = self.sum_axes(&partial, &[1])?;
-        self.reshape(&summed, &Shape::from([2, c]))
+        self.channel_dots_masked(x, m, None)
     }
 
     fn batch_statistic(
@@ -370,17 +331,13 @@ impl LayerBackend for Gpu {
         let [_, c, volume] = dots_dims(x.shape(), g.shape())?;
         dots_dims(x.shape(), y.shape())?;
         statistic_channels(moments.shape(), gamma.shape(), gamma.shape())?;
-        let masked = if p.relu {
-            let mask = self.unary(UnaryOp::ReluMask, y)?;
-            self.binary(BinaryOp::Mul, g, &mask)?
-        } else {
-            g.clone()
-        };
-        let dots = self.channel_dots(x, &masked)?;
+        // With the ReLU, g' = g [y > 0] is formed where it is read (channel_dots, batch_norm_dx).
+        let relu_out = p.relu.then_some(y);
+        let dots = self.channel_dots_masked(x, g, relu_out)?;
         let kernel = Kernel::new(KernelFile::ChannelAffine, "batch_norm_coefficients");
         let rows = self.channel_rows(kernel, [moments, gamma, &dots], p, 5)?;
         let stride = self.row_stride(c);
-        let dx = self.batch_norm_dx(x, &masked, &rows, (c, volume, stride))?;
+        let dx = self.batch_norm_dx([x, g], relu_out, &rows, (c, volume, stride))?;
         Ok([dx, self.row(&rows, 0, c), self.row(&rows, 1, c)])
     }
 }
@@ -422,25 +379,84 @@ impl Gpu {
         Ok(out)
     }
 
+    /// channel_dots(x, m), or with `relu_out` (a ReLU's output y) channel_dots(x, m [y > 0]),
+    /// the mask applied as m is loaded (bit for bit the masked tensor's sums, without writing
+    /// it): one launch and the partial sums' reduction.
+    fn channel_dots_masked(
+        &self,
+        x: &GpuTensor,
+        m: &GpuTensor,
+        relu_out: Option<&GpuTensor>,
+    ) -> Result<GpuTensor> {
+        let [n, c, volume] = dots_dims(x.shape(), m.shape())?;
+        if let Some(y) = relu_out {
+            dots_dims(x.shape(), y.shape())?;
+        }
+        if n * c * volume == 0 {
+            return self.fill(&Shape::from([2, c]), 0.0);
+        }
+        // Sums over the samples: the ranges' sums add up.
+        let result = (&Shape::from([2, c]), Join::Sum);
+        let operands: Vec<&GpuTensor> = [x, m].into_iter().chain(relu_out).collect();
+        let split = self.by_samples("channel_dots", &operands, result, |p, _| {
+            self.channel_dots_masked(&p[0], &p[1], p.get(2))
+        })?;
+        if let Some(sums) = split {
+            return Ok(sums);
+        }
+        let chunk = (4 * DOTS_VEC4S).min(volume.next_multiple_of(4));
+        let pieces = n * volume.div_ceil(chunk);
+        let params = AffineParams {
+            n: (n * c * volume) as u32,
+            volume: volume as u32,
+            groups: c as u32,
+            chunk: chunk as u32,
+        };
+        let flag = |b: bool| f64::from(u8::from(b));
+        let kernel = Kernel::new(KernelFile::ChannelAffine, "channel_dots")
+            .with("WG", DOTS_WG as f64)
+            .with("ALIGNED", flag(volume.is_multiple_of(4)))
+            .with(
+                "SAME",
+                flag(x.buffer() == m.buffer() && x.offset() == m.offset()),
+            )
+            .with("MASKED", flag(relu_out.is_some()));
+        let partial = self.empty(&Shape::from([2, pieces, c]))?;
+        let grid = [pieces as u32, c as u32, 1];
+        // Binding 7 is in the layout either way; without MASKED it is never read.
+        let inputs = [(1, x), (5, m), (7, relu_out.unwrap_or(m))];
+        self.launch(
+            &kernel,
+            bytemuck::bytes_of(&params),
+            &inputs,
+            &partial,
+            grid,
+        )?;
+        let summed = self.sum_axes(&partial, &[1])?;
+        self.reshape(&summed, &Shape::from([2, c]))
+    }
+
     /// Row `r` of C channels of [`Gpu::channel_rows`]' result, in place.
     fn row(&self, rows: &GpuTensor, r: usize, c: usize) -> GpuTensor {
         rows.view(r * self.row_stride(c), Shape::from([c]))
     }
 
-    /// d x = g' a + x p + q per channel, the rows a, p, q at 2, 3 and 4 `stride` of `rows`;
-    /// by ranges of samples when x exceeds one binding.
+    /// d x = g' a + x p + q per channel, the rows a, p, q at 2, 3 and 4 `stride` of `rows`, with
+    /// g' = g, or g [y > 0] for a ReLU's output y (`relu_out`); by ranges of samples when x
+    /// exceeds one binding.
     fn batch_norm_dx(
         &self,
-        x: &GpuTensor,
-        masked: &GpuTensor,
+        [x, g]: [&GpuTensor; 2],
+        relu_out: Option<&GpuTensor>,
         rows: &GpuTensor,
         (c, volume, stride): (usize, usize, usize),
     ) -> Result<GpuTensor> {
+        let operands: Vec<&GpuTensor> = [x, g].into_iter().chain(relu_out).collect();
         let split = self.by_samples(
             "batch_norm_dx",
-            &[x, masked],
+            &operands,
             (x.shape(), Join::Samples),
-            |p, _| self.batch_norm_dx(&p[0], &p[1], rows, (c, volume, stride)),
+            |p, _| self.batch_norm_dx([&p[0], &p[1]], p.get(2), rows, (c, volume, stride)),
         )?;
         if let Some(dx) = split {
             return Ok(dx);
@@ -452,11 +468,13 @@ impl Gpu {
             groups: c as u32,
             chunk: stride as u32,
         };
+        let flag = |b: bool| f64::from(u8::from(b));
         let kernel = Kernel::new(KernelFile::ChannelAffine, "batch_norm_dx")
-            .with("ALIGNED", f64::from(u8::from(volume.is_multiple_of(4))));
+            .with("ALIGNED", flag(volume.is_multiple_of(4)))
+            .with("MASKED", flag(relu_out.is_some()));
         let out = self.empty(x.shape())?;
         let grid = self.grid(n.div_ceil(4).div_ceil(WG));
-        let inputs = [(1, x), (5, masked), (2, rows)];
+        let inputs = [(1, x), (5, g), (2, rows), (7, relu_out.unwrap_or(g))];
         self.launch(&kernel, bytemuck::bytes_of(&params), &inputs, &out, grid)?;
         Ok(out)
     }

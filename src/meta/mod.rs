@@ -21,7 +21,7 @@
 pub mod study;
 
 pub use crate::optim::Sgd;
-use metaseg_autograd::{grad, jvp, no_grad, Backend, Error, Result, Var};
+use metaseg_autograd::{grad, jvp, no_grad, second_order, Backend, Error, Result, Var};
 
 /// A loss (a scalar, or per-voxel costs) at some parameters.
 pub type Loss<'a, B> = &'a dyn Fn(&[Var<B>]) -> Result<Var<B>>;
@@ -75,11 +75,13 @@ impl<B: Backend> MetaStep<'_, B> {
     }
 
     fn reverse(&self) -> Result<Var<B>> {
-        let c = (self.costs)(self.theta)?;
+        // The inner loss's gradient is differentiated again: ops with a first-order fused
+        // backward record their composition now rather than recompute it in that backward.
+        let c = second_order(|| (self.costs)(self.theta))?;
         let eps = Var::parameter(c.backend(), c.backend().fill(c.shape(), 0.0)?);
         let mut inner = eps.mul(&c)?.sum()?;
         if let Some(other) = self.other {
-            inner = inner.add(&other(self.theta)?)?;
+            inner = inner.add(&second_order(|| other(self.theta))?)?;
         }
         let wrt: Vec<&Var<B>> = self.theta.iter().collect();
         let g = grad(&inner, &wrt, None, true)?;
