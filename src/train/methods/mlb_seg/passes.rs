@@ -278,7 +278,7 @@ pub fn compare(
     }
     let sizes = Sizes::of(config);
     // Each distinct pass once, over the first batch of its size.
-    let mut passes: Vec<(Pass, &(Var<Gpu>, Var<Gpu>))> = Vec::new();
+    let mut passes: Vec<(Pass, &Images)> = Vec::new();
     for part_name in ALL_PARTS {
         for (_, pass) in sizes.passes(part_name) {
             let batch = batches
@@ -332,6 +332,9 @@ pub fn compare(
         sizes,
     })
 }
+
+/// Images and their one-hot labels.
+type Images = (Var<Gpu>, Var<Gpu>);
 
 /// Every part an iteration can have, for the passes to time.
 const ALL_PARTS: [&str; 8] = [
