@@ -1150,6 +1150,30 @@ fn train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
 }
 
 #[test]
+fn train_profile_splits_an_mlb_seg_iteration_into_its_passes_and_no_other_method() {
+    let dir = Dir::new();
+    let (mlb, sup) = (dir.path("mlb"), dir.path("sup"));
+    let mut args = train_args(mlb.to_str().unwrap(), &["mlb_seg.stage0_iterations=1"]);
+    args.extend(["--method", "mlb-seg", "--profile", "1"]);
+    let stdout = metaseg_ok(&args);
+    for line in [
+        "1 profiled steps, kernels timed by",
+        "An MLB-Seg iteration by its parts",
+        "teacher over the K U views",
+        "costs in forward mode (meta-gradient)",
+        "the iteration / the sum of its passes",
+        "the passes alone:",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing from\n{stdout}");
+    }
+    let mut args = train_args(sup.to_str().unwrap(), &[]);
+    args.extend(["--method", "supervised", "--profile", "1"]);
+    let stdout = metaseg_ok(&args);
+    assert!(stdout.contains("1 profiled steps"), "{stdout}");
+    assert!(!stdout.contains("by its parts"), "{stdout}");
+}
+
+#[test]
 fn train_without_a_method_compares_the_baselines_in_one_table() {
     let dir = Dir::new();
     let out = dir.path("cmp");

@@ -67,6 +67,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N")]
     pub stop_after: Option<u64>,
     /// After one warm-up step, profile N steps and print every kernel's share of their time.
+    /// With mlb-seg, then also N iterations split into their parts, each against the passes it
+    /// needs timed alone (forward, backward, forward mode), taking turns in this process.
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub profile: Option<u64>,
 }
@@ -340,5 +342,12 @@ fn profile(
         "{}",
         profile::table(&profile::rows(&times), steps, wall, clock)
     );
+    if config.method == Method::MlbSeg {
+        let channels = data.labeled[0].image.channels;
+        let repeats = u32::try_from(steps).unwrap_or(u32::MAX);
+        let comparison =
+            crate::train::methods::mlb_seg::passes::compare(gpu, config, channels, repeats)?;
+        print!("{}", comparison.table());
+    }
     Ok(())
 }

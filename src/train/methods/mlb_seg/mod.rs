@@ -8,7 +8,9 @@
 //! - [`step`]: one iteration, phase by phase: the views and their terms, the meta step, the weighted
 //!   real update, the supervised step on the meta batch, the teacher's EMA after each update.
 //! - [`study`]: that iteration on given arrays with every intermediate (`kernel mlb_step`).
+//! - [`passes`]: that iteration's parts against the passes it needs, timed (`train --profile`).
 
+pub mod passes;
 pub mod start;
 pub mod step;
 pub mod study;

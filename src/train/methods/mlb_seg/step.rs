@@ -25,10 +25,34 @@ use crate::optim::Rampup;
 use crate::train::config::TrainConfig;
 use crate::train::methods::mean_teacher::teacher_logits;
 use crate::train::network::{Learner, Weights};
+use crate::train::profile::part;
 use crate::train::trainer::{
     slice_batch, step_log, supervised_loss, Context, DeviceBatch, StepLog,
 };
 use metaseg_autograd::{no_grad, Normalization, Reduction, Result, Shape, Var};
+
+/// The parts of an iteration as `train --profile` splits it (marked with
+/// [`crate::train::profile::part`]), in the order they run; the EMA and the logged terms run twice.
+/// [`super::passes`] names the passes each needs.
+pub mod parts {
+    pub const BATCH: &str = "meta batch and x_u sliced out";
+    pub const VIEWS_U: &str = "views of x_u and y_init";
+    pub const TEACHER_U: &str = "teacher over the K U views";
+    pub const STUDENT_U: &str = "student over the K U views";
+    pub const TERMS_U: &str = "PLE labels, L_cons, L_mt";
+    pub const VIEWS_M: &str = "views of the meta batch";
+    pub const LOOK_AHEAD: &str = "look-ahead: grad of L_cons + L_mt, SGD";
+    pub const META_LOSS: &str = "meta loss at theta': forward, backward";
+    pub const FORWARD_MODE: &str = "costs in forward mode (meta-gradient)";
+    pub const META_REVERSE: &str = "meta-gradient, reverse over reverse";
+    pub const WEIGHTS: &str = "weights";
+    pub const UPDATE: &str = "weighted update: costs, backward, clip, SGD";
+    pub const EMA: &str = "teacher's EMA (both updates)";
+    pub const LOGGED: &str = "logged terms";
+    pub const TEACHER_M: &str = "supervised step: teacher over the K L views";
+    pub const STUDENT_M: &str = "supervised step: student, CE, L_cons, L_mt";
+    pub const BACKWARD_M: &str = "supervised step: backward, clip, SGD";
+}
 
 /// Salt of the meta batch's dropout and teacher-noise streams, apart from the unlabeled views'.
 const META_SALT: u64 = 0x3e7a_0001;
@@ -67,7 +91,7 @@ fn average(config: &TrainConfig) -> Average {
 }
 
 /// Per-voxel costs of logits against both targets, stacked [N, 2, patch].
-fn costs<B: NetBackend>(logits: &Var<B>, y_init: &Var<B>, y_ple: &Var<B>) -> Result<Var<B>> {
+pub fn costs<B: NetBackend>(logits: &Var<B>, y_init: &Var<B>, y_ple: &Var<B>) -> Result<Var<B>> {
     let c_init = logits.cross_entropy(y_init, None, Reduction::None)?;
     let c_ple = logits.cross_entropy(y_ple, None, Reduction::None)?;
     Var::concat_channels(&[&c_init, &c_ple])
@@ -152,10 +176,14 @@ pub fn unlabeled_terms_in<B: NetBackend>(
     t: u64,
 ) -> Result<(UnlabeledTerms<B>, Weights<B>)> {
     let config = cx.config;
+    part(parts::VIEWS_U);
     let x = views.images(x_u)?;
     let y_init = views.labels(y_init)?;
+    part(parts::TEACHER_U);
     let (teacher_logits, teacher) = teacher_logits(cx, teacher, &x, 0, t)?;
+    part(parts::STUDENT_U);
     let pass = student.run(cx.net, &x, cx.train_mode(t))?;
+    part(parts::TERMS_U);
     let probabilities = pass.logits.softmax_channels()?;
     let y_ple = no_grad(|| -> Result<_> {
         let p = if config.mlb_seg.ple_mode == "eval" {
@@ -253,10 +281,21 @@ pub fn meta_gradient<B: NetBackend>(
 ) -> Result<Var<B>> {
     let config = cx.config;
     let m = &config.mlb_seg;
+    let path = MetaPath::parse(&m.meta_path).unwrap_or(MetaPath::Fast);
+    // The fast path's phases run in this order, each beginning with its closure's first call.
+    let fast = path == MetaPath::Fast;
+    part(if fast {
+        parts::LOOK_AHEAD
+    } else {
+        parts::META_REVERSE
+    });
     let theta = student.weights.params.values();
     let stats = student.weights.stats.values();
     let mode = cx.train_mode(t);
     let costs_at = |p: &[Var<B>]| {
+        if fast {
+            part(parts::FORWARD_MODE);
+        }
         let logits = cx.net.forward(&Forward::new(p, stats, mode), &u.x)?.logits;
         costs(&logits, &u.y_init, &u.y_ple)
     };
@@ -270,6 +309,9 @@ pub fn meta_gradient<B: NetBackend>(
         _ => None,
     };
     let meta_loss = |p: &[Var<B>]| {
+        if fast {
+            part(parts::META_LOSS);
+        }
         let logits = cx
             .net
             .forward(&Forward::new(p, stats, meta_mode), meta.0)?
@@ -290,7 +332,6 @@ pub fn meta_gradient<B: NetBackend>(
         other: Some(&other_at),
         meta_loss: &meta_loss,
     };
-    let path = MetaPath::parse(&m.meta_path).unwrap_or(MetaPath::Fast);
     step.meta_gradient(path)
 }
 
@@ -355,6 +396,7 @@ fn update<B: NetBackend>(
     t: u64,
 ) -> Result<()> {
     student.descend(total, &pass.batch_stats, cx.config.mlb_seg.clip, lr)?;
+    part(parts::EMA);
     let decay = teacher_decay(t, cx.config.mean_teacher.ema_decay);
     teacher.follow_params(&student.weights, decay)
 }
@@ -371,7 +413,9 @@ fn supervised_step<B: NetBackend>(
     t: u64,
 ) -> Result<[Var<B>; 4]> {
     let config = cx.config;
+    part(parts::TEACHER_M);
     let (teacher_logits, moved) = teacher_logits(cx, teacher, x, META_SALT, t)?;
+    part(parts::STUDENT_M);
     let out = student
         .weights
         .run(cx.net, x, cx.mode(config.seed ^ META_SALT ^ 1, t))?;
@@ -381,6 +425,7 @@ fn supervised_step<B: NetBackend>(
     let weight = consistency_weight(config, t);
     let total = ce.add(&cons.add(&mt)?.scale(weight)?)?;
     *teacher = moved;
+    part(parts::BACKWARD_M);
     update(cx, (student, teacher), &total, &out, lr, t)?;
     Ok([total, ce, cons, mt].map(|v| v.detach()))
 }
@@ -436,6 +481,7 @@ pub fn step_in<B: NetBackend>(
     t: u64,
     trace: &mut Trace<B>,
 ) -> Result<StepLog> {
+    part(parts::BATCH);
     let config = cx.config;
     let m = &config.mlb_seg;
     let labeled = batch.labeled;
@@ -453,6 +499,7 @@ pub fn step_in<B: NetBackend>(
     let pair = (&student.weights, &*teacher);
     let (u, moved) = unlabeled_terms_in(cx, views_u, pair, &x_u, &y_u, t)?;
     *teacher = moved;
+    part(parts::VIEWS_M);
     let (x_mv, y_mv) = (meta_views.images(&x_m)?, meta_views.labels(&y_m)?);
     let meta = if m.meta_views {
         (&x_mv, &y_mv)
@@ -460,7 +507,9 @@ pub fn step_in<B: NetBackend>(
         (&x_m, &y_m)
     };
     let g = meta_gradient(cx, student, &u, meta, lr, t)?;
+    part(parts::WEIGHTS);
     let w = normalised(config, &g)?;
+    part(parts::UPDATE);
     let c = costs(&u.student.logits, &u.y_init, &u.y_ple)?;
     if trace.keep {
         for (name, v) in [
@@ -492,6 +541,7 @@ pub fn step_in<B: NetBackend>(
         "teacher_stats_1",
     ];
     trace.state(after_1, student, teacher)?;
+    part(parts::LOGGED);
     // Only their values are logged: the record of step 1 goes before step 4 records its own.
     let (total, weighted) = (total.detach(), weighted.detach());
     let (cons, mt) = (u.cons.detach(), u.mt.detach());
@@ -514,6 +564,7 @@ pub fn step_in<B: NetBackend>(
         "teacher_stats_2",
     ];
     trace.state(after_2, student, teacher)?;
+    part(parts::LOGGED);
 
     // The shares of the total weight on the initial labels' and on the PLE labels' costs.
     let weight_init = w.slice_channels(0, 1)?.sum()?;
