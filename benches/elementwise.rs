@@ -7,7 +7,7 @@ mod common;
 
 use common::{Bench, Work};
 use criterion::{criterion_group, criterion_main, Criterion};
-use metaseg_autograd::{Backend, BinaryOp, Cpu64, Shape, Tolerance, UnaryOp};
+use metaseg_autograd::{Backend, BinaryOp, Cpu64, LayerBackend, Shape, Tolerance, UnaryOp};
 
 fn elementwise(c: &mut Criterion) {
     let bench = Bench::new(c);
@@ -55,6 +55,44 @@ fn elementwise(c: &mut Criterion) {
         || gpu.binary(add, &x, &bias),
     );
 
+    // The per-channel value repeated over the volume (a bias gradient's adjoint, broadcast_to).
+    let expected = Cpu64.broadcast_to(&bias_ref, &shape);
+    bench.op(
+        c,
+        "broadcast per-channel",
+        label,
+        Work::bytes(4 * n + 4 * 16),
+        expected,
+        Tolerance::F32,
+        || gpu.broadcast_to(&bias, &shape),
+    );
+
+    // x a + b per channel (batch norm's apply, channel dropout): channel_affine.wgsl.
+    let (scale, scale_ref) = bench.inputs(&Shape::from([1, 16, 1, 1, 1]), 4);
+    let expected = Cpu64.channel_affine(&x_ref, &scale_ref, &bias_ref);
+    bench.op(
+        c,
+        "channel_affine",
+        label,
+        Work::bytes(8 * n + 8 * 16),
+        expected,
+        Tolerance::F32,
+        || gpu.channel_affine(&x, &scale, &bias),
+    );
+
+    // Per channel, the sums of x y and of y over batch and volume (batch norm's moments and
+    // backward): channel_dots reads both tensors once.
+    let expected = Cpu64.channel_dots(&x_ref, &y_ref);
+    bench.op(
+        c,
+        "channel_dots",
+        label,
+        Work::bytes(8 * n + 8 * 16),
+        expected,
+        Tolerance::F32_ACCUMULATED,
+        || gpu.channel_dots(&x, &y),
+    );
+
     // Sums run in several passes (chunks, then their partial sums); the time covers all of them.
     let all = [0, 1, 2, 3, 4];
     let expected = Cpu64.sum_axes(&x_ref, &all);
@@ -67,6 +105,19 @@ fn elementwise(c: &mut Criterion) {
         expected,
         Tolerance::F32_ACCUMULATED,
         || gpu.sum_axes(&x, &all),
+    );
+
+    // Row sums: each (sample, channel)'s volume, axes (2, 3, 4) (instance norm's statistics).
+    let rows = [2, 3, 4];
+    let expected = Cpu64.sum_axes(&x_ref, &rows);
+    bench.op(
+        c,
+        "sum rows",
+        label,
+        Work::bytes(4 * n + 4 * 32),
+        expected,
+        Tolerance::F32_ACCUMULATED,
+        || gpu.sum_axes(&x, &rows),
     );
 
     // The per-channel sum of a bias gradient or of batch statistics: axes (0, 2, 3, 4).

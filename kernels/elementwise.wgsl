@@ -226,6 +226,27 @@ fn broadcast_rows(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invoca
     }
 }
 
+// out = x op y where one operand holds one value per row: output [rows, inner] (shape[0].x =
+// inner, a multiple of 4), the full operand (X_FULL says which) read as vec4s and the other
+// holding value r % shape[0].y for row r (a per-channel bias or scale). Grid as broadcast_rows:
+// the value and its index are uniform across a workgroup, where `binary` decomposes every vec4's
+// index through the strides to find them.
+@compute @workgroup_size(WG)
+fn binary_rows(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let inner4 = params.shape[0].x / 4u;
+    let row = group.y;
+    let e = row % params.shape[0].y;
+    var value: vec4<f32>;
+    if X_FULL { value = vec4<f32>(y[e / 4u][e % 4u]); } else { value = vec4<f32>(x[e / 4u][e % 4u]); }
+    let first = group.x * WG * VECS + lane;
+    for (var r = 0u; r < VECS; r++) {
+        let i = first + r * WG;
+        if i >= inner4 { return; }
+        let j = row * inner4 + i;
+        if X_FULL { out[j] = binary_op(x[j], value); } else { out[j] = binary_op(value, y[j]); }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn fill(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {

@@ -63,7 +63,8 @@ fn sum_rows(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) gr
 }
 
 // sum_rows over whole vec4s (reduce and chunk multiples of 4): a quarter of the loads, which
-// is what the software adapter pays for (each load costs about as much as a vec4 load).
+// is what the software adapter pays for (each load costs about as much as a vec4 load). A chunk
+// is ROW_CHUNK4 long, so the tree at the end is paid once per 64 vec4s of each invocation.
 @compute @workgroup_size(WG)
 fn sum_rows4(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
              @builtin(local_invocation_index) lane: u32) {
@@ -75,9 +76,23 @@ fn sum_rows4(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) g
         let start = (task % params.chunks) * params.chunk;
         let end = min(start + params.chunk, params.reduce);
         let base = row * params.reduce;
-        for (var r = (base + start) / 4u + lane; r < (base + end) / 4u; r += WG) {
+        // Four vec4s per step into independent sums: the loop's own cost (its compare and
+        // branch, as much as a load on lavapipe) is paid once per four loads.
+        var acc1 = vec4<f32>();
+        var acc2 = vec4<f32>();
+        var acc3 = vec4<f32>();
+        let last = (base + end) / 4u;
+        var r = (base + start) / 4u + lane;
+        for (; r + 3u * WG < last; r += 4u * WG) {
+            acc += x4[r];
+            acc1 += x4[r + WG];
+            acc2 += x4[r + 2u * WG];
+            acc3 += x4[r + 3u * WG];
+        }
+        for (; r < last; r += WG) {
             acc += x4[r];
         }
+        acc = (acc + acc1) + (acc2 + acc3);
     }
     let total = workgroup_sum(lane, (acc.x + acc.y) + (acc.z + acc.w));
     if valid && lane == 0u {

@@ -107,8 +107,10 @@ fn broadcasts_along_whole_vec4_rows_match_the_reference() {
 #[test]
 fn long_reductions_split_into_chunks_match_the_reference() {
     // 100_003 elements: the row kernel splits into chunks; a short column gets chunked too.
+    // 140_000 (whole vec4s): sum_rows4's chunks, the last one short and not a whole step.
     for (shape, axes) in [
         (Shape::from([100_003]), "axes=0"),
+        (Shape::from([2, 140_000]), "axes=1"),
         (Shape::from([3, 33_335]), "axes=1"),
         (Shape::from([33_335, 3]), "axes=0"),
     ] {
@@ -117,9 +119,25 @@ fn long_reductions_split_into_chunks_match_the_reference() {
     }
 }
 
+/// (M, K, N) of the matmul tests: ragged (scalar loads and stores), whole vec4s but not whole
+/// register blocks (vec4 loads with clamped edge blocks, vec4 stores), ragged K with N in vec4s
+/// (scalar loads, vec4 stores), and long K over a small C (split-K), ragged and in vec4s.
+const MATMUL_SIZES: [(usize, usize, usize); 5] = [
+    (67, 45, 130),
+    (36, 44, 68),
+    (7, 45, 12),
+    (5, 1031, 7),
+    (12, 1024, 20),
+];
+
 #[test]
 fn matmul_matches_the_reference_for_every_transpose_and_batch() {
-    let (m, k, n) = (67, 45, 130);
+    for (m, k, n) in MATMUL_SIZES {
+        matmul_matches_the_reference(m, k, n);
+    }
+}
+
+fn matmul_matches_the_reference(m: usize, k: usize, n: usize) {
     for trans_a in [false, true] {
         for trans_b in [false, true] {
             for (batch_a, batch_b) in [(3, 3), (3, 1), (1, 3), (0, 0)] {
@@ -135,6 +153,46 @@ fn matmul_matches_the_reference_for_every_transpose_and_batch() {
                 let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
                 assert_gpu_matches_cpu64("matmul", &settings, &[a, b], Tolerance::F32_ACCUMULATED);
             }
+        }
+    }
+}
+
+/// A NaN in A's row r (or B's column q) makes exactly C's row r (column q) NaN, as in Cpu64: on
+/// the scalar and vec4 paths and across split-K, whose clamped edge loads must not leak.
+#[test]
+fn matmul_puts_nan_exactly_where_cpu64_does() {
+    let gpu = gpu();
+    for (m, k, n) in MATMUL_SIZES {
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let spec = metaseg_autograd::MatmulSpec { trans_a, trans_b };
+            let a_dims = if trans_a { [k, m] } else { [m, k] };
+            let b_dims = if trans_b { [n, k] } else { [k, n] };
+            let (mut a, a_shape) = input(11, &Shape::from(a_dims), -1.0, 1.0);
+            let (mut b, b_shape) = input(12, &Shape::from(b_dims), -1.0, 1.0);
+            // The last row of op(A) and the last column of op(B), at the last k.
+            a[if trans_a {
+                (k - 1) * m + m - 1
+            } else {
+                m * k - 1
+            }] = f64::NAN;
+            b[if trans_b {
+                n * k - 1
+            } else {
+                (k - 1) * n + n - 1
+            }] = f64::NAN;
+            let expected = {
+                let (a, b) = (Cpu64.tensor(&a, &a_shape), Cpu64.tensor(&b, &b_shape));
+                let c = Cpu64.matmul(&a.unwrap(), &b.unwrap(), spec).unwrap();
+                Cpu64.to_f64(&c).unwrap()
+            };
+            let actual = {
+                let (a, b) = (gpu.tensor(&a, &a_shape), gpu.tensor(&b, &b_shape));
+                let c = gpu.matmul(&a.unwrap(), &b.unwrap(), spec).unwrap();
+                gpu.to_f64(&c).unwrap()
+            };
+            let nan = |v: &[f64]| v.iter().map(|x| x.is_nan()).collect::<Vec<_>>();
+            assert_eq!(expected.iter().filter(|x| x.is_nan()).count(), m + n - 1);
+            assert_eq!(nan(&actual), nan(&expected), "{m}x{k}x{n} {spec:?}");
         }
     }
 }

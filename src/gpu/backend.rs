@@ -109,6 +109,11 @@ pub(super) struct MatmulParams {
     pub(super) n: u32,
     pub(super) batch_a: u32,
     pub(super) batch_b: u32,
+    pub(super) batch: u32,
+    pub(super) chunk: u32,
+    pub(super) splits: u32,
+    pub(super) row_blocks: u32,
+    pub(super) col_blocks: u32,
 }
 
 #[repr(C)]
@@ -126,12 +131,23 @@ pub(super) struct RandomParams {
 pub(super) const WG: u32 = 256;
 /// vec4s per invocation of the elementwise kernels (their `VECS` override default).
 pub(super) const VECS: u32 = 4;
-/// Invocations of matmul.wgsl along each axis of a workgroup (its WG_X and WG_Y defaults), and
-/// outputs per invocation along each axis (its RB).
-pub(super) const MATMUL_WG: usize = 16;
-pub(super) const MATMUL_RB: usize = 4;
-/// A row reduction longer than this is split into chunks summed by a second pass.
+/// Invocations per workgroup of matmul.wgsl (its WG), the rows and columns of C per invocation
+/// (its RM and RN defaults) and its bound on their vec4 accumulators (MAX_ACC). 8 x 8 measured
+/// best on lavapipe: 8 x 16 and 16 x 8 (32 accumulators) ran 3-4x slower, 12 x 8 5x slower.
+pub(super) const MATMUL_WG: usize = 64;
+pub(super) const MATMUL_RM: usize = 8;
+pub(super) const MATMUL_RN: usize = 8;
+pub(super) const MATMUL_MAX_ACC: usize = 32;
+const _: () = assert!(MATMUL_RM * MATMUL_RN / 4 <= MATMUL_MAX_ACC && MATMUL_RN <= 16);
+/// A matmul with fewer invocations than this splits K (split-K), each split at least
+/// MATMUL_MIN_CHUNK long, and sums the splits with reduce.wgsl.
+const MATMUL_MIN_INVOCATIONS: usize = 4096;
+const MATMUL_MIN_CHUNK: usize = 128;
+/// A row reduction longer than this is split into chunks summed by a second pass; over vec4s,
+/// ROW_CHUNK4 (a workgroup's tree in workgroup memory costs about as much as 16 loads per
+/// invocation, so a chunk holds 64 vec4s per invocation).
 const ROW_CHUNK: usize = 16_384;
+const ROW_CHUNK4: usize = 4 * 64 * WG as usize;
 /// Column reductions are split when fewer than this many outputs would keep the device busy.
 const MIN_COLUMN_THREADS: usize = 16_384;
 
@@ -155,6 +171,15 @@ fn row_broadcast(
         inner,
         period as usize,
     ))
+}
+
+/// K per split of a matmul with `blocks` invocations: all of K when they are enough to keep the
+/// device busy, else K split so that about MATMUL_MIN_INVOCATIONS run, each split a multiple of
+/// 4 (whole vec4 steps) and at least MATMUL_MIN_CHUNK long.
+fn matmul_chunk(blocks: usize, k: usize) -> usize {
+    let wanted = MATMUL_MIN_INVOCATIONS.div_ceil(blocks);
+    let splits = wanted.min(k / MATMUL_MIN_CHUNK).max(1);
+    k.div_ceil(splits).next_multiple_of(4)
 }
 
 /// The `OP` override of elementwise.wgsl for each unary op.
@@ -374,6 +399,26 @@ impl Gpu {
         Ok(out)
     }
 
+    /// A launch of broadcast_rows or binary_rows over an output of `rows` x `inner` elements:
+    /// x over the vec4s of a row, y over the rows.
+    fn rows_launch(
+        &self,
+        kernel: Kernel,
+        params: ElementwiseParams,
+        inputs: &[(u32, &GpuTensor)],
+        out_shape: &Shape,
+        [rows, inner]: [usize; 2],
+    ) -> Result<GpuTensor> {
+        let out = self.empty(out_shape)?;
+        let grid = [
+            (inner / 4).div_ceil((WG * VECS) as usize) as u32,
+            rows as u32,
+            1,
+        ];
+        self.launch(&kernel, bytemuck::bytes_of(&params), inputs, &out, grid)?;
+        Ok(out)
+    }
+
     /// Whether `t` runs along axis 0 of `out` in a broadcast onto `out` (rather than repeating).
     fn along_samples(t: &GpuTensor, out: &Shape) -> bool {
         let (dims, out) = (t.shape().dims(), out.dims());
@@ -459,7 +504,9 @@ impl Gpu {
             return Ok(x.clone());
         }
         let rows = inner == 1;
-        let chunk = if rows {
+        let chunk = if rows && reduce.is_multiple_of(4) {
+            ROW_CHUNK4
+        } else if rows {
             ROW_CHUNK
         } else if outer * inner >= MIN_COLUMN_THREADS {
             reduce
@@ -600,15 +647,8 @@ impl Backend for Gpu {
         let mut p = Self::elementwise_params(shape.numel());
         if let Some((rows, inner, period)) = row_broadcast(rank, &dims, &stride_a) {
             (p.shape[0], p.shape[1]) = (inner as u32, period as u32);
-            let out = self.empty(shape)?;
-            let grid = [
-                (inner / 4).div_ceil((WG * VECS) as usize) as u32,
-                rows as u32,
-                1,
-            ];
             let kernel = Kernel::new(KernelFile::Elementwise, "broadcast_rows");
-            self.launch(&kernel, bytemuck::bytes_of(&p), &[(1, x)], &out, grid)?;
-            return Ok(out);
+            return self.rows_launch(kernel, p, &[(1, x)], shape, [rows, inner]);
         }
         (p.shape, p.stride_a) = (dims, stride_a);
         self.elementwise(
@@ -652,6 +692,16 @@ impl Backend for Gpu {
                 })?;
         }
         let flag = |full: bool| if full { 1.0 } else { 0.0 };
+        if x_full != y_full {
+            let stride = if x_full { &p.stride_b } else { &p.stride_a };
+            if let Some((rows, inner, period)) = row_broadcast(rank, &p.shape, stride) {
+                (p.shape[0], p.shape[1]) = (inner as u32, period as u32);
+                let kernel = Kernel::new(KernelFile::Elementwise, "binary_rows")
+                    .with("OP", binary_code(op) as f64)
+                    .with("X_FULL", flag(x_full));
+                return self.rows_launch(kernel, p, &[(1, a), (2, b)], &out, [rows, inner]);
+            }
+        }
         let kernel = Kernel::new(KernelFile::Elementwise, "binary")
             .with("OP", binary_code(op) as f64)
             .with("X_FULL", flag(x_full))
@@ -686,36 +736,59 @@ impl Backend for Gpu {
 
     fn matmul(&self, a: &GpuTensor, b: &GpuTensor, spec: MatmulSpec) -> Result<GpuTensor> {
         let (d, out_shape) = MatmulDims::new(&a.shape, &b.shape, spec)?;
-        let out = self.empty(&out_shape)?;
+        if d.m * d.n * d.batch * d.k == 0 {
+            return self.fill(&out_shape, 0.0);
+        }
+        let (row_blocks, col_blocks) = (d.m.div_ceil(MATMUL_RM), d.n.div_ceil(MATMUL_RN));
+        let blocks = d.batch * row_blocks * col_blocks;
+        let chunk = matmul_chunk(blocks, d.k);
+        let splits = d.k.div_ceil(chunk);
         let params = MatmulParams {
             m: d.m as u32,
             k: d.k as u32,
             n: d.n as u32,
             batch_a: d.batch_a as u32,
             batch_b: d.batch_b as u32,
+            batch: d.batch as u32,
+            chunk: chunk as u32,
+            splits: splits as u32,
+            row_blocks: row_blocks as u32,
+            col_blocks: col_blocks as u32,
         };
+        // Whole vec4s along every axis the kernel reads as vec4s: K, and each operand's
+        // contiguous axis.
+        let contiguous_a = if spec.trans_a { d.m } else { d.k };
+        let contiguous_b = if spec.trans_b { d.k } else { d.n };
+        let aligned = [d.k, contiguous_a, contiguous_b]
+            .iter()
+            .all(|v| v.is_multiple_of(4));
         let flag = |t: bool| if t { 1.0 } else { 0.0 };
-        let kernel = Kernel::new(KernelFile::Matmul, "matmul")
+        let entry = if d.n.is_multiple_of(4) {
+            "matmul4"
+        } else {
+            "matmul"
+        };
+        let kernel = Kernel::new(KernelFile::Matmul, entry)
             .with("TRANS_A", flag(spec.trans_a))
-            .with("TRANS_B", flag(spec.trans_b));
-        // A tile of MATMUL_WG x MATMUL_RB outputs per workgroup along each axis.
-        let tile = MATMUL_WG * MATMUL_RB;
-        let grid = [
-            d.n.div_ceil(tile) as u32,
-            d.m.div_ceil(tile) as u32,
-            d.batch as u32,
-        ];
-        if d.m * d.n * d.batch == 0 {
-            return self.fill(&out_shape, 0.0);
-        }
+            .with("TRANS_B", flag(spec.trans_b))
+            .with("ALIGNED", flag(aligned));
+        let outputs = d.batch * d.m * d.n;
+        let partial = self.empty(&Shape::from([splits, outputs]))?;
+        let grid = self.grid((splits * blocks).div_ceil(MATMUL_WG));
+        let inputs = [(1, a), (2, b)];
         self.launch(
             &kernel,
             bytemuck::bytes_of(&params),
-            &[(1, a), (2, b)],
-            &out,
+            &inputs,
+            &partial,
             grid,
         )?;
-        Ok(out)
+        let sum = if splits == 1 {
+            partial
+        } else {
+            self.sum_middle(&partial, 1, splits, outputs)?
+        };
+        self.reshape(&sum, &out_shape)
     }
 
     fn random(
@@ -761,8 +834,21 @@ impl Backend for Gpu {
 
 #[cfg(test)]
 mod tests {
-    use super::collapse;
+    use super::{collapse, matmul_chunk, MATMUL_MIN_CHUNK};
     use metaseg_autograd::Shape;
+
+    #[test]
+    fn a_long_k_over_few_blocks_splits_into_whole_vec4_chunks() {
+        // 512 x 512 x 512: 4096 blocks of 8 x 8 keep the device busy, so K is not split.
+        assert_eq!(matmul_chunk(64 * 64, 512), 512);
+        // The head's weight gradient 16 x 32768 x 16 (4 blocks): K / MATMUL_MIN_CHUNK splits.
+        assert_eq!(matmul_chunk(4, 32768), MATMUL_MIN_CHUNK);
+        // Ragged K: 8 splits of 132 (a multiple of 4), the last one shorter.
+        assert_eq!(matmul_chunk(1, 1031), 132);
+        assert_eq!(1031_usize.div_ceil(132), 8);
+        // Short K is never split.
+        assert_eq!(matmul_chunk(1, 45), 48);
+    }
 
     #[test]
     fn per_channel_broadcast_collapses_to_three_dimensions() {

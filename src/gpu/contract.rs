@@ -69,9 +69,10 @@ fn shared_constants() -> Vec<(KernelFile, &'static str, f64)> {
             "MAX_K",
             n(metaseg_autograd::contrastive::MAX_ANCHORS),
         ),
-        (Matmul, "WG_X", n(backend::MATMUL_WG)),
-        (Matmul, "WG_Y", n(backend::MATMUL_WG)),
-        (Matmul, "RB", n(backend::MATMUL_RB)),
+        (Matmul, "WG", n(backend::MATMUL_WG)),
+        (Matmul, "RM", n(backend::MATMUL_RM)),
+        (Matmul, "RN", n(backend::MATMUL_RN)),
+        (Matmul, "MAX_ACC", n(backend::MATMUL_MAX_ACC)),
         (Conv, "WG", n(plan::WG)),
         (Conv, "MAX_SEGMENT", n(plan::MAX_SEGMENT)),
         (Conv, "MAX_ACC", n(plan::MAX_ACC)),
@@ -208,7 +209,12 @@ fn twins() -> Vec<Twin> {
                 k,
                 n,
                 batch_a,
-                batch_b
+                batch_b,
+                batch,
+                chunk,
+                splits,
+                row_blocks,
+                col_blocks
             }
         ),
         twin!(
