@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::gpu;
+use common::{gpu, log_lines};
 use metaseg::nn::NetBackend;
 use metaseg::train::augment::{warp_batch, RotateScale};
 use metaseg::train::checkpoint::Parts;
@@ -40,20 +40,6 @@ fn tiny(method: &str, extra: &[&str]) -> TrainConfig {
     TrainConfig::load("default", &sets).unwrap()
 }
 
-fn log_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Everything of a log line but the wall-clock time.
-fn without_time(mut v: serde_json::Value) -> serde_json::Value {
-    v.as_object_mut().unwrap().remove("seconds");
-    v
-}
-
 #[test]
 fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
     let g = gpu();
@@ -81,14 +67,8 @@ fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
     run::train(&g, &config, &data, &paths, interrupted).unwrap();
     run::train(&g, &config, &data, &paths, resumed).unwrap();
 
-    let a: Vec<_> = log_lines(whole.path())
-        .into_iter()
-        .map(without_time)
-        .collect();
-    let b: Vec<_> = log_lines(parts.path())
-        .into_iter()
-        .map(without_time)
-        .collect();
+    let a: Vec<_> = log_lines(&whole.path().join("log.jsonl"));
+    let b: Vec<_> = log_lines(&parts.path().join("log.jsonl"));
     assert_eq!(a.len(), 4);
     assert_eq!(a, b);
 }
@@ -258,7 +238,11 @@ fn a_non_finite_gradient_or_teacher_stops_the_run_at_that_iteration() {
         assert!(message.contains("step 2) is kept"), "{message}");
         let (_, sidecar) = metaseg::train::checkpoint::load(&paths.checkpoint()).unwrap();
         assert_eq!(sidecar.step, 2);
-        assert_eq!(log_lines(dir.path()).len(), 2, "{message}");
+        assert_eq!(
+            log_lines(&dir.path().join("log.jsonl")).len(),
+            2,
+            "{message}"
+        );
     }
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::gpu;
+use common::{gpu, log_lines};
 use metaseg::train::checkpoint;
 use metaseg::train::config::TrainConfig;
 use metaseg::train::methods::Stage;
@@ -36,19 +36,6 @@ fn tiny(method: &str, extra: &[&str]) -> TrainConfig {
 
 fn names(cases: &[metaseg::train::batch::LoadedCase]) -> Vec<String> {
     cases.iter().map(|c| c.name.clone()).collect()
-}
-
-fn log_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn without_time(mut v: serde_json::Value) -> serde_json::Value {
-    v.as_object_mut().unwrap().remove("seconds");
-    v
 }
 
 fn paths(dir: &tempfile::TempDir) -> RunPaths {
@@ -117,7 +104,7 @@ fn the_best_validation_is_kept_marked_and_tested() {
     let dir = tempfile::tempdir().unwrap();
     let paths = paths(&dir);
     let summary = run::train(&g, &config, &data, &paths, RunOptions::default()).unwrap();
-    let lines = log_lines(dir.path());
+    let lines = log_lines(&dir.path().join("log.jsonl"));
     let marked: Vec<(u64, f64)> = lines
         .iter()
         .filter(|l| l["best"] == serde_json::Value::Bool(true))
@@ -169,7 +156,7 @@ fn a_resumed_run_keeps_the_same_best() {
     let data = run::load_data(&config).unwrap();
     let whole = tempfile::tempdir().unwrap();
     run::train(&g, &config, &data, &paths(&whole), RunOptions::default()).unwrap();
-    let last_mark = log_lines(whole.path())
+    let last_mark = log_lines(&whole.path().join("log.jsonl"))
         .iter()
         .filter(|l| l["best"] == serde_json::Value::Bool(true))
         .map(|l| l["step"].as_u64().unwrap())
@@ -185,14 +172,8 @@ fn a_resumed_run_keeps_the_same_best() {
         ..RunOptions::default()
     };
     let same_as_whole = |dir: &tempfile::TempDir| {
-        let a: Vec<_> = log_lines(whole.path())
-            .into_iter()
-            .map(without_time)
-            .collect();
-        let b: Vec<_> = log_lines(dir.path())
-            .into_iter()
-            .map(without_time)
-            .collect();
+        let a: Vec<_> = log_lines(&whole.path().join("log.jsonl"));
+        let b: Vec<_> = log_lines(&dir.path().join("log.jsonl"));
         assert_eq!(a, b);
         let (x, sx) = checkpoint::load(&paths(&whole).best()).unwrap();
         let (y, sy) = checkpoint::load(&paths(dir).best()).unwrap();

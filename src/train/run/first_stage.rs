@@ -4,7 +4,7 @@
 //! predicts no foreground. A first stage that ends so stops the run with a message saying so,
 //! before the main stage starts.
 
-use super::{predict_case, restore_trainer, Result, RunData, RunError, RunPaths};
+use super::{predict_with, restore_trainer, Result, RunData, RunError, RunPaths};
 use crate::nn::NetBackend;
 use crate::train::methods::FirstStage;
 
@@ -32,9 +32,11 @@ impl Foreground {
     }
 }
 
-/// Checks the network `first` left under `run` on the run's labeled cases (see the top). A first
-/// stage whose network is not validated (IDEAL's pre-training trains an encoder and no decoder)
-/// hands on no prediction and passes.
+/// Checks the networks `first` left under `run` on the run's labeled cases (see the top): the one
+/// it is evaluated by and, where that is another (online-pl's momentum copy), its student, since a
+/// main stage may take either (online-pl's `teacher_start`, `student_init`). A first stage whose
+/// network is not validated (IDEAL's pre-training trains an encoder and no decoder) hands on no
+/// prediction and passes.
 pub fn check<B: NetBackend>(
     backend: &B,
     first: &FirstStage,
@@ -52,25 +54,33 @@ pub fn check<B: NetBackend>(
     if !trainer.method.validates() {
         return Ok(());
     }
-    let mut seen = Foreground::default();
-    for case in &data.labeled {
-        let predicted = predict_case(backend, &trainer, case)?;
-        let label = case.label.as_ref().expect("labeled cases are labeled");
-        seen.predicted += predicted.iter().filter(|&&v| v > 0).count();
-        seen.labeled += label.iter().filter(|&&v| v > 0).count();
-        seen.voxels += predicted.len();
+    let evaluated = trainer.evaluated();
+    let student = &trainer.student.weights;
+    let mut networks = vec![(evaluated, first.title.to_string())];
+    if !std::ptr::eq(evaluated, student) {
+        networks.push((student, format!("{} (its student)", first.title)));
     }
-    if seen.enough() {
-        return Ok(());
+    for (weights, stage) in networks {
+        let mut seen = Foreground::default();
+        for case in &data.labeled {
+            let predicted = predict_with(backend, &trainer, weights, case)?;
+            let label = case.label.as_ref().expect("labeled cases are labeled");
+            seen.predicted += predicted.iter().filter(|&&v| v > 0).count();
+            seen.labeled += label.iter().filter(|&&v| v > 0).count();
+            seen.voxels += predicted.len();
+        }
+        if !seen.enough() {
+            return Err(RunError::NoForeground {
+                stage,
+                iterations: first.config.iterations,
+                cases: data.labeled.len(),
+                predicted: Foreground::percent(seen.predicted, seen.voxels),
+                labeled: Foreground::percent(seen.labeled, seen.voxels),
+                key: first.iterations_key,
+            });
+        }
     }
-    Err(RunError::NoForeground {
-        stage: first.title.to_string(),
-        iterations: first.config.iterations,
-        cases: data.labeled.len(),
-        predicted: Foreground::percent(seen.predicted, seen.voxels),
-        labeled: Foreground::percent(seen.labeled, seen.voxels),
-        key: first.iterations_key,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

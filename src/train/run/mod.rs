@@ -18,7 +18,7 @@ mod score;
 mod train_loop;
 
 pub use data::{device_batch, load_data, normalised, RunData};
-pub use score::{predict_case, score, test_results, validation_dice};
+pub use score::{predict_case, predict_with, score, test_results, validation_dice};
 pub use train_loop::train_from;
 
 pub use super::checkpoint::parts::{load_checkpoint, save_checkpoint};

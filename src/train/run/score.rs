@@ -9,6 +9,7 @@ use crate::train::batch::LoadedCase;
 use crate::train::compare::RunResult;
 use crate::train::config::TrainConfig;
 use crate::train::methods::Stage;
+use crate::train::network::Weights;
 use crate::train::trainer::Trainer;
 
 /// The label map of one case: sliding-window probabilities of the evaluated network (the student,
@@ -19,6 +20,16 @@ pub fn predict_case<B: NetBackend>(
     trainer: &Trainer<B>,
     case: &LoadedCase,
 ) -> Result<Vec<u8>> {
+    predict_with(backend, trainer, trainer.evaluated(), case)
+}
+
+/// The label map of one case as [`predict_case`] makes it, by the trainer's network with `w`.
+pub fn predict_with<B: NetBackend>(
+    backend: &B,
+    trainer: &Trainer<B>,
+    w: &Weights<B>,
+    case: &LoadedCase,
+) -> Result<Vec<u8>> {
     let patch = trainer.config.batch.patch;
     let fraction = trainer.config.log.stride_fraction;
     let window = SlidingWindow::with_stride_fraction(patch, fraction);
@@ -27,7 +38,6 @@ pub fn predict_case<B: NetBackend>(
         channels: case.image.channels,
         dims: case.image.dims,
     };
-    let w = trainer.evaluated();
     let probs = predict_probabilities(backend, &trainer.net, &w.params, &w.stats, &volume, window)?;
     Ok(argmax(&probs, trainer.config.data.classes))
 }
